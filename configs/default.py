@@ -1,0 +1,63 @@
+"""The default job: ResNet-20 on scikit-learn's embedded digits, offline, in minutes.
+
+Every other config imports this one and changes a few fields.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Model.
+  config.model = 'resnet20'
+  config.model_options = ml_collections.ConfigDict()  # extra create_model options, e.g. stem
+  config.half_precision = False  # bf16 compute, fp32 params, BN statistics and loss
+  config.dropout_rate = 0.0
+  config.bn_momentum = 0.9
+  config.bn_epsilon = 1e-5
+  config.zero_init_residual = True
+
+  # Data.
+  config.dataset = 'digits'  # 'digits' (embedded) or any tensorflow-datasets name
+  config.data_dir = ''  # tfds data_dir; empty for tfds's default
+  config.train_split = 'train'
+  config.eval_split = 'test'
+  config.image_size = 16  # digits are 8x8, upsampled
+  config.random_crop_pad = 2  # pad-and-random-crop on the host
+  config.random_flip = False  # never for digits
+  config.cutout_size = 0  # on the device; 0 is off
+  config.shuffle_buffer = 50_000
+  config.deterministic_input = True
+
+  # Optimisation.
+  config.batch_size = 128  # global, over all devices of all hosts
+  config.eval_batch_size = 256
+  config.num_epochs = 20
+  config.num_train_steps = -1  # > 0 overrides num_epochs (tests, benchmarks)
+  config.optimizer = 'sgd'
+  config.learning_rate = 0.4  # the peak
+  config.scale_learning_rate = False  # multiply by batch_size / base_batch_size
+  config.base_batch_size = 256
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 5e-4
+  config.weight_decay_kernels_only = True
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.label_smoothing = 0.0
+  config.schedule = 'onecycle'
+  config.onecycle_pct_start = 0.25
+  config.onecycle_div_factor = 25.0
+  config.onecycle_final_div_factor = 1e4
+  config.warmup_epochs = 0.0  # cosine, multistep and constant schedules
+  config.final_learning_rate_fraction = 0.0  # cosine end value / peak
+  config.decay_at = (0.5, 0.75)  # multistep: fractions of training
+  config.decay_factor = 0.1
+
+  # Bookkeeping.
+  config.seed = 0
+  config.log_every_steps = 20
+  config.eval_every_epochs = 5.0
+  config.keep_checkpoints = 3
+  return config

@@ -1,0 +1,1 @@
+"""jax_resnet: a high-throughput ResNet trainer in JAX/Flax."""

@@ -1,0 +1,60 @@
+"""Data parallelism on a one-axis device mesh: the only place batches meet devices.
+
+Parameters and optimizer state are replicated; the global batch is split along the
+``data`` axis over every device of every host. Because jitted code sees global arrays,
+BatchNorm's batch mean is taken over the global batch (synchronised BN) for free.
+"""
+
+import collections
+import itertools
+from typing import Iterable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def create_mesh(devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh, name: str = 'batch_size') -> int:
+  """The per-process share of a global batch, checked to split evenly over devices."""
+  num_devices = mesh.devices.size
+  if global_batch_size <= 0 or global_batch_size % num_devices:
+    raise ValueError(
+        f'config.{name}={global_batch_size} must be a positive multiple of the device '
+        f'count {num_devices} ({jax.process_count()} process(es) x '
+        f'{jax.local_device_count()} local devices). Try '
+        f'--config.{name}={max(1, round(global_batch_size / num_devices)) * num_devices}.')
+  return global_batch_size // jax.process_count()
+
+
+def to_global(batch, mesh: Mesh):
+  """Process-local numpy batch -> global jax.Arrays split along the batch axis."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def prefetch_to_device(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator:
+  """Keeps ``size`` batches in flight, so the next copy overlaps the current step."""
+  queue = collections.deque()
+  iterator = iter(batches)
+  for batch in itertools.islice(iterator, size):
+    queue.append(to_global(batch, mesh))
+  while queue:
+    yield queue.popleft()
+    for batch in itertools.islice(iterator, 1):
+      queue.append(to_global(batch, mesh))

@@ -1,0 +1,143 @@
+"""Train state, the jitted train and eval steps, and their metrics.
+
+This module is the core of the trainer and imports no TensorFlow, so a synthetic-data
+benchmark runs where TensorFlow is absent. The loop that feeds it lives in trainer.py.
+"""
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from clu import metrics
+from flax.training import train_state
+
+from jax_resnet import augment, models, optim, sharding
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  rng: jax.Array  # fixed base key; each step folds in its step number
+
+
+def top_k_correct(logits, labels, k: int):
+  """1.0 where the label is among the k highest logits."""
+  k = min(k, logits.shape[-1])
+  _, top = jax.lax.top_k(logits, k)
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+  train_loss: metrics.Average.from_output('loss')
+  train_top1: metrics.Average.from_output('top1')
+  learning_rate: metrics.LastValue.from_output('learning_rate')
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+  eval_loss: metrics.Average.from_output('loss')
+  eval_top1: metrics.Average.from_output('top1')
+  eval_top5: metrics.Average.from_output('top5')
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  return jnp.bfloat16 if config.half_precision else jnp.float32
+
+
+def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int):
+  options = dict(config.model_options) if config.get('model_options') else {}
+  return models.create_model(
+      config.model, num_classes, dtype=compute_dtype(config),
+      dropout_rate=config.dropout_rate, bn_momentum=config.bn_momentum,
+      bn_epsilon=config.bn_epsilon, zero_init_residual=config.zero_init_residual,
+      **options)
+
+
+def create_train_state(rng, config: ml_collections.ConfigDict, model,
+                       image_shape: Sequence[int], learning_rate_fn,
+                       mesh=None) -> TrainState:
+  """Initialises a replicated train state (float32 parameters whatever the dtype)."""
+  mesh = mesh or sharding.create_mesh()
+  tx = optim.create_optimizer(config, learning_rate_fn)
+  init_rng, state_rng = jax.random.split(rng)
+
+  def init():
+    variables = model.init({'params': init_rng}, jnp.zeros((1, *image_shape), jnp.float32),
+                           train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                             batch_stats=variables.get('batch_stats', {}), rng=state_rng)
+
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
+      if label_smoothing else jax.nn.one_hot(labels, num_classes)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def preprocess(images, mean, std, dtype, cutout_size: int = 0, key=None):
+  """uint8 batch -> normalised compute-dtype batch, with Cutout when training."""
+  x = augment.normalize(images, mean, std, jnp.float32)
+  if cutout_size:
+    x = augment.cutout(key, x, cutout_size)
+  return x.astype(dtype)
+
+
+def train_step(state: TrainState, batch, *, learning_rate_fn: Callable,
+               mean, std, num_classes: int, label_smoothing: float = 0.0,
+               cutout_size: int = 0, dtype=jnp.float32):
+  """One SGD step on a global batch of uint8 images; returns (state, TrainMetrics)."""
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  cutout_rng, dropout_rng = jax.random.split(step_rng)
+  images = preprocess(batch['image'], mean, std, dtype, cutout_size, cutout_rng)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    loss = cross_entropy(logits, batch['label'], num_classes, label_smoothing)
+    return loss.mean(), (logits, updates['batch_stats'])
+
+  (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  step_metrics = TrainMetrics.single_from_model_output(
+      loss=cross_entropy(logits, batch['label'], num_classes),
+      top1=top_k_correct(logits, batch['label'], 1),
+      learning_rate=learning_rate_fn(state.step))
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch, *, mean, std, num_classes: int,
+              dtype=jnp.float32):
+  """Loss and top-1/top-5 on a padded batch; ``batch['mask']`` drops the padding."""
+  images = preprocess(batch['image'], mean, std, dtype)
+  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                          images, train=False)
+  return EvalMetrics.single_from_model_output(
+      loss=cross_entropy(logits, batch['label'], num_classes),
+      top1=top_k_correct(logits, batch['label'], 1),
+      top5=top_k_correct(logits, batch['label'], 5),
+      mask=batch['mask'])
+
+
+def make_steps(config: ml_collections.ConfigDict, learning_rate_fn, num_classes: int,
+               mean, std, mesh):
+  """Jitted (train_step, eval_step) for this config; state donated, kept replicated."""
+  dtype = compute_dtype(config)
+  replicated = sharding.replicated(mesh)
+  p_train = jax.jit(
+      functools.partial(train_step, learning_rate_fn=learning_rate_fn, mean=mean, std=std,
+                        num_classes=num_classes, label_smoothing=config.label_smoothing,
+                        cutout_size=config.cutout_size, dtype=dtype),
+      donate_argnums=0, out_shardings=(replicated, replicated))
+  p_eval = jax.jit(
+      functools.partial(eval_step, mean=mean, std=std, num_classes=num_classes,
+                        dtype=dtype),
+      out_shardings=replicated)
+  return p_train, p_eval
