@@ -1,0 +1,28 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def config():
+  """The default config, unlocked, with small sizes for CPU tests."""
+  from configs import default
+  cfg = default.get_config()
+  cfg.batch_size = 32
+  cfg.eval_batch_size = 64
+  cfg.image_size = 8
+  return cfg
+
+
+def run_main(args, env=None, timeout=600):
+  """Runs main.py in a subprocess and returns the CompletedProcess."""
+  import subprocess
+  full_env = dict(os.environ, **(env or {}))
+  full_env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args],
+                        cwd=ROOT, env=full_env, capture_output=True, text=True,
+                        timeout=timeout)

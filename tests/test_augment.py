@@ -1,0 +1,50 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_resnet import augment
+
+
+def test_cutout_zeroes_exactly_the_expected_square():
+  key = jax.random.PRNGKey(3)
+  b, h, w, size = 4, 12, 10, 4
+  images = jnp.ones((b, h, w, 3))
+  out = np.asarray(augment.cutout(key, images, size))
+  # Recompute the centres the documented way: y then x, uniform over the image.
+  key_y, key_x = jax.random.split(key)
+  cy = np.asarray(jax.random.randint(key_y, (b, 1, 1), 0, h)).ravel()
+  cx = np.asarray(jax.random.randint(key_x, (b, 1, 1), 0, w)).ravel()
+  for i in range(b):
+    expected = np.ones((h, w))
+    y0, x0 = cy[i] - size // 2, cx[i] - size // 2
+    expected[max(y0, 0):max(y0 + size, 0), max(x0, 0):max(x0 + size, 0)] = 0
+    np.testing.assert_array_equal(out[i, :, :, 0], expected)
+    np.testing.assert_array_equal(out[i, :, :, 2], expected)
+
+
+def test_cutout_differs_across_examples_and_keys():
+  images = jnp.ones((16, 16, 16, 1))
+  a = np.asarray(augment.cutout(jax.random.PRNGKey(0), images, 6))
+  b = np.asarray(augment.cutout(jax.random.PRNGKey(1), images, 6))
+  assert len({a[i].tobytes() for i in range(16)}) > 8
+  assert not np.array_equal(a, b)
+
+
+def test_cutout_may_cross_the_border_and_is_jittable():
+  images = jnp.ones((512, 8, 8, 1))
+  out = np.asarray(jax.jit(augment.cutout, static_argnums=2)(jax.random.PRNGKey(0), images, 4))
+  zeros = (out == 0).reshape(512, -1).sum(1)
+  assert zeros.max() == 16  # a whole square inside
+  assert zeros.min() < 16  # some holes clipped by the border
+  assert zeros.min() > 0  # the centre is always inside the image
+
+
+def test_cutout_size_zero_is_identity():
+  images = jnp.ones((2, 4, 4, 3))
+  assert augment.cutout(jax.random.PRNGKey(0), images, 0) is images
+
+
+def test_normalize():
+  images = jnp.full((1, 2, 2, 3), 128, jnp.uint8)
+  out = augment.normalize(images, (128.0, 0.0, 64.0), (1.0, 128.0, 32.0))
+  np.testing.assert_allclose(np.asarray(out[0, 0, 0]), [0.0, 1.0, 2.0])

@@ -1,0 +1,58 @@
+"""End to end through main.py, in subprocesses as a user would run it."""
+
+import json
+import os
+
+from conftest import run_main
+
+FAST = ['--config=configs/default.py', '--config.image_size=8', '--config.batch_size=64',
+        '--config.model=resnet20', '--config.log_every_steps=5',
+        '--config.eval_every_epochs=1']
+
+
+def read_jsonl(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_main_trains_writes_metrics_and_checkpoints_then_resumes(tmp_path):
+  workdir = str(tmp_path / 'run')
+  first = run_main([*FAST, f'--workdir={workdir}', '--config.num_epochs=1'])
+  assert first.returncode == 0, first.stderr[-3000:]
+  records = read_jsonl(workdir)
+  keys = set().union(*records)
+  assert {'step', 'train_loss', 'train_top1', 'learning_rate', 'eval_loss', 'eval_top1',
+          'eval_top5'} <= keys
+  steps_per_epoch = records[-1]['step']
+  assert steps_per_epoch == 1438 // 64
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(steps_per_epoch)]
+  assert 'img/s' in first.stderr and 'ETA' in first.stderr
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+
+  # Same command with one more epoch: resumes at the checkpoint, ends at the new end.
+  second = run_main([*FAST, f'--workdir={workdir}', '--config.num_epochs=2'])
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert f'Resumed from {workdir}/checkpoints at step {steps_per_epoch}' in second.stderr
+  new = read_jsonl(workdir)[len(records):]
+  assert min(r['step'] for r in new) > steps_per_epoch
+  assert max(r['step'] for r in new) == 2 * steps_per_epoch
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=int) == [
+      str(steps_per_epoch), str(2 * steps_per_epoch)]
+
+
+def test_unknown_model_fails_before_compiling(tmp_path):
+  result = run_main(['--config=configs/default.py', f'--workdir={tmp_path}',
+                     '--config.model=resnet51'])
+  assert result.returncode != 0
+  assert "Unknown config.model 'resnet51'" in result.stderr
+  assert 'resnet56' in result.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_batch_not_divisible_by_devices_names_the_numbers(tmp_path):
+  result = run_main(['--config=configs/default.py', f'--workdir={tmp_path}',
+                     '--config.batch_size=30'],
+                    env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert result.returncode != 0
+  assert 'config.batch_size=30 must be a positive multiple of the device count 4' in \
+      result.stderr

@@ -1,0 +1,68 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_resnet import optim
+
+
+def test_onecycle_start_peak_end(config):
+  config.learning_rate = 0.4
+  total = 1000
+  fn = optim.create_learning_rate_fn(config, steps_per_epoch=100, total_steps=total)
+  peak_step = int(config.onecycle_pct_start * total)
+  assert float(fn(0)) == pytest.approx(0.4 / config.onecycle_div_factor)
+  assert float(fn(peak_step)) == pytest.approx(0.4)
+  assert float(fn(total)) == pytest.approx(
+      0.4 / config.onecycle_div_factor / config.onecycle_final_div_factor, rel=1e-3)
+  assert float(fn(peak_step // 2)) < 0.4 and float(fn(peak_step + 10)) < 0.4
+
+
+def test_cosine_warmup_end_and_final(config):
+  config.schedule = 'cosine'
+  config.learning_rate = 0.1
+  config.warmup_epochs = 2
+  config.final_learning_rate_fraction = 0.01
+  fn = optim.create_learning_rate_fn(config, steps_per_epoch=50, total_steps=1000)
+  assert float(fn(0)) == 0.0
+  assert float(fn(50)) == pytest.approx(0.05)
+  assert float(fn(100)) == pytest.approx(0.1)
+  assert float(fn(1000)) == pytest.approx(0.001)
+
+
+def test_multistep_decays_at_fractions(config):
+  config.schedule = 'multistep'
+  config.learning_rate = 0.1
+  fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+  assert float(fn(49)) == pytest.approx(0.1)
+  assert float(fn(51)) == pytest.approx(0.01)
+  assert float(fn(80)) == pytest.approx(0.001)
+
+
+def test_linear_scaling_rule(config):
+  config.scale_learning_rate = True
+  config.learning_rate = 0.1
+  config.batch_size = 1024
+  config.base_batch_size = 256
+  assert optim.peak_learning_rate(config) == pytest.approx(0.4)
+
+
+def test_weight_decay_only_on_kernels(config):
+  config.learning_rate = 1.0
+  config.schedule = 'constant'
+  config.momentum = 0.0
+  config.nesterov = False
+  config.weight_decay = 0.1
+  params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}
+  tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, 1, 10))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(updates['kernel'], -0.1)
+  np.testing.assert_allclose(updates['bias'], 0.0)
+
+
+@pytest.mark.parametrize('field,value', [('optimizer', 'lamb'), ('schedule', 'linear')])
+def test_unknown_names_list_valid_ones(config, field, value):
+  config[field] = value
+  with pytest.raises(ValueError, match='Valid'):
+    tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, 1, 10))
