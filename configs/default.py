@@ -60,4 +60,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 20
   config.eval_every_epochs = 5.0
   config.keep_checkpoints = 3
+  config.checkpoint_every_steps = 0  # 0: at each epoch end only
   return config

@@ -249,3 +249,10 @@ def create_model(name: str, num_classes: int, **options) -> ResNet:
     raise ValueError(f'Unknown kernel_init {options["kernel_init"]!r}. '
                      f'Valid: {", ".join(KERNEL_INITS)}.')
   return ResNet(num_classes=num_classes, **{**MODELS[name], **options})
+
+
+def min_image_size(name: str, **options) -> int:
+  """The smallest square input that still leaves at least 1x1 after every downsampling."""
+  arch = {**MODELS[name], **options}
+  downsamplings = len(arch['stage_sizes']) - 1 + (2 if arch['stem'] == 'imagenet' else 0)
+  return 2 ** downsamplings

@@ -4,38 +4,107 @@ The loop syncs with the device only at log intervals, evaluations and checkpoint
 between, steps and metric accumulation are dispatched asynchronously.
 """
 
+import json
 import math
+import os
+import signal
 import time
-from typing import Optional
+from typing import Union
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from jax_resnet import checkpointing, input_pipeline, models, optim, reporting, sharding
 from jax_resnet import train
 
+# Fields a resumed run may change: they touch neither the state nor what it means.
+SAFE_TO_CHANGE = frozenset({
+    'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_epochs',
+    'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'data_dir',
+    'deterministic_input', 'train_dir', 'eval_dir', 'eval_split', 'shuffle_buffer',
+    'steps_per_dispatch', 'data_on_device', 'cache'})
+
+
+class TrainingError(RuntimeError):
+  """A failure the user can act on; main.py prints it without a traceback."""
+
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Rejects bad names and sizes before any data is read or anything compiled."""
+  """Rejects bad names, sizes and schedule shapes before any data is read or compiled."""
+  def fail(field, message):
+    raise ValueError(f'config.{field}={config.get(field)!r}: {message}')
+
   if config.model not in models.MODELS:
-    raise ValueError(f'Unknown config.model {config.model!r}. '
-                     f'Valid names: {", ".join(models.MODEL_NAMES)}.')
+    fail('model', f'unknown model. Valid names: {", ".join(models.MODEL_NAMES)}.')
   if config.optimizer not in optim.OPTIMIZERS:
-    raise ValueError(f'Unknown config.optimizer {config.optimizer!r}. '
-                     f'Valid: {", ".join(optim.OPTIMIZERS)}.')
+    fail('optimizer', f'unknown optimizer. Valid: {", ".join(optim.OPTIMIZERS)}.')
   if config.schedule not in optim.SCHEDULES:
-    raise ValueError(f'Unknown config.schedule {config.schedule!r}. '
-                     f'Valid: {", ".join(optim.SCHEDULES)}.')
+    fail('schedule', f'unknown schedule. Valid: {", ".join(optim.SCHEDULES)}.')
   input_pipeline.check_dataset_name(config.dataset)
   for field in ('batch_size', 'eval_batch_size', 'image_size', 'num_epochs',
-                'log_every_steps'):
-    if config[field] <= 0:
-      raise ValueError(f'config.{field} must be positive, got {config[field]}.')
+                'log_every_steps', 'learning_rate', 'keep_checkpoints'):
+    if not config[field] > 0:
+      fail(field, 'must be positive.')
+  for field in ('checkpoint_every_steps', 'random_crop_pad', 'label_smoothing',
+                'weight_decay', 'dropout_rate', 'eval_every_epochs'):
+    if config.get(field, 0) < 0:
+      fail(field, 'must be zero or positive.')
+  if not 0 <= config.dropout_rate < 1:
+    fail('dropout_rate', 'must be in [0, 1).')
+  if not 0 <= config.label_smoothing < 1:
+    fail('label_smoothing', 'must be in [0, 1).')
+  min_size = models.min_image_size(config.model, **dict(config.get('model_options') or {}))
+  if config.image_size < min_size:
+    fail('image_size', f'is too small for {config.model}, which downsamples to at least '
+         f'1x1 only from {min_size}x{min_size}; use --config.image_size={min_size} or more.')
   if config.cutout_size < 0 or config.cutout_size > config.image_size:
-    raise ValueError(f'config.cutout_size={config.cutout_size} must be between 0 (off) '
-                     f'and config.image_size={config.image_size}.')
+    fail('cutout_size', f'must be between 0 (off) and config.image_size='
+         f'{config.image_size}.')
+  if config.schedule == 'onecycle':
+    if not 0 < config.onecycle_pct_start < 1:
+      fail('onecycle_pct_start', 'must be in (0, 1): the fraction of training spent '
+           'warming up.')
+    for field in ('onecycle_div_factor', 'onecycle_final_div_factor'):
+      if not config[field] > 0:
+        fail(field, 'must be positive.')
+  if config.warmup_epochs < 0 or (config.schedule != 'onecycle' and
+                                  config.warmup_epochs >= config.num_epochs):
+    fail('warmup_epochs', f'must be in [0, num_epochs={config.num_epochs}).')
+  if config.schedule == 'multistep':
+    at = list(config.decay_at)
+    if not all(0 < a < 1 for a in at) or at != sorted(at):
+      fail('decay_at', 'must be increasing fractions of training in (0, 1).')
+  if not 0 <= config.final_learning_rate_fraction <= 1:
+    fail('final_learning_rate_fraction', 'must be in [0, 1].')
+
+
+def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume under a config that changes the model or optimizer."""
+  current = json.loads(config.to_json_best_effort())
+  differing = sorted(k for k in set(saved) | set(current)
+                     if k not in SAFE_TO_CHANGE and saved.get(k) != current.get(k))
+  if differing:
+    details = '; '.join(f'{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}'
+                        for k in differing)
+    raise TrainingError(
+        f'The checkpoint was written with a different config ({details}). These fields '
+        'change the model, optimizer or data and cannot change on resume; use a new '
+        f'--workdir, or restore them. Safe to change: {", ".join(sorted(SAFE_TO_CHANGE))}.')
+
+
+def check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise TrainingError(f'Cannot write to --workdir={workdir}: {e}. Choose a writable '
+                        'directory.') from None
 
 
 def _format_eta(seconds: float) -> str:
@@ -43,98 +112,211 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def evaluate(p_eval, state, dataset, config, mesh) -> dict:
-  """Top-1/top-5 and loss over the whole eval split, each example counted once."""
-  steps = input_pipeline.num_eval_steps(dataset.info, config.eval_batch_size)
-  local = sharding.local_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  totals = None
-  for batch in sharding.prefetch_to_device(
-      input_pipeline.eval_batches(dataset, local, steps), mesh):
-    step_metrics = p_eval(state, batch)
-    totals = step_metrics if totals is None else totals.merge(step_metrics)
-  return {k: float(v) for k, v in totals.compute().items()}
+class _Setup:
+  """What training, evaluation and export share: mesh, data, model, state, steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    check_config(config)
+    check_workdir(workdir)
+    self.config = config
+    self.mesh = sharding.create_mesh()
+    self.local_batch = sharding.local_batch_size(config.batch_size, self.mesh)
+    self.local_eval_batch = sharding.local_batch_size(config.eval_batch_size, self.mesh,
+                                                      'eval_batch_size')
+    self.dataset = input_pipeline.load_dataset(config, workdir)
+    info = self.dataset.info
+    self.steps_per_epoch = info.num_train // config.batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f'config.batch_size={config.batch_size} is larger than the '
+                       f'{info.num_train} training examples.')
+    self.total_steps = config.num_train_steps if config.num_train_steps > 0 else \
+        int(config.num_epochs * self.steps_per_epoch)
+    self.model = train.create_model_from_config(config, info.num_classes)
+    self.learning_rate_fn = optim.create_learning_rate_fn(config, self.steps_per_epoch,
+                                                          self.total_steps)
+    self.state = train.create_train_state(jax.random.PRNGKey(config.seed), config,
+                                          self.model, info.image_shape,
+                                          self.learning_rate_fn, self.mesh)
+    self.p_train, self.p_eval = train.make_steps(config, self.learning_rate_fn,
+                                                 info.num_classes, info.mean, info.std,
+                                                 self.mesh)
+    self.checkpoints = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
+
+  def evaluate(self, state) -> dict:
+    """Top-1/top-5 and loss over the whole eval split, each example counted once."""
+    steps = input_pipeline.num_eval_steps(self.dataset.info, self.config.eval_batch_size)
+    totals = None
+    for batch in sharding.prefetch_to_device(
+        input_pipeline.eval_batches(self.dataset, self.local_eval_batch, steps), self.mesh):
+      step_metrics = self.p_eval(state, batch)
+      totals = step_metrics if totals is None else totals.merge(step_metrics)
+    return {k: float(v) for k, v in totals.compute().items()}
+
+  def meta(self, step: int) -> dict:
+    epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+    return {'step': step, 'epoch': epoch, 'batch_in_epoch': batch_in_epoch,
+            'shuffle_seed': self.config.seed * 1_000_003 + epoch,
+            'config': json.loads(self.config.to_json_best_effort())}
+
+  def restore(self, which: Union[str, int]):
+    state, meta = self.checkpoints.restore(self.state, which)
+    if meta is None:
+      raise TrainingError(f'No {which} checkpoint in {self.checkpoints.directory}: train '
+                          'first with --mode=train.')
+    return state, meta
+
+
+class _StopRequest:
+  """Remembers a SIGTERM/SIGINT so the loop can checkpoint and exit between steps."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def requested(self, step: int, every: int) -> bool:
+    """Whether to stop; across processes only at log steps, so all agree on one step."""
+    if jax.process_count() == 1:
+      return self.signum is not None
+    if step % every:
+      return False
+    flags = multihost_utils.process_allgather(np.array(self.signum is not None))
+    return bool(np.any(flags))
+
+
+def _check_finite(summary: dict, step: int, last_finite, workdir: str):
+  loss = summary['train_loss']
+  if not math.isfinite(loss):
+    last = f'{last_finite[1]:.4f} at step {last_finite[0]}' if last_finite else 'none yet'
+    raise TrainingError(
+        f'Training diverged: the loss is {loss} by step {step} (last finite loss: {last}). '
+        'Lower --config.learning_rate or add warm-up (--config.warmup_epochs). The '
+        f'checkpoints in {workdir}/checkpoints hold only finite states.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from workdir's latest checkpoint) and returns final eval metrics."""
-  check_config(config)
-  mesh = sharding.create_mesh()
-  local_batch = sharding.local_batch_size(config.batch_size, mesh)
-  sharding.local_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-
-  dataset = input_pipeline.load_dataset(config, workdir)
-  info = dataset.info
-  steps_per_epoch = info.num_train // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f'config.batch_size={config.batch_size} is larger than the '
-                     f'{info.num_train} training examples.')
-  total_steps = config.num_train_steps if config.num_train_steps > 0 else \
-      int(config.num_epochs * steps_per_epoch)
-
-  model = train.create_model_from_config(config, info.num_classes)
-  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
-  state = train.create_train_state(jax.random.PRNGKey(config.seed), config, model,
-                                   info.image_shape, learning_rate_fn, mesh)
-  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
-  state, meta = checkpointing.restore_latest(manager, state)
+  setup = _Setup(config, workdir)
+  info, steps_per_epoch, total_steps = setup.dataset.info, setup.steps_per_epoch, \
+      setup.total_steps
+  state, meta = setup.checkpoints.restore(
+      setup.state, 'latest', check=lambda m: check_compatible(m['config'], config))
   start_step = int(meta['step']) if meta else 0
   if meta:
-    logging.info('Resumed from %s/checkpoints at step %d.', workdir, start_step)
+    logging.info('Resumed from %s at step %d (epoch %d, batch %d).',
+                 setup.checkpoints.directory, start_step, meta['epoch'],
+                 meta['batch_in_epoch'])
 
   writer = reporting.create_writer(workdir)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.items()
                           if isinstance(v, (int, float, str, bool))})
-  p_train, p_eval = train.make_steps(config, learning_rate_fn, info.num_classes,
-                                     info.mean, info.std, mesh)
   logging.info('%s on %s: %d train / %d eval examples, %d steps (%d per epoch), '
-               'global batch %d on %d devices.', config.model, config.dataset,
-               info.num_train, info.num_eval, total_steps, steps_per_epoch,
-               config.batch_size, mesh.devices.size)
+               'global batch %d on %d devices in %d process(es).', config.model,
+               config.dataset, info.num_train, info.num_eval, total_steps, steps_per_epoch,
+               config.batch_size, setup.mesh.devices.size, jax.process_count())
 
   batches = sharding.prefetch_to_device(
-      input_pipeline.train_batches(dataset, config, local_batch, steps_per_epoch,
-                                   start_step), mesh)
+      input_pipeline.train_batches(setup.dataset, config, setup.local_batch,
+                                   steps_per_epoch, start_step), setup.mesh)
   eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
-  train_metrics, eval_metrics = None, {}
+  checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
+  train_metrics, eval_metrics, last_finite = None, {}, None
   last_log_time, last_log_step = time.time(), start_step
-  for step in range(start_step + 1, total_steps + 1):
-    state, step_metrics = p_train(state, next(batches))
-    train_metrics = step_metrics if train_metrics is None else \
-        train_metrics.merge(step_metrics)
+  step = start_step
+  try:
+    with _StopRequest() as stop:
+      for step in range(start_step + 1, total_steps + 1):
+        state, step_metrics = setup.p_train(state, next(batches))
+        train_metrics = step_metrics if train_metrics is None else \
+            train_metrics.merge(step_metrics)
+        is_last = step == total_steps
+        save = is_last or step % checkpoint_every == 0 or step % steps_per_epoch == 0
+        stopping = stop.requested(step, config.log_every_steps)
 
-    if step % config.log_every_steps == 0 or step == total_steps:
-      summary = {k: float(v) for k, v in train_metrics.compute().items()}
-      if not math.isfinite(summary['train_loss']):
-        raise FloatingPointError(
-            f'Loss is {summary["train_loss"]} at step {step}. Lower '
-            '--config.learning_rate or enable warm-up; the last epoch checkpoint in '
-            f'{workdir}/checkpoints is kept.')
-      writer.write_scalars(step, summary)
-      now = time.time()
-      images_per_sec = (step - last_log_step) * config.batch_size / (now - last_log_time)
-      eta = (total_steps - step) * config.batch_size / max(images_per_sec, 1e-9)
-      logging.info('step %d/%d  epoch %.2f  loss %.4f  top1 %.4f  lr %.4g  %.0f img/s  '
-                   'ETA %s', step, total_steps, step / steps_per_epoch,
-                   summary['train_loss'], summary['train_top1'], summary['learning_rate'],
-                   images_per_sec, _format_eta(eta))
-      train_metrics, last_log_time, last_log_step = None, now, step
+        if step % config.log_every_steps == 0 or is_last or save or stopping:
+          summary = {k: float(v) for k, v in train_metrics.compute().items()}
+          _check_finite(summary, step, last_finite, workdir)
+          last_finite = (step, summary['train_loss'])
+        if step % config.log_every_steps == 0 or is_last:
+          writer.write_scalars(step, summary)
+          now = time.time()
+          images_per_sec = (step - last_log_step) * config.batch_size / (now - last_log_time)
+          eta = (total_steps - step) * config.batch_size / max(images_per_sec, 1e-9)
+          logging.info('step %d/%d  epoch %.2f  loss %.4f  top1 %.4f  lr %.4g  '
+                       '%.0f img/s  ETA %s', step, total_steps, step / steps_per_epoch,
+                       summary['train_loss'], summary['train_top1'],
+                       summary['learning_rate'], images_per_sec, _format_eta(eta))
+          train_metrics, last_log_time, last_log_step = None, now, step
 
-    epoch_end = step % steps_per_epoch == 0
-    if step % eval_every == 0 or step == total_steps:
-      eval_metrics = evaluate(p_eval, state, dataset, config, mesh)
-      writer.write_scalars(step, eval_metrics)
-      logging.info('step %d eval: loss %.4f  top1 %.4f  top5 %.4f', step,
-                   eval_metrics['eval_loss'], eval_metrics['eval_top1'],
-                   eval_metrics['eval_top5'])
-    if epoch_end or step == total_steps:
-      checkpointing.save(manager, step, state,
-                         {'step': step, 'epoch': step / steps_per_epoch})
-
-  if not eval_metrics:  # resumed a finished run: report it again
-    eval_metrics = evaluate(p_eval, state, dataset, config, mesh)
-    writer.write_scalars(total_steps, eval_metrics)
-  manager.wait_until_finished()
-  manager.close()
-  writer.flush()
+        if step % eval_every == 0 or is_last:
+          eval_metrics = setup.evaluate(state)
+          writer.write_scalars(step, eval_metrics)
+          logging.info('step %d eval: loss %.4f  top1 %.4f  top5 %.4f', step,
+                       eval_metrics['eval_loss'], eval_metrics['eval_top1'],
+                       eval_metrics['eval_top5'])
+          setup.checkpoints.save_best(step, state, setup.meta(step),
+                                      eval_metrics['eval_top1'])
+        if save or stopping:
+          setup.checkpoints.save(step, state, setup.meta(step))
+        if stopping and not is_last:
+          setup.checkpoints.wait()
+          name = signal.Signals(stop.signum).name if stop.signum else 'a stop signal'
+          logging.warning('Received %s: saved a checkpoint at step %d in %s and stopped. '
+                          'Rerun the same command to resume.', name, step,
+                          setup.checkpoints.directory)
+          return {'stopped_at_step': step}
+    if not eval_metrics:  # resumed a finished run: report it again
+      eval_metrics = setup.evaluate(state)
+      writer.write_scalars(total_steps, eval_metrics)
+    setup.checkpoints.wait()
+  except OSError as e:
+    raise TrainingError(f'Writing to {workdir} failed at step {step}: {e}. Earlier '
+                        f'checkpoints in {setup.checkpoints.directory} are intact; free '
+                        'space or fix permissions and rerun to resume.') from e
+  finally:
+    writer.flush()
+    try:
+      setup.checkpoints.close()
+    except Exception:  # a failed save has been reported already
+      pass
   return eval_metrics
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        which: Union[str, int] = 'best') -> dict:
+  """Eval-only: restores a checkpoint and reports (and logs) loss, top-1, top-5."""
+  setup = _Setup(config, workdir)
+  if which == 'best' and setup.checkpoints.best.best_step() is None:
+    which = 'latest'
+  state, meta = setup.restore(which)
+  metrics = setup.evaluate(state)
+  writer = reporting.create_writer(workdir)
+  writer.write_scalars(int(meta['step']), metrics)
+  writer.flush()
+  logging.info('Evaluated the %s checkpoint (step %d): %s', which, meta['step'], metrics)
+  setup.checkpoints.close()
+  return {**metrics, 'step': int(meta['step'])}
+
+
+def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, path: str,
+                      which: Union[str, int] = 'latest') -> str:
+  """Writes a checkpoint's params and batch statistics to one msgpack file."""
+  setup = _Setup(config, workdir)
+  state, meta = setup.restore(which)
+  if jax.process_index() == 0:
+    checkpointing.export_variables(state, path)
+  setup.checkpoints.close()
+  logging.info('Exported step %d to %s.', meta['step'], path)
+  return path

@@ -44,7 +44,7 @@ def test_unknown_model_fails_before_compiling(tmp_path):
   result = run_main(['--config=configs/default.py', f'--workdir={tmp_path}',
                      '--config.model=resnet51'])
   assert result.returncode != 0
-  assert "Unknown config.model 'resnet51'" in result.stderr
+  assert "config.model='resnet51': unknown model" in result.stderr
   assert 'resnet56' in result.stderr
   assert not os.path.exists(tmp_path / 'checkpoints')
 
