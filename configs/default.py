@@ -29,6 +29,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.cutout_size = 0  # on the device; 0 is off
   config.shuffle_buffer = 50_000
   config.deterministic_input = True
+  config.train_dir = ''  # dataset='folder': <train_dir>/<class>/*.jpg|png
+  config.eval_dir = ''  # dataset='folder': same classes (or a subset) as train_dir
+  config.verify_images = True  # folder: drop (and name) undecodable files at start
+  config.cache = True  # keep the (encoded or small decoded) data set in host memory
+  config.data_on_device = False  # digits/CIFAR: whole uint8 set on device, crop there
+  # 'auto': 'random_resized' (ImageNet-style) for variable-size images, else 'pad'.
+  config.train_crop = 'auto'
+  config.crop_scale = (0.08, 1.0)  # random_resized: area fraction range
+  config.crop_ratio = (3 / 4, 4 / 3)  # random_resized: aspect-ratio range
+  config.crop_attempts = 10  # random_resized: tries before the centre-crop fallback
+  config.eval_crop_fraction = 0.875  # random_resized eval: centre crop of shorter side
+  config.color_jitter_prob = 0.8  # random_resized: chance jitter is applied
+  config.color_jitter_brightness = 0.0  # strengths; 0 is off (all off by default)
+  config.color_jitter_contrast = 0.0
+  config.color_jitter_saturation = 0.0
+  config.color_jitter_hue = 0.0
+  config.inception_color = False  # random_resized: Inception-style colour distortion
 
   # Optimisation.
   config.batch_size = 128  # global, over all devices of all hosts

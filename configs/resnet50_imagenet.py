@@ -21,6 +21,11 @@ def get_config():
   config.weight_decay = 1e-4
   config.onecycle_pct_start = 0.15
   config.shuffle_buffer = 16 * 1024
+  config.cache = False  # ~140 GB of JPEGs: stream them
+  config.train_crop = 'random_resized'
+  config.crop_scale = (0.08, 1.0)
+  config.crop_ratio = (3 / 4, 4 / 3)
+  config.eval_crop_fraction = 0.875  # resize shorter side to 256, centre crop 224
   config.deterministic_input = False
   config.log_every_steps = 100
   config.eval_every_epochs = 1.0

@@ -37,3 +37,28 @@ def cutout(key, images, size: int):
     return images
   b, h, w, _ = images.shape
   return images * cutout_mask(key, b, h, w, size).astype(images.dtype)
+
+
+def example_keys(key, indices, tag: int):
+  """One key per example, ``fold_in(fold_in(key, index), tag)``: independent of layout."""
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), tag))(indices)
+
+
+def random_pad_crop(keys, images, pad: int):
+  """Zero-pads each NHWC image by ``pad`` and crops back to its size at a random offset.
+
+  ``keys`` holds one PRNG key per image; offsets are uniform in [0, 2 * pad] on each axis.
+  """
+  if pad <= 0:
+    return images
+  _, h, w, c = images.shape
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  offsets = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 2 * pad + 1))(keys)
+  return jax.vmap(lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c)))(
+      padded, offsets)
+
+
+def random_flip(keys, images):
+  """Mirrors each NHWC image left-right with probability 1/2, one key per image."""
+  flips = jax.vmap(lambda k: jax.random.bernoulli(k))(keys)
+  return jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)

@@ -48,3 +48,31 @@ def test_normalize():
   images = jnp.full((1, 2, 2, 3), 128, jnp.uint8)
   out = augment.normalize(images, (128.0, 0.0, 64.0), (1.0, 128.0, 32.0))
   np.testing.assert_allclose(np.asarray(out[0, 0, 0]), [0.0, 1.0, 2.0])
+
+
+def test_random_pad_crop_shifts_within_the_pad_and_is_keyed_per_example():
+  b, h, w, pad = 256, 6, 6, 2
+  images = jnp.arange(1, h * w + 1, dtype=jnp.uint8).reshape(1, h, w, 1).repeat(b, 0)
+  keys = augment.example_keys(jax.random.PRNGKey(0), jnp.arange(b), 0)
+  out = np.asarray(jax.jit(augment.random_pad_crop, static_argnums=2)(keys, images, pad))
+  assert out.shape == images.shape and out.dtype == np.uint8
+  padded = np.pad(np.asarray(images[0, :, :, 0]), pad)
+  offsets = set()
+  for i in range(b):
+    matches = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+               if np.array_equal(padded[dy:dy + h, dx:dx + w], out[i, :, :, 0])]
+    assert len(matches) == 1
+    offsets.add(matches[0])
+  assert len(offsets) == (2 * pad + 1) ** 2  # every offset in [0, 2 * pad] occurs
+  again = augment.random_pad_crop(keys, images, pad)
+  np.testing.assert_array_equal(out, np.asarray(again))
+  assert augment.random_pad_crop(keys, images, 0) is images
+
+
+def test_random_flip_mirrors_about_half():
+  images = jnp.arange(4, dtype=jnp.uint8).reshape(1, 1, 4, 1).repeat(400, 0)
+  keys = augment.example_keys(jax.random.PRNGKey(1), jnp.arange(400), 1)
+  out = np.asarray(augment.random_flip(keys, images))[:, 0, :, 0]
+  flipped = (out == [3, 2, 1, 0]).all(1)
+  assert ((out == [0, 1, 2, 3]).all(1) | flipped).all()
+  assert 0.4 < flipped.mean() < 0.6
