@@ -12,6 +12,7 @@ import time
 from typing import Union
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -84,8 +85,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume under a config that changes the model or optimizer."""
   current = json.loads(config.to_json_best_effort())
-  differing = sorted(k for k in set(saved) | set(current)
-                     if k not in SAFE_TO_CHANGE and saved.get(k) != current.get(k))
+  # Fields only one side knows (added or retired by a newer version) are not compared.
+  differing = sorted(k for k in set(saved) & set(current)
+                     if k not in SAFE_TO_CHANGE and saved[k] != current[k])
   if differing:
     details = '; '.join(f'{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}'
                         for k in differing)
@@ -195,6 +197,11 @@ class _StopRequest:
     return bool(np.any(flags))
 
 
+@jax.jit
+def _all_finite(tree):
+  return jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda x: jnp.isfinite(x).all(), tree))
+
+
 def _check_finite(summary: dict, step: int, last_finite, workdir: str):
   loss = summary['train_loss']
   if not math.isfinite(loss):
@@ -269,6 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           setup.checkpoints.save_best(step, state, setup.meta(step),
                                       eval_metrics['eval_top1'])
         if save or stopping:
+          if not bool(_all_finite((state.params, state.batch_stats))):  # the update blew up
+            _check_finite({'train_loss': float('nan')}, step, last_finite, workdir)
           setup.checkpoints.save(step, state, setup.meta(step))
         if stopping and not is_last:
           setup.checkpoints.wait()
