@@ -198,7 +198,13 @@ def main():
   parser.add_argument('--skip_cifar', action='store_true')
   args = parser.parse_args()
   import jax
-  print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU '
+  model = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      model = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  print(f'machine: {model}, {os.cpu_count()} CPU '
         f'cores, {platform.system()} {platform.release()}, Python {platform.python_version()}'
         f', jax {jax.__version__} ({jax.devices()[0].platform})')
   with tempfile.TemporaryDirectory() as root:

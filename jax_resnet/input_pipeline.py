@@ -26,6 +26,7 @@ Each process reads only its own shard of the examples.
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -284,9 +285,32 @@ def _check_image(path: str) -> Optional[str]:
   return None
 
 
-def _drop_undecodable(paths: Sequence[str], labels: Sequence[int], what: str):
-  with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
-    problems = list(pool.map(_check_image, paths))
+def _drop_undecodable(paths: Sequence[str], labels: Sequence[int], what: str,
+                      record: Optional[str] = None):
+  """Drops (and names) the files that do not decode.
+
+  ``record`` (a file in the workdir) remembers the verdict for this exact list of
+  files, so a resumed run does not read them all again.
+  """
+  digest = hashlib.sha1('\n'.join(paths).encode()).hexdigest()
+  problems = None
+  if record and tf.io.gfile.exists(record):
+    try:
+      with tf.io.gfile.GFile(record) as f:
+        saved = json.load(f)
+      if saved.get('digest') == digest:
+        bad = dict(saved['bad'])
+        problems = [bad.get(p) for p in paths]
+    except (ValueError, KeyError, TypeError, tf.errors.OpError):
+      problems = None
+  if problems is None:
+    with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
+      problems = list(pool.map(_check_image, paths))
+    if record:
+      tf.io.gfile.makedirs(os.path.dirname(record))
+      with tf.io.gfile.GFile(record, 'w') as f:
+        json.dump({'digest': digest,
+                   'bad': [[p, why] for p, why in zip(paths, problems) if why]}, f)
   bad = [(p, why) for p, why in zip(paths, problems) if why]
   for path, why in bad:
     logging.warning('Skipping %s: it cannot be decoded (%s).', path, why)
@@ -333,7 +357,8 @@ def _load_folder(config, workdir: Optional[str]) -> Dataset:
                                ('eval', eval_paths, eval_labels)):
     paths, labels = paths[index::count], labels[index::count]  # this process's shard
     if verify:
-      paths, labels, bad = _drop_undecodable(paths, labels, what)
+      record = workdir and os.path.join(workdir, f'verified_{what}_files.{index}.json')
+      paths, labels, bad = _drop_undecodable(paths, labels, what, record)
       skipped[what] = _global_sum(bad)
     splits[what] = (paths, labels)
   num_train = _global_sum(len(splits['train'][0]))

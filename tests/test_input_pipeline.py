@@ -137,7 +137,8 @@ def _folder_config(config, tmp_path):
   return train_n, eval_n
 
 
-def test_folder_dataset_converts_modes_and_skips_corrupt_files(config, tmp_path, caplog):
+def test_folder_dataset_converts_modes_and_skips_corrupt_files(config, tmp_path, caplog,
+                                                               monkeypatch):
   import json
   train_n, eval_n = _folder_config(config, tmp_path)
   workdir = tmp_path / 'work'
@@ -148,6 +149,11 @@ def test_folder_dataset_converts_modes_and_skips_corrupt_files(config, tmp_path,
   assert 'corrupt.jpg' in caplog.text
   with open(workdir / input_pipeline.CLASS_INDEX_FILE) as f:
     assert json.load(f) == {'class_0': 0, 'class_1': 1, 'class_2': 2}
+  # A restart reuses the verdicts recorded in the workdir instead of reading every file.
+  monkeypatch.setattr(input_pipeline, '_check_image', lambda path: pytest.fail(path))
+  caplog.clear()
+  again = input_pipeline.load_dataset(config, str(workdir))
+  assert again.num_skipped == {'train': 1, 'eval': 0} and 'corrupt.jpg' in caplog.text
   # Two epochs of train batches, all decoded (grey, CMYK, RGBA included) to RGB uint8.
   batches = [b for _, b in zip(range(4), input_pipeline.train_batches(ds, config, 8, 2))]
   for b in batches:
