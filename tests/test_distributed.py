@@ -1,0 +1,116 @@
+"""Data parallelism on CPU: 8 forced devices, and two processes talking over gloo."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_main
+
+
+def devices_env(n):
+  return {'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}',
+          'TF_CPP_MIN_LOG_LEVEL': '2'}
+
+
+EIGHT_VS_ONE = textwrap.dedent('''
+    import jax, numpy as np
+    from configs import default
+    from jax_resnet import optim, sharding, train
+    assert jax.device_count() == 8
+    config = default.get_config()
+    config.image_size = 8
+    config.schedule = 'constant'
+    config.learning_rate = 0.1
+    model = train.create_model_from_config(config, 10)
+    lr = optim.create_learning_rate_fn(config, 10, 100)
+    rng = np.random.RandomState(0)
+    batches = [{'image': rng.randint(0, 256, (16, 8, 8, 3)).astype(np.uint8),
+                'label': rng.randint(0, 10, (16,)).astype(np.int32)} for _ in range(3)]
+    out = {}
+    for name, devices in (('one', jax.devices()[:1]), ('eight', jax.devices())):
+      mesh = sharding.create_mesh(devices)
+      state = train.create_train_state(jax.random.PRNGKey(0), config, model, (8, 8, 3), lr, mesh)
+      p_train, _ = train.make_steps(config, lr, 10, (127.,) * 3, (64.,) * 3, mesh)
+      losses = []
+      for b in batches:
+        state, m = p_train(state, sharding.to_global(b, mesh))
+        losses.append(float(m.compute()['train_loss']))
+      assert len(state.params['head']['kernel'].sharding.device_set) == len(devices)
+      out[name + '_losses'] = np.array(losses)
+      leaves = jax.tree.leaves((state.params, state.batch_stats))
+      out[name + '_params'] = np.concatenate([np.asarray(x).ravel() for x in leaves])
+    np.savez(OUT, **out)
+''')
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  out = str(tmp_path / 'out.npz')
+  code = f'OUT = {out!r}\n' + EIGHT_VS_ONE
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
+                 env=dict(os.environ, PYTHONPATH=ROOT, **devices_env(8)))
+  r = np.load(out)
+  np.testing.assert_allclose(r['eight_losses'], r['one_losses'], rtol=1e-5)
+  np.testing.assert_allclose(r['eight_params'], r['one_params'], rtol=1e-4, atol=1e-5)
+
+
+ARGS = ['--config=configs/default.py', '--config.image_size=8', '--config.batch_size=64',
+        '--config.eval_batch_size=64', '--config.log_every_steps=2',
+        '--config.eval_every_epochs=1']
+
+
+def train_losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['train_loss'] for r in map(json.loads, f) if 'train_loss' in r}
+
+
+def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path):
+  workdir = str(tmp_path / 'run')
+  first = run_main([*ARGS, f'--workdir={workdir}', '--config.num_epochs=1'],
+                   env=devices_env(8))
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert 'on 8 devices' in first.stderr
+  second = run_main([*ARGS, f'--workdir={workdir}', '--config.num_epochs=2'],
+                    env=devices_env(1))
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'on 1 devices' in second.stderr and 'at step 22' in second.stderr
+  assert max(train_losses(workdir)) == 44
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  single = str(tmp_path / 'single')
+  steps = ['--config.num_train_steps=6']
+  result = run_main([*ARGS, *steps, f'--workdir={single}'], env=devices_env(4))
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  multi = str(tmp_path / 'multi')
+  port = free_port()
+  env = dict(os.environ, **devices_env(2))
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'main.py'), *ARGS, *steps, f'--workdir={multi}',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert 'in 2 process(es)' in outputs[0][1]
+  # Only process 0 writes metrics; both write their share of the checkpoint.
+  assert open(os.path.join(multi, 'metrics.jsonl')).read().count('\n') == \
+      open(os.path.join(single, 'metrics.jsonl')).read().count('\n')
+  assert '6' in os.listdir(os.path.join(multi, 'checkpoints'))
+  single_losses, multi_losses = train_losses(single), train_losses(multi)
+  assert sorted(multi_losses) == sorted(single_losses) == [2, 4, 6]
+  for step in single_losses:
+    assert multi_losses[step] == pytest.approx(single_losses[step], rel=1e-5)
