@@ -1,11 +1,34 @@
-"""Learning-rate schedules and optimizers, built from the config on optax."""
+"""Learning-rate schedules and optimizers, built from the config on optax.
+
+Every optimizer accepts ``tx.update(grads, opt_state, params, value=loss)``: the
+'plateau' schedule (reduce-on-plateau) reads the training loss from ``value``; the
+others ignore it.
+"""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
+import optax.contrib
 
 OPTIMIZERS = ('sgd', 'adamw', 'adam')
-SCHEDULES = ('onecycle', 'cosine', 'multistep', 'constant')
+SCHEDULES = ('onecycle', 'cosine', 'multistep', 'constant', 'plateau')
+
+
+class PlateauSchedule:
+  """The base schedule of 'plateau': warm-up, then the peak, scaled down on plateaus.
+
+  Calling it gives the base rate; the optimizer multiplies its updates by the
+  reduce-on-plateau scale held in the optimizer state (see ``current_learning_rate``).
+  It carries ``steps_per_epoch`` so the optimizer averages the loss over each epoch.
+  """
+
+  def __init__(self, base: optax.Schedule, steps_per_epoch: int):
+    self.base = base
+    self.steps_per_epoch = steps_per_epoch
+
+  def __call__(self, step):
+    return self.base(step)
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -34,6 +57,9 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
     return _with_warmup(decay, peak, warmup)
   if config.schedule == 'constant':
     return _with_warmup(optax.constant_schedule(peak), peak, warmup)
+  if config.schedule == 'plateau':
+    return PlateauSchedule(_with_warmup(optax.constant_schedule(peak), peak, warmup),
+                           steps_per_epoch)
   raise ValueError(f'Unknown schedule {config.schedule!r}. Valid: {", ".join(SCHEDULES)}.')
 
 
@@ -52,6 +78,48 @@ def _decay_mask(params):
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  """The configured optimizer; with the 'plateau' schedule, reduce-on-plateau after it.
+
+  Reduce-on-plateau (Keras's ReduceLROnPlateau) averages the training loss passed as
+  ``value=`` over each epoch and multiplies the learning rate by
+  ``config.plateau_factor`` (default 0.1) after ``config.plateau_patience`` (default
+  10) epochs without a relative improvement of ``config.plateau_rtol`` (1e-4), down
+  to ``config.plateau_min_scale`` (0) times the peak; ``config.plateau_cooldown``
+  (0) epochs pass after a reduction before counting again.
+  """
+  tx = _base_optimizer(config, learning_rate_fn)
+  if isinstance(learning_rate_fn, PlateauSchedule):
+    tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
+        factor=config.get('plateau_factor', 0.1),
+        patience=config.get('plateau_patience', 10),
+        rtol=config.get('plateau_rtol', 1e-4),
+        cooldown=config.get('plateau_cooldown', 0),
+        min_scale=config.get('plateau_min_scale', 0.0),
+        accumulation_size=max(1, learning_rate_fn.steps_per_epoch)))
+  return optax.with_extra_args_support(tx)
+
+
+def plateau_scale(opt_state):
+  """The reduce-on-plateau learning-rate multiplier in ``opt_state``; 1.0 without one."""
+  states = [s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.contrib.ReduceLROnPlateauState))
+            if isinstance(s, optax.contrib.ReduceLROnPlateauState)]
+  return states[0].scale if states else jnp.float32(1.0)
+
+
+def apply_gradients(state, grads, loss, **replace):
+  """``state.apply_gradients`` that also passes the loss to the optimizer (plateau)."""
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state, **replace)
+
+
+def current_learning_rate(learning_rate_fn, step, opt_state):
+  """The rate the step used: the schedule's value times any reduce-on-plateau scale."""
+  return learning_rate_fn(step) * plateau_scale(opt_state)
+
+
+def _base_optimizer(config, learning_rate_fn):
   mask = _decay_mask if config.weight_decay_kernels_only else None
   if config.optimizer == 'sgd':
     # Coupled L2 decay (added to the gradient before momentum), as in torch.optim.SGD

@@ -103,13 +103,15 @@ def train_step(state: TrainState, batch, *, learning_rate_fn: Callable,
     loss = cross_entropy(logits, batch['label'], num_classes, label_smoothing)
     return loss.mean(), (logits, updates['batch_stats'])
 
-  (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # The loss goes to the optimizer too: reduce-on-plateau reads it.
+  new_state = optim.apply_gradients(state, grads, loss, batch_stats=batch_stats)
   step_metrics = TrainMetrics.single_from_model_output(
       loss=cross_entropy(logits, batch['label'], num_classes),
       top1=top_k_correct(logits, batch['label'], 1),
-      learning_rate=learning_rate_fn(state.step))
+      learning_rate=optim.current_learning_rate(learning_rate_fn, state.step,
+                                                new_state.opt_state))
   return new_state, step_metrics
 
 

@@ -66,3 +66,42 @@ def test_unknown_names_list_valid_ones(config, field, value):
   config[field] = value
   with pytest.raises(ValueError, match='Valid'):
     tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, 1, 10))
+
+
+def test_reduce_on_plateau_cuts_the_rate_after_flat_epochs(config):
+  config.schedule = 'plateau'
+  config.optimizer = 'adam'
+  config.learning_rate = 0.01
+  config.weight_decay = 0.0
+  config.plateau_factor = 0.5
+  config.plateau_patience = 2
+  steps_per_epoch = 3
+  fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps=100)
+  tx = optim.create_optimizer(config, fn)
+  params = {'kernel': jnp.ones((2, 2))}
+  opt_state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  scales = []
+  for step in range(8 * steps_per_epoch):
+    loss = 1.0 if step < steps_per_epoch else 2.0  # no better after epoch 1: a plateau
+    _, opt_state = tx.update(grads, opt_state, params, value=jnp.float32(loss))
+    scales.append(float(optim.current_learning_rate(fn, step, opt_state)))
+  # Epochs 2 and 3 do not improve on epoch 1: halved at epoch 3's last step, and again
+  # two epochs later.
+  np.testing.assert_allclose(scales[:3 * steps_per_epoch - 1], 0.01)
+  np.testing.assert_allclose(scales[3 * steps_per_epoch - 1:5 * steps_per_epoch - 1], 0.005)
+  np.testing.assert_allclose(scales[5 * steps_per_epoch - 1:7 * steps_per_epoch - 1], 0.0025)
+
+
+def test_every_optimizer_takes_the_loss_value(config):
+  params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}
+  grads = jax.tree.map(jnp.ones_like, params)
+  for name in optim.OPTIMIZERS:
+    for schedule in optim.SCHEDULES:
+      config.optimizer, config.schedule = name, schedule
+      fn = optim.create_learning_rate_fn(config, 5, 50)
+      tx = optim.create_optimizer(config, fn)
+      updates, _ = tx.update(grads, tx.init(params), params, value=jnp.float32(1.0))
+      assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+      lr = float(optim.current_learning_rate(fn, 10, tx.init(params)))
+      assert lr == pytest.approx(float(fn(10)))
