@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import time
 from typing import Union
 
 import jax
@@ -18,8 +17,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jax_resnet import checkpointing, input_pipeline, models, optim, reporting, sharding
-from jax_resnet import train
+from jax_resnet import checkpointing, input_pipeline, models, optim, plot, progress
+from jax_resnet import reporting, sharding, summary, train
 
 # Fields a resumed run may change: they touch neither the state nor what it means.
 SAFE_TO_CHANGE = frozenset({
@@ -109,11 +108,6 @@ def check_workdir(workdir: str) -> None:
                         'directory.') from None
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
 class _Setup:
   """What training, evaluation and export share: mesh, data, model, state, steps."""
 
@@ -197,13 +191,24 @@ class _StopRequest:
     return bool(np.any(flags))
 
 
+def _compile_and_report_flops(p_train, state, batch, batch_size: int):
+  """Compiles the train step ahead of time, logging XLA's FLOPs per training image."""
+  compiled = p_train.lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if cost and cost.get('flops'):
+    logging.info('Training FLOPs per image: %.3f G (XLA cost analysis of the train step).',
+                 cost['flops'] / batch_size / 1e9)
+  return compiled
+
+
 @jax.jit
 def _all_finite(tree):
   return jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda x: jnp.isfinite(x).all(), tree))
 
 
-def _check_finite(summary: dict, step: int, last_finite, workdir: str):
-  loss = summary['train_loss']
+def _check_finite(scalars: dict, step: int, last_finite, workdir: str):
+  loss = scalars["train_loss"]
   if not math.isfinite(loss):
     last = f'{last_finite[1]:.4f} at step {last_finite[0]}' if last_finite else 'none yet'
     raise TrainingError(
@@ -229,6 +234,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.items()
                           if isinstance(v, (int, float, str, bool))})
+  if jax.process_index() == 0:
+    plot.write_run_info(workdir, steps_per_epoch, model=config.model, dataset=config.dataset)
+    logging.info('%s', summary.summarize(setup.model, info.image_shape, flops=False).format(
+        f'{config.model} ({info.num_classes} classes, {info.image_shape} images)'))
   logging.info('%s on %s: %d train / %d eval examples, %d steps (%d per epoch), '
                'global batch %d on %d devices in %d process(es).', config.model,
                config.dataset, info.num_train, info.num_eval, total_steps, steps_per_epoch,
@@ -240,12 +249,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
   checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
   train_metrics, eval_metrics, last_finite = None, {}, None
-  last_log_time, last_log_step = time.time(), start_step
+  p_train = setup.p_train
+  bar = progress.Progress(total_steps, steps_per_epoch, config.batch_size, start_step)
   step = start_step
   try:
     with _StopRequest() as stop:
       for step in range(start_step + 1, total_steps + 1):
-        state, step_metrics = setup.p_train(state, next(batches))
+        batch = next(batches)
+        if step == start_step + 1:
+          p_train = _compile_and_report_flops(p_train, state, batch, config.batch_size)
+        state, step_metrics = p_train(state, batch)
+        bar.tick(step)
         train_metrics = step_metrics if train_metrics is None else \
             train_metrics.merge(step_metrics)
         is_last = step == total_steps
@@ -253,19 +267,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stopping = stop.requested(step, config.log_every_steps)
 
         if step % config.log_every_steps == 0 or is_last or save or stopping:
-          summary = {k: float(v) for k, v in train_metrics.compute().items()}
-          _check_finite(summary, step, last_finite, workdir)
-          last_finite = (step, summary['train_loss'])
+          scalars = {k: float(v) for k, v in train_metrics.compute().items()}
+          _check_finite(scalars, step, last_finite, workdir)
+          last_finite = (step, scalars['train_loss'])
         if step % config.log_every_steps == 0 or is_last:
-          writer.write_scalars(step, summary)
-          now = time.time()
-          images_per_sec = (step - last_log_step) * config.batch_size / (now - last_log_time)
-          eta = (total_steps - step) * config.batch_size / max(images_per_sec, 1e-9)
-          logging.info('step %d/%d  epoch %.2f  loss %.4f  top1 %.4f  lr %.4g  '
-                       '%.0f img/s  ETA %s', step, total_steps, step / steps_per_epoch,
-                       summary['train_loss'], summary['train_top1'],
-                       summary['learning_rate'], images_per_sec, _format_eta(eta))
-          train_metrics, last_log_time, last_log_step = None, now, step
+          writer.write_scalars(step, scalars)
+          bar.log(step, scalars)
+          train_metrics = None
 
         if step % eval_every == 0 or is_last:
           eval_metrics = setup.evaluate(state)
@@ -286,10 +294,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           'Rerun the same command to resume.', name, step,
                           setup.checkpoints.directory)
           return {'stopped_at_step': step}
+    bar.close()
     if not eval_metrics:  # resumed a finished run: report it again
       eval_metrics = setup.evaluate(state)
       writer.write_scalars(total_steps, eval_metrics)
     setup.checkpoints.wait()
+    writer.flush()
+    if jax.process_index() == 0:
+      plot.save_curves(workdir)
   except OSError as e:
     raise TrainingError(f'Writing to {workdir} failed at step {step}: {e}. Earlier '
                         f'checkpoints in {setup.checkpoints.directory} are intact; free '
