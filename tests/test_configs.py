@@ -1,0 +1,149 @@
+"""Every config in configs/ loads, passes the trainer's checks, builds its model and
+runs two train steps on random data of its data set's shape (small images for speed).
+
+The steps run in two worker processes (one per core of a small CI machine) with XLA's
+cheaper compile settings: compiling ResNet-110's and ResNet-50's training steps
+dominates, and two steps need no optimised code. Configs identical after the test's
+overrides (a base and the experiment that only renames it) are trained once.
+"""
+
+import glob
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+CONFIGS = sorted(os.path.basename(p)[:-3]
+                 for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if not p.endswith('__init__.py'))
+# (channels, classes) of each data set the configs use.
+DATASETS = {'digits': (1, 10), 'cifar10': (3, 10), 'cifar100': (3, 100),
+            'imagenet2012': (3, 1000)}
+MAX_TEST_IMAGE = 32  # ImageNet's 224 shrinks to 32, still enough for its 5 halvings
+BATCH = 4
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+WORKERS = 2
+
+
+def load(name):
+  return importlib.import_module(f'configs.{name}').get_config()
+
+
+def small(config):
+  """The config at test sizes: small images and batch, Cutout no larger than half."""
+  config.image_size = min(config.image_size, MAX_TEST_IMAGE)
+  config.cutout_size = min(config.cutout_size, config.image_size // 2)
+  config.batch_size = BATCH
+  return config
+
+
+def two_steps(name) -> dict:
+  """Builds the config's model and runs two train steps; returns what they gave."""
+  import jax
+  import numpy as np
+  from jax_resnet import optim, sharding, train
+  config = small(load(name))
+  channels, num_classes = DATASETS[config.dataset]
+  size = config.image_size
+  steps_per_epoch = 10
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
+  model = train.create_model_from_config(config, num_classes)
+  mesh = sharding.create_mesh()
+  state = train.create_train_state(jax.random.PRNGKey(0), config, model,
+                                   (size, size, channels), lr_fn, mesh)
+  p_train, _ = train.make_steps(config, lr_fn, num_classes, (127.0,) * channels,
+                                (64.0,) * channels, mesh)
+  rng = np.random.RandomState(0)
+  batch = {'image': rng.randint(0, 256, (BATCH, size, size, channels)).astype(np.uint8),
+           'label': rng.randint(0, num_classes, (BATCH,)).astype(np.int32)}
+  before = jax.tree.map(np.asarray, state.params)
+  losses = []
+  for _ in range(2):
+    state, metrics = p_train(state, batch)
+    losses.append(float(metrics.compute()['train_loss']))
+  moved = max(float(np.abs(np.asarray(a) - b).max())
+              for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)))
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       batch['image'].astype(np.float32), train=False)
+  return {'step': int(state.step), 'losses': losses, 'moved': moved,
+          'logits_shape': list(logits.shape), 'num_classes': num_classes}
+
+
+def _worker(names):
+  for name in names:
+    start = time.time()
+    try:
+      result = {'name': name, 'ok': True, **two_steps(name),
+                'seconds': round(time.time() - start, 1)}
+    except Exception:
+      result = {'name': name, 'ok': False, 'error': traceback.format_exc()}
+    print('RESULT ' + json.dumps(result), flush=True)
+
+
+@pytest.fixture(scope='module')
+def results():
+  """Runs every distinct config's two steps in worker processes, once per module."""
+  distinct = {}
+  for name in CONFIGS:
+    distinct.setdefault(small(load(name)).to_json(), []).append(name)
+  groups = sorted(distinct.values())
+  shards = [[g[0] for g in groups[i::WORKERS]] for i in range(WORKERS)]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + FAST_COMPILE).strip())
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *shard], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for shard in shards if shard]
+  out = {}
+  for proc in procs:
+    stdout, stderr = proc.communicate(timeout=1200)
+    for line in stdout.splitlines():
+      if line.startswith('RESULT '):
+        record = json.loads(line[len('RESULT '):])
+        out[record['name']] = record
+    if proc.returncode:
+      out.setdefault('_crashes', []).append(stderr[-3000:])
+  for group in groups:  # identical configs share the result
+    for name in group[1:]:
+      if group[0] in out:
+        out[name] = out[group[0]]
+  return out
+
+
+def test_all_experiment_configs_exist():
+  expected = {'resnet50_imagenet', 'resnet18_imagenet', 'resnet18_cutout_imagenet',
+              'plain18_imagenet', 'resnet50_imagenet_cosine', 'resnet20_cifar10',
+              'resnet56_cifar10', 'resnet110_cifar10', 'plain20_cifar10', 'plain56_cifar10',
+              'resnet18_cutout_cifar10', 'resnet50_cifar10', 'resnet18_cutout_cifar100'}
+  assert expected <= set(CONFIGS)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_loads_and_passes_checks(name):
+  from jax_resnet import trainer
+  config = load(name)
+  trainer.check_config(config)  # the real run's checks, at the config's real sizes
+  assert config.dataset in DATASETS, f'{name}: add {config.dataset!r} to DATASETS'
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_builds_and_trains_two_steps(name, results):
+  assert name in results, f'{name}: no result from the workers. {results.get("_crashes")}'
+  result = results[name]
+  assert result['ok'], f'{name} failed:\n{result["error"]}'
+  assert result['step'] == 2
+  assert all(loss == loss and loss < 1e4 for loss in result['losses']), result
+  assert result['moved'] > 0, f'{name}: two steps left the parameters unchanged'
+  assert result['logits_shape'] == [BATCH, result['num_classes']]
+
+
+if __name__ == '__main__':
+  _worker(sys.argv[1:])
