@@ -89,6 +89,9 @@ class Dataset:
   decodes: bool = False  # train_transform decodes files: undecodable ones are dropped
   class_names: Optional[Tuple[str, ...]] = None
   num_skipped: Dict[str, int] = dataclasses.field(default_factory=dict)  # bad files
+  # Every process holds the whole (small) train split and takes its rows of each global
+  # batch, so the global batches do not depend on the number of processes.
+  replicated_train: bool = False
 
 
 def check_dataset_name(name: str) -> None:
@@ -151,11 +154,10 @@ def _load_digits(config) -> Dataset:
   index, count = jax.process_index(), jax.process_count()
   return Dataset(
       info,
-      train=tf.data.Dataset.from_tensor_slices(
-          {'image': x_train[index::count], 'label': y_train[index::count]}),
+      train=tf.data.Dataset.from_tensor_slices({'image': x_train, 'label': y_train}),
       eval=tf.data.Dataset.from_tensor_slices(
           {'image': x_test[index::count], 'label': y_test[index::count]}),
-      train_transform=_pad_transform(config))
+      train_transform=_pad_transform(config), replicated_train=True)
 
 
 # ------------------------------------------------------------------------------- tfds
@@ -580,12 +582,18 @@ def train_batches(dataset: Dataset, config: ml_collections.ConfigDict, local_bat
   while True:
     epoch_seed = config.seed * 1_000_003 + epoch
     ds = dataset.train.enumerate()
-    buffer = max(1, min(config.shuffle_buffer,
-                        dataset.info.num_train // jax.process_count()))
+    shards = 1 if dataset.replicated_train else jax.process_count()
+    per_step = local_batch * jax.process_count() // shards  # examples this stream gives
+    buffer = max(1, min(config.shuffle_buffer, dataset.info.num_train // shards))
     ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
     # repeat(): a process whose shard is a little short (dropped files) wraps around
     # instead of ending its epoch before the others.
-    ds = ds.repeat().take(steps_per_epoch * local_batch).skip(skip * local_batch)
+    ds = ds.repeat().take(steps_per_epoch * per_step).skip(skip * per_step)
+    if per_step != local_batch:  # replicated: keep this process's rows of each batch
+      rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
+      ds = ds.batch(per_step).map(
+          lambda index, example: (index[rows], {k: v[rows] for k, v in example.items()}))
+      ds = ds.unbatch()
 
     def augment(index, example, epoch_seed=epoch_seed):
       seed = tf.stack([tf.constant(epoch_seed, tf.int64), tf.cast(index, tf.int64)])

@@ -17,8 +17,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jax_resnet import checkpointing, input_pipeline, models, optim, plot, progress
-from jax_resnet import reporting, sharding, summary, train
+from jax_resnet import checkpointing, device_data, input_pipeline, models, optim
+from jax_resnet import plot, progress, reporting, sharding, summary, train
 
 # Fields a resumed run may change: they touch neither the state nor what it means.
 SAFE_TO_CHANGE = frozenset({
@@ -217,6 +217,21 @@ def _check_finite(scalars: dict, step: int, last_finite, workdir: str):
         f'checkpoints in {workdir}/checkpoints hold only finite states.')
 
 
+def _train_batches(setup: _Setup, start_step: int):
+  """Global train batches: made on the device for small in-memory sets when asked."""
+  config = setup.config
+  if config.data_on_device:
+    images, labels = input_pipeline.train_arrays(setup.dataset)
+    if setup.dataset.replicated_train:  # device_data wants this process's share
+      share = slice(jax.process_index(), None, jax.process_count())
+      images, labels = images[share], labels[share]
+    return device_data.device_batches(images, labels, setup.mesh, config,
+                                      setup.steps_per_epoch, start_step)
+  return sharding.prefetch_to_device(
+      input_pipeline.train_batches(setup.dataset, config, setup.local_batch,
+                                   setup.steps_per_epoch, start_step), setup.mesh)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from workdir's latest checkpoint) and returns final eval metrics."""
   setup = _Setup(config, workdir)
@@ -243,9 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                config.dataset, info.num_train, info.num_eval, total_steps, steps_per_epoch,
                config.batch_size, setup.mesh.devices.size, jax.process_count())
 
-  batches = sharding.prefetch_to_device(
-      input_pipeline.train_batches(setup.dataset, config, setup.local_batch,
-                                   steps_per_epoch, start_step), setup.mesh)
+  batches = _train_batches(setup, start_step)
   eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
   checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
   train_metrics, eval_metrics, last_finite = None, {}, None
@@ -294,7 +307,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           'Rerun the same command to resume.', name, step,
                           setup.checkpoints.directory)
           return {'stopped_at_step': step}
-    bar.close()
     if not eval_metrics:  # resumed a finished run: report it again
       eval_metrics = setup.evaluate(state)
       writer.write_scalars(total_steps, eval_metrics)
@@ -307,6 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f'checkpoints in {setup.checkpoints.directory} are intact; free '
                         'space or fix permissions and rerun to resume.') from e
   finally:
+    bar.close()
     writer.flush()
     try:
       setup.checkpoints.close()
