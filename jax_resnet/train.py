@@ -71,7 +71,10 @@ def create_train_state(rng, config: ml_collections.ConfigDict, model,
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                              batch_stats=variables.get('batch_stats', {}), rng=state_rng)
 
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  # The classic (non-partitionable) threefry compiles this init of many small random
+  # tensors 2-4x faster on CPU; the parameters are replicated, so nothing is lost.
+  with jax.threefry_partitionable(False):
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))()
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
