@@ -146,3 +146,47 @@ def make_steps(config: ml_collections.ConfigDict, learning_rate_fn, num_classes:
                         dtype=dtype),
       out_shardings=replicated)
   return p_train, p_eval
+
+
+def merge_stacked_metrics(stacked):
+  """Folds metrics with a leading steps axis (from ``lax.scan``) into one, in step order."""
+  steps = jax.tree.leaves(stacked)[0].shape[0]
+  merged = jax.tree.map(lambda x: x[0], stacked)
+  for i in range(1, steps):
+    merged = merged.merge(jax.tree.map(lambda x, i=i: x[i], stacked))
+  return merged
+
+
+def multi_train_step(state: TrainState, batches, **step_kwargs):
+  """Runs ``train_step`` over several batches in one dispatch, with ``lax.scan``.
+
+  ``batches`` is either a list/tuple of batches or one batch whose arrays have a leading
+  steps axis. Returns (state, TrainMetrics merged over the steps). The result equals
+  that of calling ``train_step`` once per batch, in order (each step folds its own step
+  number into the dropout and Cutout keys).
+  """
+  if isinstance(batches, (list, tuple)):
+    batches = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+  def body(state, batch):
+    return train_step(state, batch, **step_kwargs)
+
+  state, stacked = jax.lax.scan(body, state, batches)
+  return state, merge_stacked_metrics(stacked)
+
+
+def make_multi_train_step(config: ml_collections.ConfigDict, learning_rate_fn,
+                          num_classes: int, mean, std, mesh):
+  """Jitted ``multi_train_step`` for this config: several steps per host dispatch.
+
+  For small models (CIFAR ResNets) whose steps are shorter than the launch overhead.
+  Call ``p_multi(state, [batch_1, ..., batch_k])`` (or one batch stacked on a leading
+  axis of k); it compiles once per k. The state is donated and kept replicated.
+  """
+  replicated = sharding.replicated(mesh)
+  return jax.jit(
+      functools.partial(multi_train_step, learning_rate_fn=learning_rate_fn, mean=mean,
+                        std=std, num_classes=num_classes,
+                        label_smoothing=config.label_smoothing,
+                        cutout_size=config.cutout_size, dtype=compute_dtype(config)),
+      donate_argnums=0, out_shardings=(replicated, replicated))

@@ -1,0 +1,404 @@
+"""Train-step throughput: the real jitted step on synthetic data already on the device.
+
+  python -m jax_resnet.benchmark --config=configs/resnet50_imagenet.py \\
+      [--config.FIELD=VALUE ...] [--steps=20] [--warmup=3] [--json_out=PATH] \\
+      [--compare=OTHER_CONFIG.py [--compare.FIELD=VALUE ...]] [--mode=synthetic|pipeline]
+
+``--mode=synthetic`` (default) builds the model, optimizer and schedule from the config,
+makes uint8 images and labels on the device (a rotating set of ``--num_batches``
+batches, so no step reads the same buffer twice in a row; with
+``config.data_on_device`` a synthetic data set on the device, cropped and flipped
+there each step as in real training) and runs the real train step (normalisation,
+Cutout, bf16 compute, donated state; ``config.steps_per_dispatch`` steps per call).
+It prints one JSON object (see ``FIELDS``).
+
+``--mode=pipeline`` measures, on the config's real data source, the input pipeline alone,
+the step alone (as above) and the whole loop, and names the bottleneck. Only this
+mode imports TensorFlow (through ``input_pipeline``).
+
+``--compare`` runs a second config in the same process and adds ``ratio``: its images/s
+over the first's. Without TensorFlow installed, synthetic mode still runs: this module
+imports only jax, flax, optax, numpy, absl, ml_collections and the core modules (clu's
+``metrics`` module, through train.py; clu itself does not need TensorFlow).
+"""
+
+import functools
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jax_resnet import optim, sharding, train
+
+# Dense bf16 peak per device, TFLOP/s (vendor spec sheets); matched in order against
+# jax.Device.device_kind, so more specific names come first. None on CPU.
+PEAK_BF16_TFLOPS = (
+    ('H100 PCIe', 756.0),
+    ('H100', 989.0),  # SXM
+    ('H200', 989.0),
+    ('A100', 312.0),
+    ('TPU v4', 275.0),
+    ('TPU v5 lite', 197.0),
+    ('TPU v5e', 197.0),
+    ('TPU v5p', 459.0),
+    ('TPU v5', 459.0),
+    ('TPU v6 lite', 918.0),
+)
+
+# Train-set sizes and class counts for the schedule and the head: the benchmark needs
+# no data. Unknown data sets get ImageNet's.
+DATASETS = {
+    'imagenet2012': (1_281_167, 1000),
+    'cifar10': (50_000, 10),
+    'cifar100': (50_000, 100),
+    'digits': (1_437, 10),
+}
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # uint8 units
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+# Every field of a synthetic-mode result, with its type (None where the backend has
+# no answer: peak memory on CPU, MFU without a known peak).
+FIELDS = {
+    'mode': str, 'device_kind': str, 'platform': str, 'device_count': int,
+    'process_count': int, 'jax_version': str, 'xla_flags': str, 'model': str,
+    'image_size': int, 'global_batch': int, 'dtype': str, 'steps_per_dispatch': int,
+    'data_on_device': bool, 'warmup_steps': int, 'timed_steps': int, 'compile_s': float,
+    'step_s_median': float, 'step_s_p90': float, 'images_per_s': float,
+    'images_per_s_blocking': float, 'peak_memory_bytes': (int, type(None)),
+    'flops_per_image': (float, type(None)), 'flops_source': str,
+    'peak_bf16_tflops_per_device': (float, type(None)), 'mfu': (float, type(None)),
+}
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.',
+                                          lock_config=False)
+_COMPARE = config_flags.DEFINE_config_file(
+    'compare', None, 'A second config file run in the same process; the JSON gains '
+    '"ratio" (its images/s over --config\'s). Override with --compare.FIELD=VALUE.',
+    lock_config=False)
+flags.DEFINE_enum('mode', 'synthetic', ['synthetic', 'pipeline'],
+                  'synthetic: the train step on device-resident synthetic data. pipeline: '
+                  'input alone, step alone and the whole loop on the real data source.')
+flags.DEFINE_integer('steps', 20, 'Timed train steps (rounded up to whole dispatches).')
+flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+flags.DEFINE_integer('num_batches', 4, 'Synthetic batches on the device, used in turn.')
+flags.DEFINE_integer('num_classes', None, 'Head size; default from config.dataset.')
+flags.DEFINE_string('json_out', None, 'Also write the JSON object to this file.')
+
+
+def peak_bf16_tflops(device_kind: str) -> Optional[float]:
+  for name, tflops in PEAK_BF16_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return tflops
+  return None
+
+
+def _flops(stage) -> Optional[float]:
+  """'flops' from a Lowered's or Compiled's cost analysis (a dict, or a list of them)."""
+  try:
+    analysis = stage.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+def _peak_memory(devices) -> Optional[int]:
+  peaks = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:
+      stats = None
+    if stats and 'peak_bytes_in_use' in stats:
+      peaks.append(int(stats['peak_bytes_in_use']))
+  return max(peaks) if peaks else None
+
+
+def _synthetic_batches(mesh, count: int, batch: int, image_shape, num_classes: int, seed=0):
+  """``count`` global batches of random uint8 images and int32 labels, made on device."""
+  out = sharding.batch_sharded(mesh)
+
+  @functools.partial(jax.jit, out_shardings={'image': out, 'label': out})
+  def make(key):
+    k1, k2 = jax.random.split(key)
+    images = jax.random.randint(k1, (batch, *image_shape), 0, 256, jnp.int32)
+    return {'image': images.astype(jnp.uint8),
+            'label': jax.random.randint(k2, (batch,), 0, num_classes, jnp.int32)}
+
+  return [make(jax.random.PRNGKey(seed * 1000 + i)) for i in range(count)]
+
+
+def _batch_source(config, mesh, image_shape, num_classes: int, num_batches: int,
+                  steps_per_epoch: int) -> Callable[[int], dict]:
+  """step -> global batch on the device, as real training would see it."""
+  if config.get('data_on_device', False):
+    from jax_resnet import device_data  # no TensorFlow
+    local = sharding.local_batch_size(config.batch_size, mesh)
+    n = max(num_batches, 2) * local
+    rng = np.random.default_rng(config.seed)
+    images = rng.integers(0, 256, (n, *image_shape), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, (n,), dtype=np.int32)
+    data = device_data.DeviceData(images, labels, mesh, config)
+    per_epoch = n // local
+    permutation = device_data.epoch_permutation(config.seed, 0, n)
+    return lambda step: data.batch(0, step % per_epoch, permutation)
+  batches = _synthetic_batches(mesh, num_batches, config.batch_size, image_shape,
+                               num_classes, config.seed)
+  return lambda step: batches[step % len(batches)]
+
+
+def benchmark_step(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 3,
+                   num_batches: int = 4, num_classes: Optional[int] = None,
+                   mean: Sequence[float] = None, std: Sequence[float] = None,
+                   image_shape: Sequence[int] = None) -> dict:
+  """Compiles and times the config's train step on synthetic device data (see FIELDS)."""
+  mesh = sharding.create_mesh()
+  devices = list(mesh.devices.flat)
+  sharding.local_batch_size(config.batch_size, mesh)  # checks it splits over devices
+  num_train, default_classes = DATASETS.get(config.dataset, DATASETS['imagenet2012'])
+  num_classes = num_classes or default_classes
+  image_shape = tuple(image_shape or (config.image_size, config.image_size, 3))
+  channels = image_shape[-1]
+  if mean is None or std is None:
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if channels != 3:
+      mean, std = (sum(mean) / 3,) * channels, (sum(std) / 3,) * channels
+  mean, std = tuple(mean), tuple(std)
+  k = max(1, int(config.get('steps_per_dispatch', 1) or 1))
+  dispatches = max(1, -(-steps // k))
+  warmup_dispatches = max(1, -(-warmup // k))
+
+  steps_per_epoch = max(1, num_train // config.batch_size)
+  total_steps = config.num_train_steps if config.num_train_steps > 0 else \
+      int(config.num_epochs * steps_per_epoch)
+  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
+  model = train.create_model_from_config(config, num_classes)
+  state = train.create_train_state(jax.random.PRNGKey(config.seed), config, model,
+                                   image_shape, learning_rate_fn, mesh)
+  batch_at = _batch_source(config, mesh, image_shape, num_classes, num_batches,
+                           steps_per_epoch)
+  p_single, _ = train.make_steps(config, learning_rate_fn, num_classes, mean, std, mesh)
+  if k == 1:
+    p_step, args_at = p_single, batch_at
+  else:
+    p_step = train.make_multi_train_step(config, learning_rate_fn, num_classes, mean, std,
+                                         mesh)
+    args_at = lambda i: [batch_at(i * k + j) for j in range(k)]
+
+  start = time.perf_counter()
+  lowered = p_step.lower(state, args_at(0))
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+
+  # FLOPs of one step, from XLA's cost analysis of the compiled (per-device, SPMD
+  # partitioned) program; a scan's body may be counted once, so for k > 1 the single
+  # step is compiled for this. Falls back to the unpartitioned, unoptimised HLO.
+  single = (lowered, compiled) if k == 1 else (p_single.lower(state, batch_at(0)), None)
+  if single[1] is None:
+    single = (single[0], single[0].compile())
+  flops, flops_source = _flops(single[1]), 'compiled'
+  if flops is not None:
+    flops *= len(devices)
+  else:
+    flops, flops_source = _flops(single[0]), 'lowered'
+  if flops is None:
+    flops_source = 'unavailable'
+  del single
+
+  for i in range(warmup_dispatches):
+    state, metrics = compiled(state, args_at(i))
+  jax.block_until_ready(metrics.merge(metrics).compute())  # warms the merge ops too
+
+  # Blocking: one dispatch at a time, waited for: per-step median and p90.
+  times = []
+  for i in range(dispatches):
+    args = args_at(warmup_dispatches + i)
+    start = time.perf_counter()
+    state, metrics = compiled(state, args)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - start) / k)
+
+  # Pipelined: as the training loop runs, dispatched back to back, metrics merged on
+  # the device, one sync at the end (includes fetching batches for data_on_device).
+  offset = warmup_dispatches + dispatches
+  start = time.perf_counter()
+  totals = None
+  for i in range(dispatches):
+    state, metrics = compiled(state, args_at(offset + i))
+    totals = metrics if totals is None else totals.merge(metrics)
+  jax.block_until_ready((state, totals))
+  pipelined_s = time.perf_counter() - start
+  loss = float(totals.compute()['train_loss'])
+  del state, totals
+
+  global_batch = config.batch_size
+  images_per_s = dispatches * k * global_batch / pipelined_s
+  flops_per_image = flops / global_batch if flops else None
+  peak = peak_bf16_tflops(devices[0].device_kind)
+  mfu = (flops_per_image * images_per_s / (peak * 1e12 * len(devices))
+         if peak and flops_per_image else None)
+  result = {
+      'mode': 'synthetic',
+      'device_kind': devices[0].device_kind,
+      'platform': devices[0].platform,
+      'device_count': len(devices),
+      'process_count': jax.process_count(),
+      'jax_version': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'model': config.model,
+      'image_size': int(config.image_size),
+      'global_batch': int(global_batch),
+      'dtype': jnp.dtype(train.compute_dtype(config)).name,
+      'steps_per_dispatch': k,
+      'data_on_device': bool(config.get('data_on_device', False)),
+      'warmup_steps': warmup_dispatches * k,
+      'timed_steps': dispatches * k,
+      'compile_s': compile_s,
+      'step_s_median': statistics.median(times),
+      'step_s_p90': float(np.percentile(times, 90)),
+      'images_per_s': images_per_s,
+      'images_per_s_blocking': global_batch / statistics.median(times),
+      'peak_memory_bytes': _peak_memory(devices),
+      'flops_per_image': flops_per_image,
+      'flops_source': flops_source,
+      'peak_bf16_tflops_per_device': peak,
+      'mfu': mfu,
+      'train_loss': loss,
+  }
+  logging.info('%s %dx%d batch %d %s, %d step(s)/dispatch on %d x %s: %.1f img/s '
+               '(median step %.4f s, p90 %.4f s), compile %.1f s, %s GFLOP/image, MFU %s',
+               config.model, config.image_size, config.image_size, global_batch,
+               result['dtype'], k, len(devices), result['device_kind'], images_per_s,
+               result['step_s_median'], result['step_s_p90'], compile_s,
+               f'{flops_per_image / 1e9:.3f}' if flops_per_image else 'n/a',
+               f'{mfu:.1%}' if mfu is not None else 'n/a')
+  return result
+
+
+def benchmark_pipeline(config: ml_collections.ConfigDict, steps: int = 20,
+                       warmup: int = 3, num_batches: int = 4) -> dict:
+  """Input alone, step alone and the whole loop on the config's real data source."""
+  from jax_resnet import input_pipeline  # TensorFlow: only in this mode
+
+  mesh = sharding.create_mesh()
+  local_batch = sharding.local_batch_size(config.batch_size, mesh)
+  dataset = input_pipeline.load_dataset(config)
+  info = dataset.info
+  steps_per_epoch = max(1, info.num_train // config.batch_size)
+  if config.get('data_on_device', False):
+    from jax_resnet import device_data
+    images, labels = input_pipeline.train_arrays(dataset)
+    source = 'device_data'
+    make_batches = lambda: device_data.device_batches(images, labels, mesh, config,
+                                                      steps_per_epoch)
+  else:
+    source = 'tf.data'
+    make_batches = lambda: sharding.prefetch_to_device(
+        input_pipeline.train_batches(dataset, config, local_batch, steps_per_epoch), mesh)
+
+  # Input alone: batches pulled and copied to the device, no step.
+  batches = make_batches()
+  for _ in range(warmup):
+    jax.block_until_ready(next(batches))
+  start = time.perf_counter()
+  for _ in range(steps):
+    jax.block_until_ready(next(batches))
+  input_s = time.perf_counter() - start
+  del batches
+
+  # Step alone, on synthetic data of the same shape.
+  step = benchmark_step(config, steps, warmup, num_batches, info.num_classes, info.mean,
+                        info.std, info.image_shape)
+
+  # The whole loop: the trainer's single-step loop, one sync at the end.
+  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch,
+                                                   10 * steps_per_epoch)
+  model = train.create_model_from_config(config, info.num_classes)
+  state = train.create_train_state(jax.random.PRNGKey(config.seed), config, model,
+                                   info.image_shape, learning_rate_fn, mesh)
+  p_train, _ = train.make_steps(config, learning_rate_fn, info.num_classes, info.mean,
+                                info.std, mesh)
+  batches = make_batches()
+  for _ in range(warmup):
+    state, _ = p_train(state, next(batches))
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  totals = None
+  for _ in range(steps):
+    state, metrics = p_train(state, next(batches))
+    totals = metrics if totals is None else totals.merge(metrics)
+  jax.block_until_ready((state, totals))
+  loop_s = time.perf_counter() - start
+  del state, totals, batches
+
+  images = steps * config.batch_size
+  input_ips, loop_ips = images / input_s, images / loop_s
+  result = dict(step)
+  result.update({
+      'mode': 'pipeline',
+      'dataset': config.dataset,
+      'input_source': source,
+      'input_images_per_s': input_ips,
+      'step_images_per_s': step['images_per_s'],
+      'loop_images_per_s': loop_ips,
+      'images_per_s': loop_ips,
+      'bottleneck': 'input' if input_ips < step['images_per_s'] else 'step',
+  })
+  logging.info('%s on %s (%s): input %.1f img/s, step %.1f img/s, loop %.1f img/s: '
+               'bottleneck %s', config.model, config.dataset, source, input_ips,
+               step['images_per_s'], loop_ips, result['bottleneck'])
+  return result
+
+
+def run(config: ml_collections.ConfigDict, mode: str = 'synthetic', **kwargs) -> dict:
+  if mode == 'pipeline':
+    kwargs.pop('num_classes', None)
+    return benchmark_pipeline(config, **kwargs)
+  return benchmark_step(config, **kwargs)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  kwargs = dict(steps=FLAGS.steps, warmup=FLAGS.warmup, num_batches=FLAGS.num_batches,
+                num_classes=FLAGS.num_classes)
+
+  def one(flag, config):
+    result = run(config, FLAGS.mode, **kwargs)
+    result['config_file'] = config_flags.get_config_filename(FLAGS[flag])
+    result['overrides'] = {k: str(v) for k, v in
+                           config_flags.get_override_values(FLAGS[flag]).items()}
+    gc.collect()
+    return result
+
+  result = one('config', _CONFIG.value)
+  if _COMPARE.value is not None:
+    other = one('compare', _COMPARE.value)
+    ratio = other['images_per_s'] / result['images_per_s']
+    result = {'mode': FLAGS.mode, 'config': result, 'compare': other, 'ratio': ratio}
+    logging.info('ratio (--compare images/s over --config images/s): %.3f', ratio)
+    print(f'ratio {ratio:.3f}', file=sys.stderr)
+  text = json.dumps(result)
+  if FLAGS.json_out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
+    with open(FLAGS.json_out, 'w') as f:
+      f.write(text + '\n')
+  print(text, flush=True)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

@@ -1,0 +1,108 @@
+"""The throughput harness runs and reports every field; multi-step dispatch is exact.
+
+No timing is asserted: only that the numbers exist and have the right types.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import ROOT
+
+TINY = ['--config.image_size=8', '--config.batch_size=8', '--warmup=2', '--steps=3',
+        '--num_batches=2']
+
+
+def _check_fields(result):
+  from jax_resnet import benchmark
+  for field, kind in benchmark.FIELDS.items():
+    assert field in result, field
+    assert isinstance(result[field], kind), (field, result[field])
+  assert result['global_batch'] == 8 and result['image_size'] == 8
+  assert result['model'] == 'resnet20'
+  assert result['step_s_median'] > 0 and result['step_s_p90'] >= result['step_s_median']
+  assert result['images_per_s'] > 0 and result['compile_s'] > 0
+  assert result['flops_per_image'] and result['flops_per_image'] > 0
+  if result['platform'] == 'cpu':
+    assert result['peak_bf16_tflops_per_device'] is None and result['mfu'] is None
+  assert np.isfinite(result['train_loss'])
+
+
+def test_cli_json_and_compare(tmp_path):
+  """One process, two configs: JSON on stdout and in --json_out, a ratio printed."""
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jax_resnet.benchmark',
+       '--config=configs/resnet20_cifar10.py', *TINY, '--config.half_precision=true',
+       '--compare=configs/resnet20_cifar10.py', '--compare.image_size=8',
+       '--compare.batch_size=8', '--compare.steps_per_dispatch=2',
+       '--compare.cutout_size=4', f'--json_out={out}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'ratio' in proc.stderr
+  printed = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert printed == json.loads(out.read_text())
+  assert set(printed) >= {'config', 'compare', 'ratio'}
+  assert isinstance(printed['ratio'], float) and printed['ratio'] > 0
+  _check_fields(printed['config'])
+  _check_fields(printed['compare'])
+  assert printed['config']['dtype'] == 'bfloat16'
+  assert printed['compare']['dtype'] == 'float32'
+  assert printed['compare']['steps_per_dispatch'] == 2
+  assert printed['compare']['timed_steps'] % 2 == 0
+  assert printed['compare']['overrides']['steps_per_dispatch'] == '2'
+
+
+def test_benchmark_imports_no_tensorflow():
+  """Synthetic mode must run where TensorFlow is absent (GPU images without it)."""
+  code = ('import sys; import jax_resnet.benchmark; '
+          'bad = [m for m in ("tensorflow", "tensorflow_datasets", "tensorboard") '
+          'if m in sys.modules]; assert not bad, bad')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_peak_table():
+  from jax_resnet import benchmark
+  assert benchmark.peak_bf16_tflops('NVIDIA H100 80GB HBM3') == 989.0
+  assert benchmark.peak_bf16_tflops('NVIDIA H100 PCIe') == 756.0
+  assert benchmark.peak_bf16_tflops('NVIDIA H200') == 989.0
+  assert benchmark.peak_bf16_tflops('NVIDIA A100-SXM4-80GB') == 312.0
+  assert benchmark.peak_bf16_tflops('cpu') is None
+
+
+def test_multi_step_equals_single_steps(config):
+  """k steps in one lax.scan dispatch == k single steps: same params, same metrics."""
+  import jax
+  from jax_resnet import benchmark, optim, sharding, train
+
+  config.image_size, config.batch_size, config.cutout_size = 8, 8, 3
+  config.dropout_rate = 0.1  # per-step keys must match too
+  mesh = sharding.create_mesh()
+  lr = optim.create_learning_rate_fn(config, 10, 100)
+  model = train.create_model_from_config(config, 10)
+  shape = (8, 8, 3)
+  mean, std = benchmark.IMAGENET_MEAN, benchmark.IMAGENET_STD
+  batches = benchmark._synthetic_batches(mesh, 3, 8, shape, 10)
+  p_train, _ = train.make_steps(config, lr, 10, mean, std, mesh)
+  p_multi = train.make_multi_train_step(config, lr, 10, mean, std, mesh)
+
+  single = train.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
+  totals = None
+  for batch in batches:
+    single, metrics = p_train(single, batch)
+    totals = metrics if totals is None else totals.merge(metrics)
+  multi = train.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
+  multi, multi_metrics = p_multi(multi, batches)
+
+  assert int(multi.step) == int(single.step) == 3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               (single.params, single.batch_stats), (multi.params, multi.batch_stats))
+  expected, got = totals.compute(), multi_metrics.compute()
+  for name in expected:
+    np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-6)
