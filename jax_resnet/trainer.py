@@ -45,7 +45,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     fail('schedule', f'unknown schedule. Valid: {", ".join(optim.SCHEDULES)}.')
   input_pipeline.check_dataset_name(config.dataset)
   for field in ('batch_size', 'eval_batch_size', 'image_size', 'num_epochs',
-                'log_every_steps', 'learning_rate', 'keep_checkpoints'):
+                'log_every_steps', 'learning_rate', 'keep_checkpoints', 'steps_per_dispatch'):
     if not config[field] > 0:
       fail(field, 'must be positive.')
   for field in ('checkpoint_every_steps', 'random_crop_pad', 'label_smoothing',
@@ -262,16 +262,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
   checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
   train_metrics, eval_metrics, last_finite = None, {}, None
-  p_train = setup.p_train
+  p_train, p_multi = setup.p_train, None
+  # Steps at which the loop must look at the state: a multi-step dispatch ends there.
+  periods = (config.log_every_steps, eval_every, checkpoint_every, steps_per_epoch)
   bar = progress.Progress(total_steps, steps_per_epoch, config.batch_size, start_step)
   step = start_step
   try:
     with _StopRequest() as stop:
-      for step in range(start_step + 1, total_steps + 1):
-        batch = next(batches)
-        if step == start_step + 1:
-          p_train = _compile_and_report_flops(p_train, state, batch, config.batch_size)
-        state, step_metrics = p_train(state, batch)
+      while step < total_steps:
+        k = min([config.steps_per_dispatch, total_steps - step] +
+                [p - step % p for p in periods])
+        if k == 1:
+          batch = next(batches)
+          if p_train is setup.p_train:
+            p_train = _compile_and_report_flops(p_train, state, batch, config.batch_size)
+          state, step_metrics = p_train(state, batch)
+        else:
+          p_multi = p_multi or train.make_multi_train_step(
+              config, setup.learning_rate_fn, info.num_classes, info.mean, info.std,
+              setup.mesh)
+          state, step_metrics = p_multi(state, [next(batches) for _ in range(k)])
+        step += k
         bar.tick(step)
         train_metrics = step_metrics if train_metrics is None else \
             train_metrics.merge(step_metrics)

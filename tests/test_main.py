@@ -56,3 +56,18 @@ def test_batch_not_divisible_by_devices_names_the_numbers(tmp_path):
   assert result.returncode != 0
   assert 'config.batch_size=30 must be a positive multiple of the device count 4' in \
       result.stderr
+
+
+def test_multi_step_dispatch_gives_the_same_run(tmp_path):
+  """steps_per_dispatch=3 (lax.scan) logs the same losses as one step per dispatch."""
+  common = [*FAST, '--config.num_train_steps=8', '--config.log_every_steps=4',
+            '--config.eval_every_epochs=100']
+  runs = {}
+  for k in (1, 3):
+    workdir = str(tmp_path / f'k{k}')
+    result = run_main([*common, f'--workdir={workdir}', f'--config.steps_per_dispatch={k}'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs[k] = {r['step']: r['train_loss'] for r in read_jsonl(workdir) if 'train_loss' in r}
+  assert sorted(runs[3]) == sorted(runs[1]) == [4, 8]
+  for step, loss in runs[1].items():
+    assert abs(runs[3][step] - loss) < 1e-4 * abs(loss)
