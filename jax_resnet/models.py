@@ -29,8 +29,8 @@ def _pad(k: int):
   return ((k // 2, k // 2), (k // 2, k // 2))
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs. ``residual=False`` drops the skip connection (plain nets)."""
+class _Block(nn.Module):
+  """What every block takes; ``residual=False`` drops the skip connection (plain nets)."""
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -38,6 +38,10 @@ class BasicBlock(nn.Module):
   residual: bool = True
   shortcut: str = 'projection'  # or 'pad' (He et al. 2015 option A, CIFAR)
   zero_init_last: bool = True
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs."""
   expansion = 1
 
   @nn.compact
@@ -51,15 +55,8 @@ class BasicBlock(nn.Module):
     return nn.relu(y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1x1 reduce, 3x3 (strided, as torchvision's v1.5), 1x1 expand by 4."""
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: int = 1
-  residual: bool = True
-  shortcut: str = 'projection'
-  zero_init_last: bool = True
   expansion = 4
 
   @nn.compact
@@ -74,15 +71,8 @@ class Bottleneck(nn.Module):
     return nn.relu(y)
 
 
-class PreActBasicBlock(nn.Module):
-  """BN-ReLU-conv ordering with a clean identity path (He et al. 2016)."""
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: int = 1
-  residual: bool = True
-  shortcut: str = 'projection'
-  zero_init_last: bool = True  # no BN ends the branch; kept for a uniform signature
+class PreActBasicBlock(_Block):
+  """BN-ReLU-conv ordering with a clean identity path (He et al. 2016); always residual."""
   expansion = 1
 
   @nn.compact
@@ -94,14 +84,8 @@ class PreActBasicBlock(nn.Module):
     return y + _preact_shortcut(x, pre, y.shape[-1], self.strides, self.conv, self.shortcut)
 
 
-class PreActBottleneck(nn.Module):
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: int = 1
-  residual: bool = True
-  shortcut: str = 'projection'
-  zero_init_last: bool = True
+class PreActBottleneck(_Block):
+  """The pre-activation bottleneck; like PreActBasicBlock, always residual."""
   expansion = 4
 
   @nn.compact
