@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = 'resnet20'
   config.model_options = ml_collections.ConfigDict()  # extra create_model options, e.g. stem
   config.half_precision = False  # bf16 compute, fp32 params, BN statistics and loss
+  config.half_precision_dtype = 'bfloat16'  # 'float16' (dynamic loss scaling): pre-Ampere GPUs
   config.dropout_rate = 0.0
   config.bn_momentum = 0.9
   config.bn_epsilon = 1e-5

@@ -5,7 +5,7 @@ benchmark runs where TensorFlow is absent. The loop that feeds it lives in train
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax
 import jax
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from clu import metrics
+from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 
 from jax_resnet import augment, models, optim, sharding
@@ -21,6 +22,7 @@ from jax_resnet import augment, models, optim, sharding
 class TrainState(train_state.TrainState):
   batch_stats: Any
   rng: jax.Array  # fixed base key; each step folds in its step number
+  dynamic_scale: Optional[dynamic_scale_lib.DynamicScale] = None  # fp16 loss scaling
 
 
 def top_k_correct(logits, labels, k: int):
@@ -44,8 +46,14 @@ class EvalMetrics(metrics.Collection):
   eval_top5: metrics.Average.from_output('top5')
 
 
+HALF_PRECISION_DTYPES = {'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
 def compute_dtype(config: ml_collections.ConfigDict):
-  return jnp.bfloat16 if config.half_precision else jnp.float32
+  """bf16 (TPUs, Ampere and later GPUs) or fp16 (older GPUs) when half precision is on."""
+  if not config.half_precision:
+    return jnp.float32
+  return HALF_PRECISION_DTYPES[config.get('half_precision_dtype', 'bfloat16')]
 
 
 def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int):
@@ -68,8 +76,11 @@ def create_train_state(rng, config: ml_collections.ConfigDict, model,
   def init():
     variables = model.init({'params': init_rng}, jnp.zeros((1, *image_shape), jnp.float32),
                            train=False)
+    dynamic_scale = dynamic_scale_lib.DynamicScale() \
+        if compute_dtype(config) == jnp.float16 else None
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                             batch_stats=variables.get('batch_stats', {}), rng=state_rng)
+                             batch_stats=variables.get('batch_stats', {}), rng=state_rng,
+                             dynamic_scale=dynamic_scale)
 
   # The classic (non-partitionable) threefry compiles this init of many small random
   # tensors 2-4x faster on CPU; the parameters are replicated, so nothing is lost.
@@ -106,10 +117,22 @@ def train_step(state: TrainState, batch, *, learning_rate_fn: Callable,
     loss = cross_entropy(logits, batch['label'], num_classes, label_smoothing)
     return loss.mean(), (logits, updates['batch_stats'])
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  if state.dynamic_scale is None:
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+  else:  # fp16: scale the loss up, and skip the update when the gradients overflow
+    dynamic_scale, is_finite, (loss, (logits, batch_stats)), grads = \
+        state.dynamic_scale.value_and_grad(loss_fn, has_aux=True)(state.params)
   # The loss goes to the optimizer too: reduce-on-plateau reads it.
   new_state = optim.apply_gradients(state, grads, loss, batch_stats=batch_stats)
+  if state.dynamic_scale is not None:
+    keep_finite = lambda new, old: jax.tree.map(
+        functools.partial(jnp.where, is_finite), new, old)
+    new_state = new_state.replace(
+        params=keep_finite(new_state.params, state.params),
+        opt_state=keep_finite(new_state.opt_state, state.opt_state),
+        batch_stats=keep_finite(new_state.batch_stats, state.batch_stats),
+        dynamic_scale=dynamic_scale)
   step_metrics = TrainMetrics.single_from_model_output(
       loss=cross_entropy(logits, batch['label'], num_classes),
       top1=top_k_correct(logits, batch['label'], 1),

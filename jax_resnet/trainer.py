@@ -41,6 +41,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     fail('model', f'unknown model. Valid names: {", ".join(models.MODEL_NAMES)}.')
   if config.optimizer not in optim.OPTIMIZERS:
     fail('optimizer', f'unknown optimizer. Valid: {", ".join(optim.OPTIMIZERS)}.')
+  if config.get('half_precision_dtype', 'bfloat16') not in train.HALF_PRECISION_DTYPES:
+    fail('half_precision_dtype', f'Valid: {", ".join(train.HALF_PRECISION_DTYPES)}.')
   if config.schedule not in optim.SCHEDULES:
     fail('schedule', f'unknown schedule. Valid: {", ".join(optim.SCHEDULES)}.')
   input_pipeline.check_dataset_name(config.dataset)

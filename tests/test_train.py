@@ -94,3 +94,14 @@ def test_core_imports_without_tensorflow():
           'jax_resnet.augment, jax_resnet.sharding, jax_resnet.checkpointing; '
           'assert "tensorflow" not in sys.modules, "core imported tensorflow"')
   subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_fp16_with_dynamic_loss_scaling(config):
+  config.half_precision = True
+  config.half_precision_dtype = 'float16'
+  config.schedule = 'constant'
+  config.learning_rate = 0.1
+  state, losses = train_losses(config, steps=6)
+  assert losses[-1] < losses[0], losses
+  assert state.dynamic_scale is not None
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
