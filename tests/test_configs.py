@@ -72,8 +72,9 @@ def two_steps(name) -> dict:
     losses.append(float(metrics.compute()['train_loss']))
   moved = max(float(np.abs(np.asarray(a) - b).max())
               for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)))
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                       batch['image'].astype(np.float32), train=False)
+  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
+                          {'params': state.params, 'batch_stats': state.batch_stats},
+                          batch['image'].astype(np.float32))
   return {'step': int(state.step), 'losses': losses, 'moved': moved,
           'logits_shape': list(logits.shape), 'num_classes': num_classes}
 
