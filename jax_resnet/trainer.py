@@ -60,8 +60,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     fail('label_smoothing', 'must be in [0, 1).')
   min_size = models.min_image_size(config.model, **dict(config.get('model_options') or {}))
   if config.image_size < min_size:
-    fail('image_size', f'is too small for {config.model}, which downsamples to at least '
-         f'1x1 only from {min_size}x{min_size}; use --config.image_size={min_size} or more.')
+    fail('image_size', f'is too small for {config.model}: its downsamplings need at least '
+         f'{min_size}x{min_size} images; use --config.image_size={min_size} or more.')
   if config.cutout_size < 0 or config.cutout_size > config.image_size:
     fail('cutout_size', f'must be between 0 (off) and config.image_size='
          f'{config.image_size}.')
@@ -261,7 +261,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                config.batch_size, setup.mesh.devices.size, jax.process_count())
 
   batches = _train_batches(setup, start_step)
-  eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+  # eval_every_epochs=0: evaluate at the end only.
+  eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch)) \
+      if config.eval_every_epochs > 0 else total_steps
   checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
   train_metrics, eval_metrics, last_finite = None, {}, None
   p_train, p_multi = setup.p_train, None
