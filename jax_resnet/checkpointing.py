@@ -7,6 +7,7 @@ Two managers: ``checkpoints/`` keeps the newest few, ``checkpoints_best/`` the b
 by eval top-1.
 """
 
+import functools
 import os
 from typing import Optional, Tuple, Union
 
@@ -20,9 +21,26 @@ from absl import logging
 def _manager(directory: str, keep: int, best: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=True,
+      cleanup_tmp_directories=True,  # a save cut short (kill, full disk) leaves a tmp dir
       best_fn=(lambda metrics: metrics['eval_top1']) if best else None,
       best_mode='max')
   return ocp.CheckpointManager(directory, options=options)
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (full disk, lost permissions, ...)."""
+
+
+def _reporting_save_errors(method):
+  """Turns whatever orbax raises for a failed (possibly earlier, async) save into one error."""
+  @functools.wraps(method)
+  def wrapper(self, *args, **kwargs):
+    try:
+      return method(self, *args, **kwargs)
+    except Exception as e:
+      raise CheckpointSaveError(f'Saving a checkpoint in {self.directory} failed: '
+                                f'{type(e).__name__}: {str(e)[:300]}') from e
+  return wrapper
 
 
 class Checkpoints:
@@ -34,12 +52,14 @@ class Checkpoints:
     self.latest = _manager(self.directory, keep)
     self.best = _manager(os.path.join(workdir, 'checkpoints_best'), 1, best=True)
 
+  @_reporting_save_errors
   def save(self, step: int, state, meta: dict) -> None:
     """Starts an asynchronous save; training continues while it is written."""
     if step in self.latest.all_steps():
       return
     self.latest.save(step, args=_save_args(state, meta))
 
+  @_reporting_save_errors
   def save_best(self, step: int, state, meta: dict, eval_top1: float) -> None:
     self.best.save(step, args=_save_args(state, meta), metrics={'eval_top1': eval_top1})
 
@@ -96,6 +116,7 @@ class Checkpoints:
                     'it to %s.corrupt-%d and trying the previous one.', step, manager.directory,
                     type(error).__name__, str(error)[:200], step, n)
 
+  @_reporting_save_errors
   def wait(self) -> None:
     """Blocks until pending saves are on disk; raises if a save failed."""
     self.latest.wait_until_finished()

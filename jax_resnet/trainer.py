@@ -330,9 +330,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
       plot.save_curves(workdir)
   except OSError as e:
-    raise TrainingError(f'Writing to {workdir} failed at step {step}: {e}. Earlier '
+    raise TrainingError(f'Writing to {workdir} failed by step {step}: {e}. The earlier '
                         f'checkpoints in {setup.checkpoints.directory} are intact; free '
-                        'space or fix permissions and rerun to resume.') from e
+                        'space or fix permissions, then rerun the same command to resume.'
+                        ) from e
   finally:
     bar.close()
     writer.flush()

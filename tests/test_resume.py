@@ -185,3 +185,27 @@ def test_unwritable_workdir_is_reported(tmp_path):
   result = run_main([*ARGS, f'--workdir={blocker}/run'])
   assert result.returncode == 1
   assert 'Cannot write to --workdir' in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 3 MiB tmpfs: room for one digits checkpoint, not for the next."""
+  mount_point = tmp_path / 'small_disk'
+  mount_point.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs',
+                            str(mount_point)], capture_output=True)
+  if mounted.returncode:
+    pytest.skip('mounting a small tmpfs needs root: ' + mounted.stderr.decode()[:200])
+  yield mount_point
+  subprocess.run(['umount', str(mount_point)])
+
+
+def test_full_disk_while_saving_is_reported_and_earlier_checkpoint_survives(small_disk):
+  workdir = str(small_disk / 'run')
+  result = run_main(['--config=configs/default.py', '--config.image_size=8',
+                     '--config.num_epochs=3', '--config.eval_every_epochs=0',
+                     f'--workdir={workdir}'])
+  assert result.returncode == 1
+  assert f'error: Writing to {workdir} failed' in result.stderr
+  assert 'No space left' in result.stderr and 'are intact' in result.stderr
+  assert '11' in os.listdir(os.path.join(workdir, 'checkpoints'))
