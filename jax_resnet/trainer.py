@@ -193,6 +193,12 @@ class _StopRequest:
     return bool(np.any(flags))
 
 
+def dispatch_size(step: int, steps_per_dispatch: int, total_steps: int, periods) -> int:
+  """How many steps the next dispatch runs: at most ``steps_per_dispatch``, ending no
+  later than the next multiple of any period (log, eval, checkpoint, epoch) or the end."""
+  return min([steps_per_dispatch, total_steps - step] + [p - step % p for p in periods])
+
+
 def _compile_and_report_flops(p_train, state, batch, batch_size: int):
   """Compiles the train step ahead of time, logging XLA's FLOPs per training image."""
   compiled = p_train.lower(state, batch).compile()
@@ -274,8 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     with _StopRequest() as stop:
       while step < total_steps:
-        k = min([config.steps_per_dispatch, total_steps - step] +
-                [p - step % p for p in periods])
+        k = dispatch_size(step, config.steps_per_dispatch, total_steps, periods)
         if k == 1:
           batch = next(batches)
           if p_train is setup.p_train:
