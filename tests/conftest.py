@@ -27,9 +27,12 @@ def config():
 
 
 def run_main(args, env=None, timeout=600):
-  """Runs main.py in a subprocess and returns the CompletedProcess."""
+  """Runs main.py in a subprocess and returns the CompletedProcess.
+
+  ``env`` adds variables; a None value removes one.
+  """
   import subprocess
-  full_env = dict(os.environ, **(env or {}))
+  full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
   full_env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args],
                         cwd=ROOT, env=full_env, capture_output=True, text=True,

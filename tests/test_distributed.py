@@ -89,14 +89,18 @@ def free_port():
 
 
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  # No shared compilation cache here: a process that finds its steps cached reaches the
+  # first collective long before its peer, past gloo's 30 s rendezvous deadline.
+  no_cache = {'JAX_COMPILATION_CACHE_DIR': None}
   single = str(tmp_path / 'single')
   steps = ['--config.num_train_steps=6']
-  result = run_main([*ARGS, *steps, f'--workdir={single}'], env=devices_env(4))
+  result = run_main([*ARGS, *steps, f'--workdir={single}'], env={**devices_env(4), **no_cache})
   assert result.returncode == 0, result.stderr[-3000:]
 
   multi = str(tmp_path / 'multi')
   port = free_port()
-  env = dict(os.environ, **devices_env(2))
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env.update(devices_env(2))
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, 'main.py'), *ARGS, *steps, f'--workdir={multi}',
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
