@@ -180,13 +180,15 @@ def merge_stacked_metrics(stacked):
   return merged
 
 
-def multi_train_step(state: TrainState, batches, **step_kwargs):
+def multi_train_step(state: TrainState, batches, unroll: bool = False, **step_kwargs):
   """Runs ``train_step`` over several batches in one dispatch, with ``lax.scan``.
 
   ``batches`` is either a list/tuple of batches or one batch whose arrays have a leading
   steps axis. Returns (state, TrainMetrics merged over the steps). The result equals
   that of calling ``train_step`` once per batch, in order (each step folds its own step
-  number into the dropout and Cutout keys).
+  number into the dropout and Cutout keys). ``unroll=True`` traces the k steps one after
+  another instead of into a loop: k times the compile time, and the only fast form on
+  XLA:CPU (see ``make_multi_train_step``).
   """
   if isinstance(batches, (list, tuple)):
     batches = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
@@ -194,22 +196,31 @@ def multi_train_step(state: TrainState, batches, **step_kwargs):
   def body(state, batch):
     return train_step(state, batch, **step_kwargs)
 
-  state, stacked = jax.lax.scan(body, state, batches)
+  state, stacked = jax.lax.scan(body, state, batches, unroll=unroll)
   return state, merge_stacked_metrics(stacked)
 
 
 def make_multi_train_step(config: ml_collections.ConfigDict, learning_rate_fn,
-                          num_classes: int, mean, std, mesh):
+                          num_classes: int, mean, std, mesh,
+                          unroll: Optional[bool] = None):
   """Jitted ``multi_train_step`` for this config: several steps per host dispatch.
 
   For small models (CIFAR ResNets) whose steps are shorter than the launch overhead.
   Call ``p_multi(state, [batch_1, ..., batch_k])`` (or one batch stacked on a leading
   axis of k); it compiles once per k. The state is donated and kept replicated.
+
+  By default (``unroll=None``) the steps are unrolled on CPU: inside a while loop XLA:CPU (jax 0.10) leaves the
+  backward convolutions in layouts it does not canonicalise (``f01b_i01o->01bf`` rather
+  than ``b01f_01io->b01f``), and a rolled scan of ResNet steps runs 25 to 85 times slower
+  than the same steps dispatched one by one (``benchmarks/RESULTS.md``). Elsewhere the
+  loop stays rolled, which keeps the compile time independent of k.
   """
   replicated = sharding.replicated(mesh)
+  if unroll is None:
+    unroll = mesh.devices.flat[0].platform == 'cpu'
   return jax.jit(
-      functools.partial(multi_train_step, learning_rate_fn=learning_rate_fn, mean=mean,
-                        std=std, num_classes=num_classes,
+      functools.partial(multi_train_step, unroll=unroll, learning_rate_fn=learning_rate_fn,
+                        mean=mean, std=std, num_classes=num_classes,
                         label_smoothing=config.label_smoothing,
                         cutout_size=config.cutout_size, dtype=compute_dtype(config)),
       donate_argnums=0, out_shardings=(replicated, replicated))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
@@ -76,8 +77,12 @@ def test_peak_table():
   assert benchmark.peak_bf16_tflops('cpu') is None
 
 
-def test_multi_step_equals_single_steps(config):
-  """k steps in one lax.scan dispatch == k single steps: same params, same metrics."""
+@pytest.mark.parametrize('unroll', [None, False])
+def test_multi_step_equals_single_steps(config, unroll):
+  """k steps in one lax.scan dispatch == k single steps: same params, same metrics.
+
+  Both forms: the platform's default (unrolled on CPU) and the rolled loop (GPU, TPU).
+  """
   import jax
   from jax_resnet import benchmark, optim, sharding, train
 
@@ -90,7 +95,7 @@ def test_multi_step_equals_single_steps(config):
   mean, std = benchmark.IMAGENET_MEAN, benchmark.IMAGENET_STD
   batches = benchmark._synthetic_batches(mesh, 3, 8, shape, 10)
   p_train, _ = train.make_steps(config, lr, 10, mean, std, mesh)
-  p_multi = train.make_multi_train_step(config, lr, 10, mean, std, mesh)
+  p_multi = train.make_multi_train_step(config, lr, 10, mean, std, mesh, unroll)
 
   single = train.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
   totals = None
@@ -98,6 +103,11 @@ def test_multi_step_equals_single_steps(config):
     single, metrics = p_train(single, batch)
     totals = metrics if totals is None else totals.merge(metrics)
   multi = train.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
+  # One while loop more than a single step has (its RNG's own) iff the scan is rolled;
+  # CPU's default unrolls it (XLA:CPU runs the rolled loop body tens of times slower).
+  whiles = lambda fn, *args: fn.lower(*args).as_text().count('stablehlo.while')
+  extra_loops = whiles(p_multi, multi, batches) - whiles(p_train, multi, batches[0])
+  assert extra_loops == (1 if unroll is False else 0)
   multi, multi_metrics = p_multi(multi, batches)
 
   assert int(multi.step) == int(single.step) == 3
