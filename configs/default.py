@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.bn_momentum = 0.9
   config.bn_epsilon = 1e-5
   config.zero_init_residual = True
+  config.remat = False  # recompute block activations in the backward pass: less memory
 
   # Data.
   config.dataset = 'digits'  # 'digits' (embedded) or any tensorflow-datasets name

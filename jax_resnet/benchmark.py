@@ -67,14 +67,18 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)  # uint8 units
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 # Every field of a synthetic-mode result, with its type (None where the backend has
-# no answer: peak memory on CPU, MFU without a known peak).
+# no answer: peak memory on CPU, MFU without a known peak). temp_memory_bytes is XLA's
+# planned scratch per device for one dispatch (mostly activations kept for the backward
+# pass): known on every backend, so memory savings (remat) show on CPU too.
 FIELDS = {
     'mode': str, 'device_kind': str, 'platform': str, 'device_count': int,
     'process_count': int, 'jax_version': str, 'xla_flags': str, 'model': str,
-    'image_size': int, 'global_batch': int, 'dtype': str, 'steps_per_dispatch': int,
+    'image_size': int, 'global_batch': int, 'dtype': str, 'remat': bool,
+    'steps_per_dispatch': int,
     'data_on_device': bool, 'warmup_steps': int, 'timed_steps': int, 'compile_s': float,
     'step_s_median': float, 'step_s_p90': float, 'images_per_s': float,
     'images_per_s_blocking': float, 'peak_memory_bytes': (int, type(None)),
+    'temp_memory_bytes': (int, type(None)),
     'flops_per_image': (float, type(None)), 'flops_source': str,
     'peak_bf16_tflops_per_device': (float, type(None)), 'mfu': (float, type(None)),
 }
@@ -125,6 +129,13 @@ def _peak_memory(devices) -> Optional[int]:
     if stats and 'peak_bytes_in_use' in stats:
       peaks.append(int(stats['peak_bytes_in_use']))
   return max(peaks) if peaks else None
+
+
+def _temp_memory(compiled) -> Optional[int]:
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # a backend without memory analysis
+    return None
 
 
 def _synthetic_batches(mesh, count: int, batch: int, image_shape, num_classes: int, seed=0):
@@ -205,10 +216,21 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int = 20, warmup: i
 
   # FLOPs of one step, from XLA's cost analysis of the compiled (per-device, SPMD
   # partitioned) program; a scan's body may be counted once, so for k > 1 the single
-  # step is compiled for this. Falls back to the unpartitioned, unoptimised HLO.
-  single = (lowered, compiled) if k == 1 else (p_single.lower(state, batch_at(0)), None)
-  if single[1] is None:
-    single = (single[0], single[0].compile())
+  # step is compiled for this. With remat, the step without it: the recomputed forward
+  # is not model work, and MFU counts model FLOPs. Falls back to the unpartitioned,
+  # unoptimised HLO.
+  remat = bool(config.get('remat', False))
+  if k == 1 and not remat:
+    single = (lowered, compiled)
+  else:
+    flops_state = state
+    if remat:
+      plain = config.copy_and_resolve_references()
+      plain.remat = False
+      flops_state = state.replace(
+          apply_fn=train.create_model_from_config(plain, num_classes).apply)
+    lowered_single = p_single.lower(flops_state, batch_at(0))
+    single = (lowered_single, lowered_single.compile())
   flops, flops_source = _flops(single[1]), 'compiled'
   if flops is not None:
     flops *= len(devices)
@@ -262,6 +284,7 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int = 20, warmup: i
       'image_size': int(config.image_size),
       'global_batch': int(global_batch),
       'dtype': jnp.dtype(train.compute_dtype(config)).name,
+      'remat': remat,
       'steps_per_dispatch': k,
       'data_on_device': bool(config.get('data_on_device', False)),
       'warmup_steps': warmup_dispatches * k,
@@ -272,6 +295,7 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int = 20, warmup: i
       'images_per_s': images_per_s,
       'images_per_s_blocking': global_batch / statistics.median(times),
       'peak_memory_bytes': _peak_memory(devices),
+      'temp_memory_bytes': _temp_memory(compiled),
       'flops_per_image': flops_per_image,
       'flops_source': flops_source,
       'peak_bf16_tflops_per_device': peak,

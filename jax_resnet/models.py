@@ -145,6 +145,9 @@ class ResNet(nn.Module):
   dropout_rate: float = 0.0
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  # Keep only each block's input for the backward pass and recompute the rest: about a
+  # third more compute for much less activation memory, so larger batches fit.
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -163,13 +166,14 @@ class ResNet(nn.Module):
       x = conv(self.widths[0], (3, 3), padding=_pad(3), name='stem_conv')(x)
       if not self.preact:  # a pre-activation block normalises its own input
         x = nn.relu(norm(name='stem_bn')(x))
+    block_cls = nn.remat(self.block_cls) if self.remat else self.block_cls
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(num_blocks):
-        x = self.block_cls(filters=width, conv=conv, norm=norm,
-                           strides=2 if i > 0 and j == 0 else 1,
-                           residual=self.residual, shortcut=self.shortcut,
-                           zero_init_last=self.zero_init_residual,
-                           name=f'stage{i + 1}_block{j + 1}')(x)
+        x = block_cls(filters=width, conv=conv, norm=norm,
+                      strides=2 if i > 0 and j == 0 else 1,
+                      residual=self.residual, shortcut=self.shortcut,
+                      zero_init_last=self.zero_init_residual,
+                      name=f'stage{i + 1}_block{j + 1}')(x)
     if self.preact:
       x = nn.relu(norm(name='final_bn')(x))
     x = jnp.mean(x, axis=(1, 2))

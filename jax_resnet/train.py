@@ -62,7 +62,7 @@ def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int
       config.model, num_classes, dtype=compute_dtype(config),
       dropout_rate=config.dropout_rate, bn_momentum=config.bn_momentum,
       bn_epsilon=config.bn_epsilon, zero_init_residual=config.zero_init_residual,
-      **options)
+      remat=config.get('remat', False), **options)
 
 
 def create_train_state(rng, config: ml_collections.ConfigDict, model,

@@ -25,7 +25,7 @@ SAFE_TO_CHANGE = frozenset({
     'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_epochs',
     'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'data_dir',
     'deterministic_input', 'train_dir', 'eval_dir', 'eval_split', 'shuffle_buffer',
-    'steps_per_dispatch', 'data_on_device', 'cache'})
+    'steps_per_dispatch', 'data_on_device', 'cache', 'remat'})
 
 
 class TrainingError(RuntimeError):
