@@ -3,77 +3,100 @@
 # remat, XLA flags) and ResNet-20 on CIFAR (steps per dispatch). One JSON file per run in
 # $OUT (default benchmarks/out), plus a summary table on stdout.
 #
-#   OUT=/some/dir bash benchmarks/gpu.sh [quick|full]
+#   OUT=/some/dir bash benchmarks/gpu.sh [targets|sweep|flags|all]
 #
 # Needs jax with CUDA, flax, optax, numpy, absl-py, ml_collections and clu (clu.metrics
-# needs no TensorFlow; `pip install --no-deps clu` beside flax is enough); no TensorFlow,
-# tensorboard or tensorflow-datasets. With the device tool, one call:
-#   run(command="OUT=$OUT bash benchmarks/gpu.sh", timeout_s=600)
+# needs no TensorFlow); no TensorFlow, tensorboard or tensorflow-datasets. Wheels found
+# in .whl/ are installed first (into /tmp/site), for a machine that lacks some and has no
+# registry. With the device tool, whose image lacks ml_collections and clu: here, once,
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
+#       ml_collections==1.1.0 clu==0.0.12
+# then a call per stage: run(command="OUT=$OUT bash benchmarks/gpu.sh targets",
+# carry=[".whl"]), then sweep, then flags.
 # Each run is its own process so XLA_FLAGS can differ; --compare runs are in-process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
+WHICH=${1:-targets}
+case $WHICH in
+  targets|sweep|flags|all) ;;
+  *) echo "unknown stage '$WHICH': targets, sweep, flags or all" >&2; exit 2 ;;
+esac
+PYTHON=${PYTHON:-python3}
+if compgen -G '.whl/*.whl' > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 mkdir -p "$OUT"
-WHICH=${1:-quick}
 STEPS=${STEPS:-30}
 R50="--config=configs/resnet50_imagenet.py --steps=$STEPS --warmup=5"
-R20="--config=configs/resnet20_cifar10.py --steps=$((STEPS * 8)) --warmup=16"
+R20="--config=configs/resnet20_cifar10.py --steps=$((STEPS * 8)) --warmup=16\
+ --config.half_precision=true"
 
 bench() {  # name, extra args...
   local name=$1; shift
   echo "== $name: $*" >&2
-  timeout 300 python -m jax_resnet.benchmark "$@" --json_out="$OUT/$name.json" \
+  timeout 300 "$PYTHON" -m jax_resnet.benchmark "$@" --json_out="$OUT/$name.json" \
       > "$OUT/$name.stdout" 2> "$OUT/$name.log" || echo "   FAILED (see $OUT/$name.log)" >&2
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
     > "$OUT/nvidia-smi.csv" 2>&1 || true
-python -c 'import jax; print(jax.__version__, jax.devices())' > "$OUT/jax.txt" 2>&1
+"$PYTHON" -c 'import jax; print(jax.__version__, jax.devices())' > "$OUT/jax.txt" 2>&1
 
-# ResNet-50: the target (>= 3000 img/s bf16 on one H100) and batch per device.
-bench r50_bf16_b256 $R50 --config.batch_size=256
-bench r50_bf16_b128_vs_b512 $R50 --config.batch_size=128 \
-    --compare=configs/resnet50_imagenet.py --compare.batch_size=512
-bench r50_bf16_vs_fp32_b256 $R50 --config.batch_size=256 \
-    --compare=configs/resnet50_imagenet.py --compare.batch_size=256 \
-    --compare.half_precision=false
-# Remat: the cost in speed at the same batch, and whether a batch that needs it pays.
-bench r50_bf16_b256_vs_remat $R50 --config.batch_size=256 \
-    --compare=configs/resnet50_imagenet.py --compare.batch_size=256 --compare.remat=true
-# ResNet-20 on CIFAR: launch overhead, several steps per dispatch, data on the device.
-bench r20_dispatch1_vs_8 $R20 --config.data_on_device=true \
-    --compare=configs/resnet20_cifar10.py --compare.data_on_device=true \
-    --compare.steps_per_dispatch=8
+# Stages, each sized for one 10-minute device call (a ResNet-50 process takes a minute
+# or two, mostly compiling): targets | sweep | flags | all.
+case $WHICH in
+  targets|all)
+    # ResNet-50: the target (>= 3000 img/s bf16 on one H100); ResNet-20 on CIFAR with
+    # the data on the device: launch overhead and several steps per dispatch.
+    bench r50_bf16_b256 $R50 --config.batch_size=256
+    bench r20_dispatch1_vs_8 $R20 --config.data_on_device=true \
+        --compare=configs/resnet20_cifar10.py --compare.data_on_device=true \
+        --compare.half_precision=true --compare.steps_per_dispatch=8
+    bench r18cifar_bf16_b512 --config=configs/resnet18_cutout_cifar10.py --steps=$STEPS \
+        --warmup=5 --config.batch_size=512 --config.half_precision=true \
+        --config.data_on_device=true
+    ;;&
+  sweep|all)
+    # Batch per device, bf16 vs fp32, remat at the same batch.
+    bench r50_bf16_b128_vs_b512 $R50 --config.batch_size=128 \
+        --compare=configs/resnet50_imagenet.py --compare.batch_size=512
+    bench r50_bf16_vs_fp32_b256 $R50 --config.batch_size=256 \
+        --compare=configs/resnet50_imagenet.py --compare.batch_size=256 \
+        --compare.half_precision=false
+    bench r50_bf16_b256_vs_remat $R50 --config.batch_size=256 \
+        --compare=configs/resnet50_imagenet.py --compare.batch_size=256 --compare.remat=true
+    ;;&
+  flags|all)
+    # XLA flags: one process each (XLA_FLAGS is read at backend start); a batch that
+    # needs remat; more steps per dispatch.
+    XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true" \
+        bench r50_bf16_b256_lhs $R50 --config.batch_size=256
+    XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
+        bench r50_bf16_b256_notriton $R50 --config.batch_size=256
+    XLA_FLAGS="--xla_gpu_autotune_level=0" \
+        bench r50_bf16_b256_noautotune $R50 --config.batch_size=256
+    bench r50_bf16_b1024_remat $R50 --config.batch_size=1024 --config.remat=true
+    bench r20_dispatch1_vs_32 $R20 --config.data_on_device=true \
+        --compare=configs/resnet20_cifar10.py --compare.data_on_device=true \
+        --compare.half_precision=true --compare.steps_per_dispatch=32
+    ;;
+esac
 
-if [ "$WHICH" = full ]; then
-  bench r50_bf16_b1024 $R50 --config.batch_size=1024
-  bench r50_bf16_b1024_remat $R50 --config.batch_size=1024 --config.remat=true
-  # XLA flags: one process each (XLA_FLAGS is read at backend start).
-  XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true" \
-      bench r50_bf16_b256_lhs $R50 --config.batch_size=256
-  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
-      bench r50_bf16_b256_notriton $R50 --config.batch_size=256
-  XLA_FLAGS="--xla_gpu_autotune_level=0" \
-      bench r50_bf16_b256_noautotune $R50 --config.batch_size=256
-  bench r20_dispatch1_vs_32 $R20 --config.data_on_device=true \
-      --compare=configs/resnet20_cifar10.py --compare.data_on_device=true \
-      --compare.steps_per_dispatch=32
-  bench r50_cifar_b512 --config=configs/resnet50_cifar10.py --steps=$STEPS --warmup=5 \
-      --config.batch_size=512 --config.half_precision=true
-fi
-
-python - "$OUT" <<'EOF'
+"$PYTHON" - "$OUT" <<'EOF'
 import glob, json, os, sys
 def row(name, r):
-  fmt = lambda v, f: 'n/a' if v is None else format(v, f)
+  fmt = lambda v, f, unit='': 'n/a' if v is None else format(v, f) + unit
   print(f"{name:34s} {r['model']:9s} {r['image_size']:4d} {r['global_batch']:5d} "
-        f"{r['dtype']:9s} {'remat ' if r['remat'] else ''}k={r['steps_per_dispatch']:<3d} "
+        f"{r['dtype']:9s} {'remat' if r['remat'] else '':5s} k={r['steps_per_dispatch']:<3d} "
         f"{r['images_per_s']:9.0f} img/s "
         f"step {r['step_s_median'] * 1e3:7.2f} ms (p90 {r['step_s_p90'] * 1e3:7.2f}) "
-        f"compile {r['compile_s']:5.1f} s  {fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.2f')} "
-        f"GFLOP/img  MFU {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}%  "
-        f"peak mem {fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 2**30, '.1f')} GiB "
-        f"(XLA temp {fmt(r['temp_memory_bytes'] and r['temp_memory_bytes'] / 2**30, '.1f')} GiB) "
+        f"epoch {fmt(r['epoch_s'], '.1f', ' s')}  compile {r['compile_s']:5.1f} s  {fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.2f')} "
+        f"GFLOP/img  MFU {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')}  "
+        f"peak mem {fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 2**30, '.1f', ' GiB')} "
+        f"(XLA temp {fmt(r['temp_memory_bytes'] and r['temp_memory_bytes'] / 2**30, '.2f', ' GiB')}) "
         f"{r['xla_flags']}")
 for path in sorted(glob.glob(os.path.join(sys.argv[1], '*.json'))):
   name = os.path.basename(path)[:-5]

@@ -79,7 +79,8 @@ FIELDS = {
     'step_s_median': float, 'step_s_p90': float, 'images_per_s': float,
     'images_per_s_blocking': float, 'peak_memory_bytes': (int, type(None)),
     'temp_memory_bytes': (int, type(None)),
-    'flops_per_image': (float, type(None)), 'flops_source': str,
+    'flops_per_image': (float, type(None)), 'flops_source': str, 'dataset': str,
+    'epoch_s': (float, type(None)),
     'peak_bf16_tflops_per_device': (float, type(None)), 'mfu': (float, type(None)),
 }
 
@@ -136,6 +137,11 @@ def _temp_memory(compiled) -> Optional[int]:
     return int(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:  # a backend without memory analysis
     return None
+
+
+def _epoch_s(dataset: str, images_per_s: float) -> Optional[float]:
+  """Seconds for one epoch of a known training set at this rate."""
+  return DATASETS[dataset][0] / images_per_s if dataset in DATASETS else None
 
 
 def _synthetic_batches(mesh, count: int, batch: int, image_shape, num_classes: int, seed=0):
@@ -298,6 +304,8 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int = 20, warmup: i
       'temp_memory_bytes': _temp_memory(compiled),
       'flops_per_image': flops_per_image,
       'flops_source': flops_source,
+      'dataset': config.dataset,
+      'epoch_s': _epoch_s(config.dataset, images_per_s),
       'peak_bf16_tflops_per_device': peak,
       'mfu': mfu,
       'train_loss': loss,
@@ -379,6 +387,7 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, steps: int = 20,
       'step_images_per_s': step['images_per_s'],
       'loop_images_per_s': loop_ips,
       'images_per_s': loop_ips,
+      'epoch_s': _epoch_s(config.dataset, loop_ips),
       'bottleneck': 'input' if input_ips < step['images_per_s'] else 'step',
   })
   logging.info('%s on %s (%s): input %.1f img/s, step %.1f img/s, loop %.1f img/s: '

@@ -26,6 +26,9 @@ def _check_fields(result):
   assert result['model'] == 'resnet20'
   assert result['step_s_median'] > 0 and result['step_s_p90'] >= result['step_s_median']
   assert result['images_per_s'] > 0 and result['compile_s'] > 0
+  assert result['dataset'] == 'cifar10'
+  assert result['epoch_s'] == pytest.approx(50_000 / result['images_per_s'])
+  assert result['temp_memory_bytes'] is None or result['temp_memory_bytes'] > 0
   assert result['flops_per_image'] and result['flops_per_image'] > 0
   if result['platform'] == 'cpu':
     assert result['peak_bf16_tflops_per_device'] is None and result['mfu'] is None
