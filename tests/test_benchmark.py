@@ -78,6 +78,25 @@ def test_cli_json_and_compare_without_tensorflow(tmp_path):
   assert abs(flops[1] / flops[0] - 1) < 0.05, flops
 
 
+@pytest.mark.parametrize('data_on_device', [False, True])
+def test_pipeline_mode_times_input_step_and_loop(config, data_on_device):
+  """--mode=pipeline on the real (digits) source: every field, and a named bottleneck."""
+  from jax_resnet import benchmark
+  config.data_on_device = data_on_device
+  result = benchmark.run(config, mode='pipeline', steps=2, warmup=1, num_batches=2)
+  for field, kind in benchmark.FIELDS.items():
+    if field != 'mode':
+      assert isinstance(result[field], kind), (field, result[field])
+  assert result['mode'] == 'pipeline' and result['dataset'] == 'digits'
+  assert result['input_source'] == ('device_data' if data_on_device else 'tf.data')
+  for rate in ('input_images_per_s', 'step_images_per_s', 'loop_images_per_s'):
+    assert result[rate] > 0, rate
+  assert result['images_per_s'] == result['loop_images_per_s']
+  slower = min(('input', 'step'), key=lambda k: result[f'{k}_images_per_s'])
+  assert result['bottleneck'] == slower
+  assert result['image_size'] == 8 and result['global_batch'] == 32
+
+
 def test_peak_table():
   from jax_resnet import benchmark
   assert benchmark.peak_bf16_tflops('NVIDIA H100 80GB HBM3') == 989.0
