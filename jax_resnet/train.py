@@ -209,11 +209,12 @@ def make_multi_train_step(config: ml_collections.ConfigDict, learning_rate_fn,
   Call ``p_multi(state, [batch_1, ..., batch_k])`` (or one batch stacked on a leading
   axis of k); it compiles once per k. The state is donated and kept replicated.
 
-  By default (``unroll=None``) the steps are unrolled on CPU: inside a while loop XLA:CPU (jax 0.10) leaves the
-  backward convolutions in layouts it does not canonicalise (``f01b_i01o->01bf`` rather
-  than ``b01f_01io->b01f``), and a rolled scan of ResNet steps runs 25 to 85 times slower
-  than the same steps dispatched one by one (``benchmarks/RESULTS.md``). Elsewhere the
-  loop stays rolled, which keeps the compile time independent of k.
+  By default (``unroll=None``) the steps are unrolled on CPU: inside a while loop,
+  XLA:CPU (jax 0.10) leaves the backward convolutions in layouts it does not
+  canonicalise (``f01b_i01o->01bf`` rather than ``b01f_01io->b01f``), and a rolled scan
+  of ResNet steps runs tens of times slower than the same steps dispatched one by one
+  (``benchmarks/RESULTS.md``). Elsewhere the loop stays rolled, which keeps the compile
+  time independent of k.
   """
   replicated = sharding.replicated(mesh)
   if unroll is None:
