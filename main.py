@@ -17,20 +17,29 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'What to do.')
-flags.DEFINE_string('checkpoint', None, "For eval/export: 'best', 'latest' or a step "
-                    "(default: best for eval, latest for export).")
-flags.DEFINE_string('export_path', None, 'For export: output file '
-                    '(default: WORKDIR/export/variables.msgpack).')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a '
-                    'multi-process run (also JAX_COORDINATOR_ADDRESS).')
-flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run '
-                     '(also JAX_NUM_PROCESSES).')
-flags.DEFINE_integer('process_id', None, 'This process in a multi-process run '
-                     '(also JAX_PROCESS_ID).')
+flags.DEFINE_string(
+  'checkpoint',
+  None,
+  "For eval/export: 'best', 'latest' or a step (default: best for eval, latest for export).",
+)
+flags.DEFINE_string(
+  'export_path', None, 'For export: output file (default: WORKDIR/export/variables.msgpack).'
+)
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'host:port of process 0, for a multi-process run (also JAX_COORDINATOR_ADDRESS).',
+)
+flags.DEFINE_integer(
+  'num_processes', None, 'Processes in a multi-process run (also JAX_NUM_PROCESSES).'
+)
+flags.DEFINE_integer(
+  'process_id', None, 'This process in a multi-process run (also JAX_PROCESS_ID).'
+)
 flags.mark_flags_as_required(['workdir'])
-config_flags.DEFINE_config_file('config', 'configs/default.py',
-                                'Training configuration (a Python file).',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', 'configs/default.py', 'Training configuration (a Python file).', lock_config=True
+)
 
 
 class _QuietLibraries:
@@ -47,10 +56,14 @@ def initialize_distributed():
   multi-host TPU pods are detected by jax.distributed itself.
   """
   import jax
+
   address = FLAGS.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   num = FLAGS.num_processes or int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None
-  pid = FLAGS.process_id if FLAGS.process_id is not None else (
-      int(os.environ['JAX_PROCESS_ID']) if 'JAX_PROCESS_ID' in os.environ else None)
+  pid = (
+    FLAGS.process_id
+    if FLAGS.process_id is not None
+    else (int(os.environ['JAX_PROCESS_ID']) if 'JAX_PROCESS_ID' in os.environ else None)
+  )
   slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
   tpu_pod = bool(os.environ.get('TPU_WORKER_HOSTNAMES', '').count(','))
   if not (address or slurm or tpu_pod):
@@ -58,12 +71,16 @@ def initialize_distributed():
   # CPU processes exchange collectives through gloo; GPUs and TPUs ignore this.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if address:
-    jax.distributed.initialize(coordinator_address=address, num_processes=num,
-                               process_id=pid)
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
   else:
     jax.distributed.initialize()
-  logging.info('Process %d of %d, %d local devices of %d.', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    'Process %d of %d, %d local devices of %d.',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def main(argv):
@@ -73,17 +90,19 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   from jax_resnet import trainer  # after flag parsing: keeps --help fast
+
   try:
     if FLAGS.mode == 'train':
       metrics = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'eval':
-      metrics = trainer.evaluate_checkpoint(FLAGS.config, FLAGS.workdir,
-                                            _which(FLAGS.checkpoint or 'best'))
+      metrics = trainer.evaluate_checkpoint(
+        FLAGS.config, FLAGS.workdir, _which(FLAGS.checkpoint or 'best')
+      )
     else:
-      path = FLAGS.export_path or os.path.join(FLAGS.workdir, 'export',
-                                               'variables.msgpack')
-      trainer.export_checkpoint(FLAGS.config, FLAGS.workdir, path,
-                                _which(FLAGS.checkpoint or 'latest'))
+      path = FLAGS.export_path or os.path.join(FLAGS.workdir, 'export', 'variables.msgpack')
+      trainer.export_checkpoint(
+        FLAGS.config, FLAGS.workdir, path, _which(FLAGS.checkpoint or 'latest')
+      )
       print(f'exported {path}')
       return
   except (trainer.TrainingError, ValueError, FileNotFoundError) as e:

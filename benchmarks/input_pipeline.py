@@ -31,11 +31,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def source_photos():
   """Real colour photographs from installed packages, as uint8 RGB arrays."""
   from sklearn.datasets import load_sample_images
+
   photos = list(load_sample_images().images)
   try:
     import skimage.data
-    for name in ('astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field',
-                 'immunohistochemistry', 'motorcycle_left', 'camera', 'coins', 'moon'):
+
+    for name in (
+      'astronaut',
+      'coffee',
+      'chelsea',
+      'rocket',
+      'hubble_deep_field',
+      'immunohistochemistry',
+      'motorcycle_left',
+      'camera',
+      'coins',
+      'moon',
+    ):
       try:
         image = np.asarray(getattr(skimage.data, name)())
       except Exception:  # some need a download: skip them
@@ -51,6 +63,7 @@ def source_photos():
 def build_folder(root: str, num_files: int, seed: int = 0) -> int:
   """``num_files`` distinct JPEGs of about 500x375 (or 375x500) in 8 class folders."""
   from PIL import Image
+
   rng = np.random.RandomState(seed)
   photos = source_photos()
   for i in range(num_files):
@@ -61,7 +74,7 @@ def build_folder(root: str, num_files: int, seed: int = 0) -> int:
     y, x = rng.randint(0, h - ch + 1), rng.randint(0, w - cw + 1)
     size = (500, 375) if rng.rand() < 0.75 else (375, 500)
     size = tuple(int(s * rng.uniform(0.85, 1.15)) for s in size)
-    image = Image.fromarray(photo[y:y + ch, x:x + cw]).resize(size, Image.BICUBIC)
+    image = Image.fromarray(photo[y : y + ch, x : x + cw]).resize(size, Image.BICUBIC)
     if rng.rand() < 0.5:
       image = image.transpose(Image.FLIP_LEFT_RIGHT)
     folder = os.path.join(root, f'class_{i % 8}')
@@ -78,6 +91,7 @@ def cpu_seconds() -> float:
 def bench_tf(root: str, num_images: int, batch: int = 64, antialias: bool = False) -> dict:
   from configs import default
   from jax_resnet import input_pipeline
+
   config = default.get_config()
   config.dataset = 'folder'
   config.train_dir = config.eval_dir = root
@@ -100,12 +114,17 @@ def bench_tf(root: str, num_images: int, batch: int = 64, antialias: bool = Fals
     assert out['image'].shape == (batch, 224, 224, 3)
   wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
   n = steps * batch
-  return {'images': n, 'images_per_s': n / wall, 'images_per_cpu_s': n / cpu,
-          'cores_busy': cpu / wall}
+  return {
+    'images': n,
+    'images_per_s': n / wall,
+    'images_per_cpu_s': n / cpu,
+    'cores_busy': cpu / wall,
+  }
 
 
-def pillow_random_resized_crop(rng, width, height, scale=(0.08, 1.0),
-                               ratio=(3 / 4, 4 / 3), attempts=10):
+def pillow_random_resized_crop(
+  rng, width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10
+):
   """torchvision.transforms.RandomResizedCrop.get_params, in numpy: (x, y, w, h)."""
   area = width * height
   for _ in range(attempts):
@@ -126,6 +145,7 @@ def pillow_random_resized_crop(rng, width, height, scale=(0.08, 1.0),
 
 def bench_pillow(root: str, num_images: int) -> dict:
   from PIL import Image
+
   paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
   rng = np.random.RandomState(0)
 
@@ -145,15 +165,21 @@ def bench_pillow(root: str, num_images: int) -> dict:
     out = one(paths[i % len(paths)])
   assert out.shape == (224, 224, 3)
   wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-  return {'images': num_images, 'images_per_s': num_images / wall,
-          'images_per_cpu_s': num_images / cpu, 'cores_busy': cpu / wall}
+  return {
+    'images': num_images,
+    'images_per_s': num_images / wall,
+    'images_per_cpu_s': num_images / cpu,
+    'cores_busy': cpu / wall,
+  }
 
 
 def bench_cifar(steps: int, batch: int = 256) -> dict:
   import jax
   import tensorflow as tf
+
   from configs import default
   from jax_resnet import device_data, input_pipeline, sharding
+
   config = default.get_config()
   config.batch_size = batch
   config.image_size = 32
@@ -174,19 +200,24 @@ def bench_cifar(steps: int, batch: int = 256) -> dict:
       out = next(batches)
     jax.block_until_ready(out)
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    results[name] = {'batches_per_s': steps / wall, 'images_per_s': steps * batch / wall,
-                     'host_cpu_s_per_batch': cpu / steps}
+    results[name] = {
+      'batches_per_s': steps / wall,
+      'images_per_s': steps * batch / wall,
+      'host_cpu_s_per_batch': cpu / steps,
+    }
 
   info = input_pipeline.DatasetInfo(10, 50_000, 0, (32, 32, 3), (0.0,) * 3, (1.0,) * 3)
   dataset = input_pipeline.Dataset(
-      info, train=tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels}),
-      eval=None)
-  timed('tf_data', sharding.prefetch_to_device(
-      input_pipeline.train_batches(dataset, config, batch, steps_per_epoch), mesh))
-  timed('device_data', device_data.device_batches(images, labels, mesh, config,
-                                                  steps_per_epoch))
-  results['speedup'] = results['device_data']['batches_per_s'] / \
-      results['tf_data']['batches_per_s']
+    info, train=tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels}), eval=None
+  )
+  timed(
+    'tf_data',
+    sharding.prefetch_to_device(
+      input_pipeline.train_batches(dataset, config, batch, steps_per_epoch), mesh
+    ),
+  )
+  timed('device_data', device_data.device_batches(images, labels, mesh, config, steps_per_epoch))
+  results['speedup'] = results['device_data']['batches_per_s'] / results['tf_data']['batches_per_s']
   return results
 
 
@@ -198,39 +229,49 @@ def main():
   parser.add_argument('--skip_cifar', action='store_true')
   args = parser.parse_args()
   import jax
+
   model = platform.processor() or platform.machine()
   try:
     with open('/proc/cpuinfo') as f:
-      model = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+      model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
   except (OSError, StopIteration):
     pass
-  print(f'machine: {model}, {os.cpu_count()} CPU '
-        f'cores, {platform.system()} {platform.release()}, Python {platform.python_version()}'
-        f', jax {jax.__version__} ({jax.devices()[0].platform})')
+  print(
+    f'machine: {model}, {os.cpu_count()} CPU '
+    f'cores, {platform.system()} {platform.release()}, Python {platform.python_version()}'
+    f', jax {jax.__version__} ({jax.devices()[0].platform})'
+  )
   with tempfile.TemporaryDirectory() as root:
     sources = build_folder(root, args.files)
     sizes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
-    print(f'folder: {args.files} JPEGs from {sources} photographs, '
-          f'{sizes / args.files / 1024:.0f} KiB each on average')
+    print(
+      f'folder: {args.files} JPEGs from {sources} photographs, '
+      f'{sizes / args.files / 1024:.0f} KiB each on average'
+    )
     pil = bench_pillow(root, args.images)
     tfd = bench_tf(root, args.images)
     tfd_aa = bench_tf(root, args.images, antialias=True)
-  for name, r in (('Pillow loop', pil), ('tf.data (default)', tfd),
-                  ('tf.data antialias', tfd_aa)):
-    print(f'{name:>17}: {r["images_per_s"]:7.1f} images/s wall, '
-          f'{r["images_per_cpu_s"]:7.1f} images/s per CPU core '
-          f'({r["cores_busy"]:.2f} cores busy, {r["images"]} images)')
-  print(f'per-core ratio tf.data / Pillow: '
-        f'{tfd["images_per_cpu_s"] / pil["images_per_cpu_s"]:.2f}x; wall ratio: '
-        f'{tfd["images_per_s"] / pil["images_per_s"]:.2f}x; per-core ratio with '
-        f'resize_antialias=True: {tfd_aa["images_per_cpu_s"] / pil["images_per_cpu_s"]:.2f}x')
+  for name, r in (('Pillow loop', pil), ('tf.data (default)', tfd), ('tf.data antialias', tfd_aa)):
+    print(
+      f'{name:>17}: {r["images_per_s"]:7.1f} images/s wall, '
+      f'{r["images_per_cpu_s"]:7.1f} images/s per CPU core '
+      f'({r["cores_busy"]:.2f} cores busy, {r["images"]} images)'
+    )
+  print(
+    f'per-core ratio tf.data / Pillow: '
+    f'{tfd["images_per_cpu_s"] / pil["images_per_cpu_s"]:.2f}x; wall ratio: '
+    f'{tfd["images_per_s"] / pil["images_per_s"]:.2f}x; per-core ratio with '
+    f'resize_antialias=True: {tfd_aa["images_per_cpu_s"] / pil["images_per_cpu_s"]:.2f}x'
+  )
   if not args.skip_cifar:
     cifar = bench_cifar(args.cifar_steps)
     for name in ('tf_data', 'device_data'):
       r = cifar[name]
-      print(f'CIFAR-shaped {name:>11}: {r["batches_per_s"]:7.1f} batches/s of 256 '
-            f'({r["images_per_s"]:.0f} images/s), host CPU {1e3 * r["host_cpu_s_per_batch"]:.1f}'
-            f' ms per batch')
+      print(
+        f'CIFAR-shaped {name:>11}: {r["batches_per_s"]:7.1f} batches/s of 256 '
+        f'({r["images_per_s"]:.0f} images/s), host CPU {1e3 * r["host_cpu_s_per_batch"]:.1f}'
+        f' ms per batch'
+      )
     print(f'device_data / tf.data: {cifar["speedup"]:.2f}x batches/s')
 
 

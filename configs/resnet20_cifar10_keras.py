@@ -16,7 +16,7 @@ def get_config():
   config.batch_size = 32
   config.num_epochs = 200
   config.schedule = 'plateau'
-  config.plateau_factor = 0.1 ** 0.5
+  config.plateau_factor = 0.1**0.5
   config.plateau_patience = 5
   config.plateau_cooldown = 0
   config.plateau_min_scale = 0.5e-6 / 1e-3

@@ -55,7 +55,8 @@ def random_pad_crop(keys, images, pad: int):
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   offsets = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 2 * pad + 1))(keys)
   return jax.vmap(lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c)))(
-      padded, offsets)
+    padded, offsets
+  )
 
 
 def random_flip(keys, images):

@@ -29,7 +29,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,25 +43,25 @@ from jax_resnet import optim, sharding, train
 # Dense bf16 peak per device, TFLOP/s (vendor spec sheets); matched in order against
 # jax.Device.device_kind, so more specific names come first. None on CPU.
 PEAK_BF16_TFLOPS = (
-    ('H100 PCIe', 756.0),
-    ('H100', 989.0),  # SXM
-    ('H200', 989.0),
-    ('A100', 312.0),
-    ('TPU v4', 275.0),
-    ('TPU v5 lite', 197.0),
-    ('TPU v5e', 197.0),
-    ('TPU v5p', 459.0),
-    ('TPU v5', 459.0),
-    ('TPU v6 lite', 918.0),
+  ('H100 PCIe', 756.0),
+  ('H100', 989.0),  # SXM
+  ('H200', 989.0),
+  ('A100', 312.0),
+  ('TPU v4', 275.0),
+  ('TPU v5 lite', 197.0),
+  ('TPU v5e', 197.0),
+  ('TPU v5p', 459.0),
+  ('TPU v5', 459.0),
+  ('TPU v6 lite', 918.0),
 )
 
 # Train-set sizes and class counts for the schedule and the head: the benchmark needs
 # no data. Unknown data sets get ImageNet's.
 DATASETS = {
-    'imagenet2012': (1_281_167, 1000),
-    'cifar10': (50_000, 10),
-    'cifar100': (50_000, 100),
-    'digits': (1_438, 10),
+  'imagenet2012': (1_281_167, 1000),
+  'cifar10': (50_000, 10),
+  'cifar100': (50_000, 100),
+  'digits': (1_438, 10),
 }
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # uint8 units
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -71,29 +71,55 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 # planned scratch per device for one dispatch (mostly activations kept for the backward
 # pass): known on every backend, so memory savings (remat) show on CPU too.
 FIELDS = {
-    'mode': str, 'device_kind': str, 'platform': str, 'device_count': int,
-    'process_count': int, 'jax_version': str, 'xla_flags': str, 'model': str,
-    'image_size': int, 'global_batch': int, 'dtype': str, 'remat': bool,
-    'steps_per_dispatch': int,
-    'data_on_device': bool, 'warmup_steps': int, 'timed_steps': int, 'compile_s': float,
-    'step_s_median': float, 'step_s_p90': float, 'images_per_s': float,
-    'images_per_s_blocking': float, 'peak_memory_bytes': (int, type(None)),
-    'temp_memory_bytes': (int, type(None)),
-    'flops_per_image': (float, type(None)), 'flops_source': str, 'dataset': str,
-    'epoch_s': (float, type(None)),
-    'peak_bf16_tflops_per_device': (float, type(None)), 'mfu': (float, type(None)),
+  'mode': str,
+  'device_kind': str,
+  'platform': str,
+  'device_count': int,
+  'process_count': int,
+  'jax_version': str,
+  'xla_flags': str,
+  'model': str,
+  'image_size': int,
+  'global_batch': int,
+  'dtype': str,
+  'remat': bool,
+  'steps_per_dispatch': int,
+  'data_on_device': bool,
+  'warmup_steps': int,
+  'timed_steps': int,
+  'compile_s': float,
+  'step_s_median': float,
+  'step_s_p90': float,
+  'images_per_s': float,
+  'images_per_s_blocking': float,
+  'peak_memory_bytes': (int, type(None)),
+  'temp_memory_bytes': (int, type(None)),
+  'flops_per_image': (float, type(None)),
+  'flops_source': str,
+  'dataset': str,
+  'epoch_s': (float, type(None)),
+  'peak_bf16_tflops_per_device': (float, type(None)),
+  'mfu': (float, type(None)),
 }
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.',
-                                          lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Config file to benchmark.', lock_config=False
+)
 _COMPARE = config_flags.DEFINE_config_file(
-    'compare', None, 'A second config file run in the same process; the JSON gains '
-    '"ratio" (its images/s over --config\'s). Override with --compare.FIELD=VALUE.',
-    lock_config=False)
-flags.DEFINE_enum('mode', 'synthetic', ['synthetic', 'pipeline'],
-                  'synthetic: the train step on device-resident synthetic data. pipeline: '
-                  'input alone, step alone and the whole loop on the real data source.')
+  'compare',
+  None,
+  'A second config file run in the same process; the JSON gains '
+  '"ratio" (its images/s over --config\'s). Override with --compare.FIELD=VALUE.',
+  lock_config=False,
+)
+flags.DEFINE_enum(
+  'mode',
+  'synthetic',
+  ['synthetic', 'pipeline'],
+  'synthetic: the train step on device-resident synthetic data. pipeline: '
+  'input alone, step alone and the whole loop on the real data source.',
+)
 flags.DEFINE_integer('steps', 20, 'Timed train steps (rounded up to whole dispatches).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 flags.DEFINE_integer('num_batches', 4, 'Synthetic batches on the device, used in turn.')
@@ -101,14 +127,14 @@ flags.DEFINE_integer('num_classes', None, 'Head size; default from config.datase
 flags.DEFINE_string('json_out', None, 'Also write the JSON object to this file.')
 
 
-def peak_bf16_tflops(device_kind: str) -> Optional[float]:
+def peak_bf16_tflops(device_kind: str) -> float | None:
   for name, tflops in PEAK_BF16_TFLOPS:
     if name.lower() in device_kind.lower():
       return tflops
   return None
 
 
-def _flops(stage) -> Optional[float]:
+def _flops(stage) -> float | None:
   """'flops' from a Lowered's or Compiled's cost analysis (a dict, or a list of them)."""
   try:
     analysis = stage.cost_analysis()
@@ -120,7 +146,7 @@ def _flops(stage) -> Optional[float]:
   return float(flops) if flops and flops > 0 else None
 
 
-def _peak_memory(devices) -> Optional[int]:
+def _peak_memory(devices) -> int | None:
   peaks = []
   for d in devices:
     try:
@@ -132,14 +158,14 @@ def _peak_memory(devices) -> Optional[int]:
   return max(peaks) if peaks else None
 
 
-def _temp_memory(compiled) -> Optional[int]:
+def _temp_memory(compiled) -> int | None:
   try:
     return int(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:  # a backend without memory analysis
     return None
 
 
-def _epoch_s(dataset: str, images_per_s: float) -> Optional[float]:
+def _epoch_s(dataset: str, images_per_s: float) -> float | None:
   """Seconds for one epoch of a known training set at this rate."""
   return DATASETS[dataset][0] / images_per_s if dataset in DATASETS else None
 
@@ -152,17 +178,21 @@ def _synthetic_batches(mesh, count: int, batch: int, image_shape, num_classes: i
   def make(key):
     k1, k2 = jax.random.split(key)
     images = jax.random.randint(k1, (batch, *image_shape), 0, 256, jnp.int32)
-    return {'image': images.astype(jnp.uint8),
-            'label': jax.random.randint(k2, (batch,), 0, num_classes, jnp.int32)}
+    return {
+      'image': images.astype(jnp.uint8),
+      'label': jax.random.randint(k2, (batch,), 0, num_classes, jnp.int32),
+    }
 
   return [make(jax.random.PRNGKey(seed * 1000 + i)) for i in range(count)]
 
 
-def _batch_source(config, mesh, image_shape, num_classes: int, num_batches: int,
-                  steps_per_epoch: int) -> Callable[[int], dict]:
+def _batch_source(
+  config, mesh, image_shape, num_classes: int, num_batches: int, steps_per_epoch: int
+) -> Callable[[int], dict]:
   """step -> global batch on the device, as real training would see it."""
   if config.get('data_on_device', False):
     from jax_resnet import device_data  # no TensorFlow
+
     local = sharding.local_batch_size(config.batch_size, mesh)
     n = max(num_batches, 2) * local
     rng = np.random.default_rng(config.seed)
@@ -172,15 +202,22 @@ def _batch_source(config, mesh, image_shape, num_classes: int, num_batches: int,
     per_epoch = n // local
     permutation = device_data.epoch_permutation(config.seed, 0, n)
     return lambda step: data.batch(0, step % per_epoch, permutation)
-  batches = _synthetic_batches(mesh, num_batches, config.batch_size, image_shape,
-                               num_classes, config.seed)
+  batches = _synthetic_batches(
+    mesh, num_batches, config.batch_size, image_shape, num_classes, config.seed
+  )
   return lambda step: batches[step % len(batches)]
 
 
-def benchmark_step(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 3,
-                   num_batches: int = 4, num_classes: Optional[int] = None,
-                   mean: Sequence[float] = None, std: Sequence[float] = None,
-                   image_shape: Sequence[int] = None) -> dict:
+def benchmark_step(
+  config: ml_collections.ConfigDict,
+  steps: int = 20,
+  warmup: int = 3,
+  num_batches: int = 4,
+  num_classes: int | None = None,
+  mean: Sequence[float] = None,
+  std: Sequence[float] = None,
+  image_shape: Sequence[int] = None,
+) -> dict:
   """Compiles and times the config's train step on synthetic device data (see FIELDS)."""
   mesh = sharding.create_mesh()
   devices = list(mesh.devices.flat)
@@ -199,20 +236,22 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int = 20, warmup: i
   warmup_dispatches = max(1, -(-warmup // k))
 
   steps_per_epoch = max(1, num_train // config.batch_size)
-  total_steps = config.num_train_steps if config.num_train_steps > 0 else \
-      int(config.num_epochs * steps_per_epoch)
+  total_steps = (
+    config.num_train_steps
+    if config.num_train_steps > 0
+    else int(config.num_epochs * steps_per_epoch)
+  )
   learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   model = train.create_model_from_config(config, num_classes)
-  state = train.create_train_state(jax.random.PRNGKey(config.seed), config, model,
-                                   image_shape, learning_rate_fn, mesh)
-  batch_at = _batch_source(config, mesh, image_shape, num_classes, num_batches,
-                           steps_per_epoch)
+  state = train.create_train_state(
+    jax.random.PRNGKey(config.seed), config, model, image_shape, learning_rate_fn, mesh
+  )
+  batch_at = _batch_source(config, mesh, image_shape, num_classes, num_batches, steps_per_epoch)
   p_single, _ = train.make_steps(config, learning_rate_fn, num_classes, mean, std, mesh)
   if k == 1:
     p_step, args_at = p_single, batch_at
   else:
-    p_step = train.make_multi_train_step(config, learning_rate_fn, num_classes, mean, std,
-                                         mesh)
+    p_step = train.make_multi_train_step(config, learning_rate_fn, num_classes, mean, std, mesh)
     args_at = lambda i: [batch_at(i * k + j) for j in range(k)]
 
   start = time.perf_counter()
@@ -233,8 +272,7 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int = 20, warmup: i
     if remat:
       plain = config.copy_and_resolve_references()
       plain.remat = False
-      flops_state = state.replace(
-          apply_fn=train.create_model_from_config(plain, num_classes).apply)
+      flops_state = state.replace(apply_fn=train.create_model_from_config(plain, num_classes).apply)
     lowered_single = p_single.lower(flops_state, batch_at(0))
     single = (lowered_single, lowered_single.compile())
   flops, flops_source = _flops(single[1]), 'compiled'
@@ -276,52 +314,67 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int = 20, warmup: i
   images_per_s = dispatches * k * global_batch / pipelined_s
   flops_per_image = flops / global_batch if flops else None
   peak = peak_bf16_tflops(devices[0].device_kind)
-  mfu = (flops_per_image * images_per_s / (peak * 1e12 * len(devices))
-         if peak and flops_per_image else None)
+  mfu = (
+    flops_per_image * images_per_s / (peak * 1e12 * len(devices))
+    if peak and flops_per_image
+    else None
+  )
   result = {
-      'mode': 'synthetic',
-      'device_kind': devices[0].device_kind,
-      'platform': devices[0].platform,
-      'device_count': len(devices),
-      'process_count': jax.process_count(),
-      'jax_version': jax.__version__,
-      'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'model': config.model,
-      'image_size': int(config.image_size),
-      'global_batch': int(global_batch),
-      'dtype': jnp.dtype(train.compute_dtype(config)).name,
-      'remat': remat,
-      'steps_per_dispatch': k,
-      'data_on_device': bool(config.get('data_on_device', False)),
-      'warmup_steps': warmup_dispatches * k,
-      'timed_steps': dispatches * k,
-      'compile_s': compile_s,
-      'step_s_median': statistics.median(times),
-      'step_s_p90': float(np.percentile(times, 90)),
-      'images_per_s': images_per_s,
-      'images_per_s_blocking': global_batch / statistics.median(times),
-      'peak_memory_bytes': _peak_memory(devices),
-      'temp_memory_bytes': _temp_memory(compiled),
-      'flops_per_image': flops_per_image,
-      'flops_source': flops_source,
-      'dataset': config.dataset,
-      'epoch_s': _epoch_s(config.dataset, images_per_s),
-      'peak_bf16_tflops_per_device': peak,
-      'mfu': mfu,
-      'train_loss': loss,
+    'mode': 'synthetic',
+    'device_kind': devices[0].device_kind,
+    'platform': devices[0].platform,
+    'device_count': len(devices),
+    'process_count': jax.process_count(),
+    'jax_version': jax.__version__,
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'model': config.model,
+    'image_size': int(config.image_size),
+    'global_batch': int(global_batch),
+    'dtype': jnp.dtype(train.compute_dtype(config)).name,
+    'remat': remat,
+    'steps_per_dispatch': k,
+    'data_on_device': bool(config.get('data_on_device', False)),
+    'warmup_steps': warmup_dispatches * k,
+    'timed_steps': dispatches * k,
+    'compile_s': compile_s,
+    'step_s_median': statistics.median(times),
+    'step_s_p90': float(np.percentile(times, 90)),
+    'images_per_s': images_per_s,
+    'images_per_s_blocking': global_batch / statistics.median(times),
+    'peak_memory_bytes': _peak_memory(devices),
+    'temp_memory_bytes': _temp_memory(compiled),
+    'flops_per_image': flops_per_image,
+    'flops_source': flops_source,
+    'dataset': config.dataset,
+    'epoch_s': _epoch_s(config.dataset, images_per_s),
+    'peak_bf16_tflops_per_device': peak,
+    'mfu': mfu,
+    'train_loss': loss,
   }
-  logging.info('%s %dx%d batch %d %s, %d step(s)/dispatch on %d x %s: %.1f img/s '
-               '(median step %.4f s, p90 %.4f s), compile %.1f s, %s GFLOP/image, MFU %s',
-               config.model, config.image_size, config.image_size, global_batch,
-               result['dtype'], k, len(devices), result['device_kind'], images_per_s,
-               result['step_s_median'], result['step_s_p90'], compile_s,
-               f'{flops_per_image / 1e9:.3f}' if flops_per_image else 'n/a',
-               f'{mfu:.1%}' if mfu is not None else 'n/a')
+  logging.info(
+    '%s %dx%d batch %d %s, %d step(s)/dispatch on %d x %s: %.1f img/s '
+    '(median step %.4f s, p90 %.4f s), compile %.1f s, %s GFLOP/image, MFU %s',
+    config.model,
+    config.image_size,
+    config.image_size,
+    global_batch,
+    result['dtype'],
+    k,
+    len(devices),
+    result['device_kind'],
+    images_per_s,
+    result['step_s_median'],
+    result['step_s_p90'],
+    compile_s,
+    f'{flops_per_image / 1e9:.3f}' if flops_per_image else 'n/a',
+    f'{mfu:.1%}' if mfu is not None else 'n/a',
+  )
   return result
 
 
-def benchmark_pipeline(config: ml_collections.ConfigDict, steps: int = 20,
-                       warmup: int = 3, num_batches: int = 4) -> dict:
+def benchmark_pipeline(
+  config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 3, num_batches: int = 4
+) -> dict:
   """Input alone, step alone and the whole loop on the config's real data source."""
   from jax_resnet import input_pipeline  # TensorFlow: only in this mode
 
@@ -332,14 +385,15 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, steps: int = 20,
   steps_per_epoch = max(1, info.num_train // config.batch_size)
   if config.get('data_on_device', False):
     from jax_resnet import device_data
+
     images, labels = input_pipeline.train_arrays(dataset)
     source = 'device_data'
-    make_batches = lambda: device_data.device_batches(images, labels, mesh, config,
-                                                      steps_per_epoch)
+    make_batches = lambda: device_data.device_batches(images, labels, mesh, config, steps_per_epoch)
   else:
     source = 'tf.data'
     make_batches = lambda: sharding.prefetch_to_device(
-        input_pipeline.train_batches(dataset, config, local_batch, steps_per_epoch), mesh)
+      input_pipeline.train_batches(dataset, config, local_batch, steps_per_epoch), mesh
+    )
 
   # Input alone: batches pulled and copied to the device, no step.
   batches = make_batches()
@@ -352,17 +406,19 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, steps: int = 20,
   del batches
 
   # Step alone, on synthetic data of the same shape.
-  step = benchmark_step(config, steps, warmup, num_batches, info.num_classes, info.mean,
-                        info.std, info.image_shape)
+  step = benchmark_step(
+    config, steps, warmup, num_batches, info.num_classes, info.mean, info.std, info.image_shape
+  )
 
   # The whole loop: the trainer's single-step loop, one sync at the end.
-  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch,
-                                                   10 * steps_per_epoch)
+  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, 10 * steps_per_epoch)
   model = train.create_model_from_config(config, info.num_classes)
-  state = train.create_train_state(jax.random.PRNGKey(config.seed), config, model,
-                                   info.image_shape, learning_rate_fn, mesh)
-  p_train, _ = train.make_steps(config, learning_rate_fn, info.num_classes, info.mean,
-                                info.std, mesh)
+  state = train.create_train_state(
+    jax.random.PRNGKey(config.seed), config, model, info.image_shape, learning_rate_fn, mesh
+  )
+  p_train, _ = train.make_steps(
+    config, learning_rate_fn, info.num_classes, info.mean, info.std, mesh
+  )
   batches = make_batches()
   for _ in range(warmup):
     state, _ = p_train(state, next(batches))
@@ -379,7 +435,8 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, steps: int = 20,
   images = steps * config.batch_size
   input_ips, loop_ips = images / input_s, images / loop_s
   result = dict(step)
-  result.update({
+  result.update(
+    {
       'mode': 'pipeline',
       'dataset': config.dataset,
       'input_source': source,
@@ -389,10 +446,18 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, steps: int = 20,
       'images_per_s': loop_ips,
       'epoch_s': _epoch_s(config.dataset, loop_ips),
       'bottleneck': 'input' if input_ips < step['images_per_s'] else 'step',
-  })
-  logging.info('%s on %s (%s): input %.1f img/s, step %.1f img/s, loop %.1f img/s: '
-               'bottleneck %s', config.model, config.dataset, source, input_ips,
-               step['images_per_s'], loop_ips, result['bottleneck'])
+    }
+  )
+  logging.info(
+    '%s on %s (%s): input %.1f img/s, step %.1f img/s, loop %.1f img/s: bottleneck %s',
+    config.model,
+    config.dataset,
+    source,
+    input_ips,
+    step['images_per_s'],
+    loop_ips,
+    result['bottleneck'],
+  )
   return result
 
 
@@ -406,14 +471,19 @@ def run(config: ml_collections.ConfigDict, mode: str = 'synthetic', **kwargs) ->
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  kwargs = dict(steps=FLAGS.steps, warmup=FLAGS.warmup, num_batches=FLAGS.num_batches,
-                num_classes=FLAGS.num_classes)
+  kwargs = dict(
+    steps=FLAGS.steps,
+    warmup=FLAGS.warmup,
+    num_batches=FLAGS.num_batches,
+    num_classes=FLAGS.num_classes,
+  )
 
   def one(flag, config):
     result = run(config, FLAGS.mode, **kwargs)
     result['config_file'] = config_flags.get_config_filename(FLAGS[flag])
-    result['overrides'] = {k: str(v) for k, v in
-                           config_flags.get_override_values(FLAGS[flag]).items()}
+    result['overrides'] = {
+      k: str(v) for k, v in config_flags.get_override_values(FLAGS[flag]).items()
+    }
     gc.collect()
     return result
 

@@ -9,7 +9,6 @@ by eval top-1.
 
 import functools
 import os
-from typing import Optional, Tuple, Union
 
 import flax.serialization
 import jax
@@ -20,10 +19,13 @@ from absl import logging
 
 def _manager(directory: str, keep: int, best: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=True,
-      cleanup_tmp_directories=True,  # a save cut short (kill, full disk) leaves a tmp dir
-      best_fn=(lambda metrics: metrics['eval_top1']) if best else None,
-      best_mode='max')
+    max_to_keep=keep,
+    create=True,
+    enable_async_checkpointing=True,
+    cleanup_tmp_directories=True,  # a save cut short (kill, full disk) leaves a tmp dir
+    best_fn=(lambda metrics: metrics['eval_top1']) if best else None,
+    best_mode='max',
+  )
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -33,13 +35,16 @@ class CheckpointSaveError(OSError):
 
 def _reporting_save_errors(method):
   """Turns whatever orbax raises for a failed (possibly earlier, async) save into one error."""
+
   @functools.wraps(method)
   def wrapper(self, *args, **kwargs):
     try:
       return method(self, *args, **kwargs)
     except Exception as e:
-      raise CheckpointSaveError(f'Saving a checkpoint in {self.directory} failed: '
-                                f'{type(e).__name__}: {str(e)[:300]}') from e
+      raise CheckpointSaveError(
+        f'Saving a checkpoint in {self.directory} failed: {type(e).__name__}: {str(e)[:300]}'
+      ) from e
+
   return wrapper
 
 
@@ -63,8 +68,7 @@ class Checkpoints:
   def save_best(self, step: int, state, meta: dict, eval_top1: float) -> None:
     self.best.save(step, args=_save_args(state, meta), metrics={'eval_top1': eval_top1})
 
-  def restore(self, state, which: Union[str, int] = 'latest',
-              check=None) -> Tuple[object, Optional[dict]]:
+  def restore(self, state, which: str | int = 'latest', check=None) -> tuple[object, dict | None]:
     """(state, meta) from a checkpoint, or (state, None) when there is none.
 
     ``which`` is 'latest', 'best' or a step number. ``state`` is a freshly initialised
@@ -82,20 +86,24 @@ class Checkpoints:
     else:
       manager, steps = self.latest, [int(which)]
       if int(which) not in self.latest.all_steps():
-        raise FileNotFoundError(f'No checkpoint at step {which} in {self.directory}; '
-                                f'available: {sorted(self.latest.all_steps())}.')
+        raise FileNotFoundError(
+          f'No checkpoint at step {which} in {self.directory}; '
+          f'available: {sorted(self.latest.all_steps())}.'
+        )
     for step in steps:
       try:
-        meta = dict(manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta'])
+        meta = dict(
+          manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+        )
       except Exception as e:  # orbax raises many kinds for a damaged directory
         self._set_aside(manager, step, which, e)
         continue
       if check is not None:
         check(meta)  # a config mismatch is the user's to fix, not damage to skip
       try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
+        restored = manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
         return restored['state'], meta
       except Exception as e:
         self._set_aside(manager, step, which, e)
@@ -112,9 +120,16 @@ class Checkpoints:
     if jax.process_index() == 0:
       os.rename(path, f'{path}.corrupt-{n}')
     manager.reload()
-    logging.warning('Checkpoint at step %d in %s is incomplete or corrupt (%s: %s); moved '
-                    'it to %s.corrupt-%d and trying the previous one.', step, manager.directory,
-                    type(error).__name__, str(error)[:200], step, n)
+    logging.warning(
+      'Checkpoint at step %d in %s is incomplete or corrupt (%s: %s); moved '
+      'it to %s.corrupt-%d and trying the previous one.',
+      step,
+      manager.directory,
+      type(error).__name__,
+      str(error)[:200],
+      step,
+      n,
+    )
 
   @_reporting_save_errors
   def wait(self) -> None:

@@ -15,13 +15,14 @@ No TensorFlow here: jax and numpy only.
 """
 
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jax_resnet import augment, sharding
 
@@ -41,12 +42,15 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
 class DeviceData:
   """This process's uint8 train arrays on its devices, and the batches drawn from them."""
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray, mesh: Mesh,
-               config: ml_collections.ConfigDict):
+  def __init__(
+    self, images: np.ndarray, labels: np.ndarray, mesh: Mesh, config: ml_collections.ConfigDict
+  ):
     images, labels = np.asarray(images), np.asarray(labels, np.int32)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
-      raise ValueError(f'Expected uint8 NHWC images and as many labels; got images '
-                       f'{images.dtype} {images.shape}, labels {labels.shape}.')
+      raise ValueError(
+        f'Expected uint8 NHWC images and as many labels; got images '
+        f'{images.dtype} {images.shape}, labels {labels.shape}.'
+      )
     self.mesh, self.config = mesh, config
     self.num_local = len(labels)
     if self.num_local == 0:
@@ -55,36 +59,44 @@ class DeviceData:
     self.num_max = self.num_local
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      self.num_max = int(np.max(multihost_utils.process_allgather(
-          np.asarray(self.num_local, np.int64))))
+
+      self.num_max = int(
+        np.max(multihost_utils.process_allgather(np.asarray(self.num_local, np.int64)))
+      )
     pad = self.num_max - self.num_local
     if pad:
       images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
       labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
-    self.local_devices = [d for d in mesh.devices.flat
-                          if d.process_index == jax.process_index()]
+    self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     self.local_batch = sharding.local_batch_size(config.batch_size, mesh)
     self.images = self._copy_to_each_device(images)
     self.labels = self._copy_to_each_device(labels)
     batch_sharding = sharding.batch_sharded(mesh)
-    self._step = jax.jit(functools.partial(
-        _make_batch, mesh=mesh, seed=int(config.seed), num_max=self.num_max,
-        pad=int(config.random_crop_pad), flip=bool(config.random_flip)),
-        out_shardings={'image': batch_sharding, 'label': batch_sharding})
+    self._step = jax.jit(
+      functools.partial(
+        _make_batch,
+        mesh=mesh,
+        seed=int(config.seed),
+        num_max=self.num_max,
+        pad=int(config.random_crop_pad),
+        flip=bool(config.random_flip),
+      ),
+      out_shardings={'image': batch_sharding, 'label': batch_sharding},
+    )
 
   def _copy_to_each_device(self, array: np.ndarray):
     """[devices, *array.shape], split over 'data': each device's block is the array."""
     global_shape = (self.mesh.devices.size, *array.shape)
     shards = [jax.device_put(array[None], d) for d in self.local_devices]
     return jax.make_array_from_single_device_arrays(
-        global_shape, NamedSharding(self.mesh, P(sharding.DATA_AXIS)), shards)
+      global_shape, NamedSharding(self.mesh, P(sharding.DATA_AXIS)), shards
+    )
 
   def batch(self, epoch: int, step_in_epoch: int, permutation: np.ndarray = None) -> dict:
     """The global batch of one step: {'image' uint8 NHWC, 'label' int32}."""
     if permutation is None:
       permutation = epoch_permutation(self.config.seed, epoch, self.num_local)
-    positions = (step_in_epoch * self.local_batch + np.arange(self.local_batch)) % \
-        self.num_local
+    positions = (step_in_epoch * self.local_batch + np.arange(self.local_batch)) % self.num_local
     # A globally unique id: the process's block start plus the local index.
     ids = (permutation[positions] + jax.process_index() * self.num_max).astype(np.int32)
     ids = jax.make_array_from_process_local_data(sharding.batch_sharded(self.mesh), ids)
@@ -100,9 +112,14 @@ class DeviceData:
       epoch, step = epoch + 1, 0
 
 
-def device_batches(images: np.ndarray, labels: np.ndarray, mesh: Mesh,
-                   config: ml_collections.ConfigDict, steps_per_epoch: int,
-                   start_step: int = 0) -> Iterator[dict]:
+def device_batches(
+  images: np.ndarray,
+  labels: np.ndarray,
+  mesh: Mesh,
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  start_step: int = 0,
+) -> Iterator[dict]:
   """Global train batches made on the device from process-local uint8 arrays."""
   return DeviceData(images, labels, mesh, config).batches(steps_per_epoch, start_step)
 
@@ -114,13 +131,16 @@ def _make_batch(images, labels, ids, epoch, *, mesh, seed, num_max, pad, flip):
     local = ids % num_max
     batch = jnp.take(images[0], local, axis=0)
     if pad:
-      batch = augment.random_pad_crop(augment.example_keys(aug_key, ids, CROP_TAG), batch,
-                                      pad)
+      batch = augment.random_pad_crop(augment.example_keys(aug_key, ids, CROP_TAG), batch, pad)
     if flip:
       batch = augment.random_flip(augment.example_keys(aug_key, ids, FLIP_TAG), batch)
     return {'image': batch, 'label': jnp.take(labels[0], local, axis=0)}
 
   data = P(sharding.DATA_AXIS)
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(data, data, data),
-                       out_specs={'image': data, 'label': data},
-                       check_vma=False)(images, labels, ids)
+  return jax.shard_map(
+    per_device,
+    mesh=mesh,
+    in_specs=(data, data, data),
+    out_specs={'image': data, 'label': data},
+    check_vma=False,
+  )(images, labels, ids)

@@ -7,7 +7,8 @@ precision). BatchNorm statistics are reduced in float32 whatever the compute dty
 """
 
 import functools
-from typing import Any, Callable, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -18,9 +19,9 @@ ModuleDef = Any
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 KERNEL_INITS = {
-    'he_normal': he_normal,
-    'he_uniform': nn.initializers.variance_scaling(2.0, 'fan_out', 'uniform'),
-    'lecun_normal': nn.initializers.lecun_normal(),
+  'he_normal': he_normal,
+  'he_uniform': nn.initializers.variance_scaling(2.0, 'fan_out', 'uniform'),
+  'lecun_normal': nn.initializers.lecun_normal(),
 }
 
 
@@ -31,6 +32,7 @@ def _pad(k: int):
 
 class _Block(nn.Module):
   """What every block takes; ``residual=False`` drops the skip connection (plain nets)."""
+
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -42,6 +44,7 @@ class _Block(nn.Module):
 
 class BasicBlock(_Block):
   """Two 3x3 convs."""
+
   expansion = 1
 
   @nn.compact
@@ -57,6 +60,7 @@ class BasicBlock(_Block):
 
 class Bottleneck(_Block):
   """1x1 reduce, 3x3 (strided, as torchvision's v1.5), 1x1 expand by 4."""
+
   expansion = 4
 
   @nn.compact
@@ -73,6 +77,7 @@ class Bottleneck(_Block):
 
 class PreActBasicBlock(_Block):
   """BN-ReLU-conv ordering with a clean identity path (He et al. 2016); always residual."""
+
   expansion = 1
 
   @nn.compact
@@ -86,6 +91,7 @@ class PreActBasicBlock(_Block):
 
 class PreActBottleneck(_Block):
   """The pre-activation bottleneck; like PreActBasicBlock, always residual."""
+
   expansion = 4
 
   @nn.compact
@@ -131,6 +137,7 @@ def _pad_shortcut(x, filters, strides):
 
 class ResNet(nn.Module):
   """A ResNet: stem, stages of blocks, global average pool, dropout, linear head."""
+
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
   num_classes: int
@@ -152,12 +159,21 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32,
-                             kernel_init=KERNEL_INITS[self.kernel_init])
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype, param_dtype=jnp.float32)
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=KERNEL_INITS[self.kernel_init],
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+    )
     x = x.astype(self.dtype)
     if self.stem == 'imagenet':
       x = conv(self.widths[0], (7, 7), (2, 2), padding=_pad(7), name='stem_conv')(x)
@@ -170,41 +186,62 @@ class ResNet(nn.Module):
     block_cls = nn.remat(self.block_cls) if self.remat else self.block_cls
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(num_blocks):
-        x = block_cls(filters=width, conv=conv, norm=norm,
-                      strides=2 if i > 0 and j == 0 else 1,
-                      residual=self.residual, shortcut=self.shortcut,
-                      zero_init_last=self.zero_init_residual,
-                      name=f'stage{i + 1}_block{j + 1}')(x)
+        x = block_cls(
+          filters=width,
+          conv=conv,
+          norm=norm,
+          strides=2 if i > 0 and j == 0 else 1,
+          residual=self.residual,
+          shortcut=self.shortcut,
+          zero_init_last=self.zero_init_residual,
+          name=f'stage{i + 1}_block{j + 1}',
+        )(x)
     if self.preact:
       x = nn.relu(norm(name='final_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                 name='head')(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
     return x.astype(jnp.float32)
 
 
 _IMAGENET_DEPTHS = {
-    18: ((2, 2, 2, 2), 'basic'),
-    34: ((3, 4, 6, 3), 'basic'),
-    50: ((3, 4, 6, 3), 'bottleneck'),
-    101: ((3, 4, 23, 3), 'bottleneck'),
-    152: ((3, 8, 36, 3), 'bottleneck'),
+  18: ((2, 2, 2, 2), 'basic'),
+  34: ((3, 4, 6, 3), 'basic'),
+  50: ((3, 4, 6, 3), 'bottleneck'),
+  101: ((3, 4, 23, 3), 'bottleneck'),
+  152: ((3, 8, 36, 3), 'bottleneck'),
 }
 _CIFAR_DEPTHS = (20, 32, 44, 56, 110)
-_BLOCKS = {('basic', False): BasicBlock, ('bottleneck', False): Bottleneck,
-           ('basic', True): PreActBasicBlock, ('bottleneck', True): PreActBottleneck}
+_BLOCKS = {
+  ('basic', False): BasicBlock,
+  ('bottleneck', False): Bottleneck,
+  ('basic', True): PreActBasicBlock,
+  ('bottleneck', True): PreActBottleneck,
+}
 
 
 def _architecture(depth: int, preact: bool, residual: bool) -> dict:
   if depth in _IMAGENET_DEPTHS:
     stages, block = _IMAGENET_DEPTHS[depth]
-    return dict(stage_sizes=stages, block_cls=_BLOCKS[block, preact], preact=preact,
-                residual=residual, widths=(64, 128, 256, 512), stem='imagenet',
-                shortcut='projection')
+    return dict(
+      stage_sizes=stages,
+      block_cls=_BLOCKS[block, preact],
+      preact=preact,
+      residual=residual,
+      widths=(64, 128, 256, 512),
+      stem='imagenet',
+      shortcut='projection',
+    )
   n = (depth - 2) // 6
-  return dict(stage_sizes=(n, n, n), block_cls=_BLOCKS['basic', preact], preact=preact,
-              residual=residual, widths=(16, 32, 64), stem='cifar', shortcut='pad')
+  return dict(
+    stage_sizes=(n, n, n),
+    block_cls=_BLOCKS['basic', preact],
+    preact=preact,
+    residual=residual,
+    widths=(16, 32, 64),
+    stem='cifar',
+    shortcut='pad',
+  )
 
 
 def _registry() -> dict:
@@ -217,8 +254,9 @@ def _registry() -> dict:
 
 
 MODELS = _registry()
-MODEL_NAMES = tuple(sorted(MODELS, key=lambda n: (n.rstrip('0123456789'),
-                                                  int(n[len(n.rstrip('0123456789')):]))))
+MODEL_NAMES = tuple(
+  sorted(MODELS, key=lambda n: (n.rstrip('0123456789'), int(n[len(n.rstrip('0123456789')) :])))
+)
 
 
 def create_model(name: str, num_classes: int, **options) -> ResNet:
@@ -235,8 +273,9 @@ def create_model(name: str, num_classes: int, **options) -> ResNet:
   if unknown:
     raise ValueError(f'Unknown model options {sorted(unknown)}.')
   if options.get('kernel_init', 'he_normal') not in KERNEL_INITS:
-    raise ValueError(f'Unknown kernel_init {options["kernel_init"]!r}. '
-                     f'Valid: {", ".join(KERNEL_INITS)}.')
+    raise ValueError(
+      f'Unknown kernel_init {options["kernel_init"]!r}. Valid: {", ".join(KERNEL_INITS)}.'
+    )
   return ResNet(num_classes=num_classes, **{**MODELS[name], **options})
 
 
@@ -244,4 +283,4 @@ def min_image_size(name: str, **options) -> int:
   """The smallest square input that still leaves at least 1x1 after every downsampling."""
   arch = {**MODELS[name], **options}
   downsamplings = len(arch['stage_sizes']) - 1 + (2 if arch['stem'] == 'imagenet' else 0)
-  return 2 ** downsamplings
+  return 2**downsamplings

@@ -38,19 +38,27 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   return config.learning_rate
 
 
-def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                            total_steps: int) -> optax.Schedule:
+def create_learning_rate_fn(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
   peak = peak_learning_rate(config)
   warmup = int(config.warmup_epochs * steps_per_epoch)
   if config.schedule == 'onecycle':
     return optax.cosine_onecycle_schedule(
-        transition_steps=total_steps, peak_value=peak, pct_start=config.onecycle_pct_start,
-        div_factor=config.onecycle_div_factor,
-        final_div_factor=config.onecycle_final_div_factor)
+      transition_steps=total_steps,
+      peak_value=peak,
+      pct_start=config.onecycle_pct_start,
+      div_factor=config.onecycle_div_factor,
+      final_div_factor=config.onecycle_final_div_factor,
+    )
   if config.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total_steps,
-        end_value=peak * config.final_learning_rate_fraction)
+      init_value=0.0,
+      peak_value=peak,
+      warmup_steps=warmup,
+      decay_steps=total_steps,
+      end_value=peak * config.final_learning_rate_fraction,
+    )
   if config.schedule == 'multistep':
     boundaries = {int(f * total_steps): config.decay_factor for f in config.decay_at}
     decay = optax.piecewise_constant_schedule(peak, boundaries)
@@ -58,8 +66,9 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
   if config.schedule == 'constant':
     return _with_warmup(optax.constant_schedule(peak), peak, warmup)
   if config.schedule == 'plateau':
-    return PlateauSchedule(_with_warmup(optax.constant_schedule(peak), peak, warmup),
-                           steps_per_epoch)
+    return PlateauSchedule(
+      _with_warmup(optax.constant_schedule(peak), peak, warmup), steps_per_epoch
+    )
   raise ValueError(f'Unknown schedule {config.schedule!r}. Valid: {", ".join(SCHEDULES)}.')
 
 
@@ -76,8 +85,9 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
   """The configured optimizer; with the 'plateau' schedule, reduce-on-plateau after it.
 
   Reduce-on-plateau (Keras's ReduceLROnPlateau) averages the training loss passed as
@@ -89,29 +99,41 @@ def create_optimizer(config: ml_collections.ConfigDict,
   """
   tx = _base_optimizer(config, learning_rate_fn)
   if isinstance(learning_rate_fn, PlateauSchedule):
-    tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
+    tx = optax.chain(
+      tx,
+      optax.contrib.reduce_on_plateau(
         factor=config.get('plateau_factor', 0.1),
         patience=config.get('plateau_patience', 10),
         rtol=config.get('plateau_rtol', 1e-4),
         cooldown=config.get('plateau_cooldown', 0),
         min_scale=config.get('plateau_min_scale', 0.0),
-        accumulation_size=max(1, learning_rate_fn.steps_per_epoch)))
+        accumulation_size=max(1, learning_rate_fn.steps_per_epoch),
+      ),
+    )
   return optax.with_extra_args_support(tx)
 
 
 def plateau_scale(opt_state):
   """The reduce-on-plateau learning-rate multiplier in ``opt_state``; 1.0 without one."""
-  states = [s for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, optax.contrib.ReduceLROnPlateauState))
-            if isinstance(s, optax.contrib.ReduceLROnPlateauState)]
+  states = [
+    s
+    for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.contrib.ReduceLROnPlateauState)
+    )
+    if isinstance(s, optax.contrib.ReduceLROnPlateauState)
+  ]
   return states[0].scale if states else jnp.float32(1.0)
 
 
 def apply_gradients(state, grads, loss, **replace):
   """``state.apply_gradients`` that also passes the loss to the optimizer (plateau)."""
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
-  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                       opt_state=opt_state, **replace)
+  return state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+    **replace,
+  )
 
 
 def current_learning_rate(learning_rate_fn, step, opt_state):
@@ -125,13 +147,20 @@ def _base_optimizer(config, learning_rate_fn):
     # Coupled L2 decay (added to the gradient before momentum), as in torch.optim.SGD
     # and the papers whose recipes the configs reproduce.
     return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask),
-        optax.sgd(learning_rate_fn, momentum=config.momentum or None,
-                  nesterov=config.nesterov))
+      optax.add_decayed_weights(config.weight_decay, mask),
+      optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
+    )
   if config.optimizer == 'adamw':
-    return optax.adamw(learning_rate_fn, b1=config.adam_b1, b2=config.adam_b2,
-                       weight_decay=config.weight_decay, mask=mask)
+    return optax.adamw(
+      learning_rate_fn,
+      b1=config.adam_b1,
+      b2=config.adam_b2,
+      weight_decay=config.weight_decay,
+      mask=mask,
+    )
   if config.optimizer == 'adam':
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask),
-                       optax.adam(learning_rate_fn, b1=config.adam_b1, b2=config.adam_b2))
+    return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask),
+      optax.adam(learning_rate_fn, b1=config.adam_b1, b2=config.adam_b2),
+    )
   raise ValueError(f'Unknown optimizer {config.optimizer!r}. Valid: {", ".join(OPTIMIZERS)}.')

@@ -13,15 +13,17 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 RUN_INFO = 'run.json'
 PANELS = (  # (title, [(metric, transform, line style, legend suffix)])
-    ('loss', [('train_loss', None, '-', 'train'), ('eval_loss', None, '--', 'eval')]),
-    ('top-1 error (%)', [('train_top1', 'error', '-', 'train'),
-                         ('eval_top1', 'error', '--', 'eval')]),
-    ('top-5 error (%)', [('eval_top5', 'error', '--', 'eval')]),
-    ('learning rate', [('learning_rate', None, '-', '')]),
+  ('loss', [('train_loss', None, '-', 'train'), ('eval_loss', None, '--', 'eval')]),
+  (
+    'top-1 error (%)',
+    [('train_top1', 'error', '-', 'train'), ('eval_top1', 'error', '--', 'eval')],
+  ),
+  ('top-5 error (%)', [('eval_top5', 'error', '--', 'eval')]),
+  ('learning rate', [('learning_rate', None, '-', '')]),
 )
 
 
@@ -46,7 +48,7 @@ def read_run(workdir: str) -> dict:
     with open(os.path.join(workdir, RUN_INFO)) as f:
       info = json.load(f)
   steps_per_epoch = info.get('steps_per_epoch') or None
-  by_metric: Dict[str, Dict[int, float]] = {}
+  by_metric: dict[str, dict[int, float]] = {}
   with open(path) as f:
     for line in f:
       line = line.strip()
@@ -66,14 +68,20 @@ def read_run(workdir: str) -> dict:
     x = [s / steps_per_epoch for s in steps] if steps_per_epoch else steps
     series[name] = (x, [points[s] for s in steps])
   label = os.path.basename(os.path.normpath(workdir))
-  return {'label': label, 'steps_per_epoch': steps_per_epoch, 'series': series,
-          'name': info.get('config_name')}
+  return {
+    'label': label,
+    'steps_per_epoch': steps_per_epoch,
+    'series': series,
+    'name': info.get('config_name'),
+  }
 
 
-def plot_runs(workdirs: Sequence[str], out: str, title: Optional[str] = None,
-              labels: Optional[Sequence[str]] = None) -> str:
+def plot_runs(
+  workdirs: Sequence[str], out: str, title: str | None = None, labels: Sequence[str] | None = None
+) -> str:
   """Draws the runs' curves into one PNG at ``out``; returns ``out``."""
   import matplotlib
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
 
@@ -96,8 +104,15 @@ def plot_runs(workdirs: Sequence[str], out: str, title: Optional[str] = None,
         if transform == 'error':
           y = [100.0 * (1.0 - v) for v in y]
         label = f'{run["label"]} {suffix}'.strip()
-        ax.plot(x, y, style, color=colours[i % len(colours)], label=label,
-                marker='o' if len(x) == 1 else None, linewidth=1.5)
+        ax.plot(
+          x,
+          y,
+          style,
+          color=colours[i % len(colours)],
+          label=label,
+          marker='o' if len(x) == 1 else None,
+          linewidth=1.5,
+        )
         drawn = True
     ax.set_title(panel_title)
     ax.set_xlabel('epoch' if by_epoch else 'step')
@@ -118,14 +133,14 @@ def plot_runs(workdirs: Sequence[str], out: str, title: Optional[str] = None,
   return out
 
 
-def save_curves(workdir: str, filename: str = 'curves.png') -> Optional[str]:
+def save_curves(workdir: str, filename: str = 'curves.png') -> str | None:
   """End-of-training hook: ``workdir/curves.png``; None (and a warning) if it fails."""
   from absl import logging
+
   try:
     path = plot_runs([workdir], os.path.join(workdir, filename))
   except ImportError:
-    logging.warning('matplotlib is not installed: no %s (pip install matplotlib).',
-                    filename)
+    logging.warning('matplotlib is not installed: no %s (pip install matplotlib).', filename)
     return None
   except Exception as e:  # a plot must never fail a finished training run
     logging.warning('Could not draw %s: %s', filename, e)
@@ -134,16 +149,19 @@ def save_curves(workdir: str, filename: str = 'curves.png') -> Optional[str]:
   return path
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m jax_resnet.plot',
-      description='Plot loss, top-1/top-5 error and learning rate of training runs.')
-  parser.add_argument('runs', nargs='+', metavar='RUN_DIR',
-                      help='directories holding metrics.jsonl (a --workdir)')
+    prog='python -m jax_resnet.plot',
+    description='Plot loss, top-1/top-5 error and learning rate of training runs.',
+  )
+  parser.add_argument(
+    'runs', nargs='+', metavar='RUN_DIR', help='directories holding metrics.jsonl (a --workdir)'
+  )
   parser.add_argument('--out', default='curves.png', help='PNG to write')
   parser.add_argument('--title', default=None, help='figure title')
-  parser.add_argument('--labels', default=None,
-                      help='comma-separated labels, one per run (default: directory names)')
+  parser.add_argument(
+    '--labels', default=None, help='comma-separated labels, one per run (default: directory names)'
+  )
   args = parser.parse_args(argv)
   labels = args.labels.split(',') if args.labels else None
   if labels and len(labels) != len(args.runs):

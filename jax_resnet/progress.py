@@ -19,7 +19,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable, Mapping, Optional, TextIO
+from collections.abc import Callable, Mapping
+from typing import TextIO
 
 from absl import logging
 
@@ -44,18 +45,26 @@ class _ClearBarFilter(std_logging.Filter):
 class Progress:
   """Reports training progress; see the module docstring."""
 
-  def __init__(self, total_steps: int, steps_per_epoch: int, batch_size: int,
-               start_step: int = 0, stream: Optional[TextIO] = None,
-               is_tty: Optional[bool] = None, min_interval: float = 0.2,
-               log_fn: Callable[..., None] = logging.info,
-               clock: Callable[[], float] = time.time):
+  def __init__(
+    self,
+    total_steps: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    start_step: int = 0,
+    stream: TextIO | None = None,
+    is_tty: bool | None = None,
+    min_interval: float = 0.2,
+    log_fn: Callable[..., None] = logging.info,
+    clock: Callable[[], float] = time.time,
+  ):
     self.total_steps = total_steps
     self.steps_per_epoch = max(1, steps_per_epoch)
     self.batch_size = batch_size
     self.stream = stream or sys.stderr
     if is_tty is None:
-      is_tty = (hasattr(self.stream, 'isatty') and self.stream.isatty() and
-                os.environ.get('TERM') != 'dumb')
+      is_tty = (
+        hasattr(self.stream, 'isatty') and self.stream.isatty() and os.environ.get('TERM') != 'dumb'
+      )
     self.is_tty = bool(is_tty)
     self.min_interval = min_interval
     self._log_fn = log_fn
@@ -81,7 +90,7 @@ class Progress:
     handlers += [h for h in std_logging.getLogger().handlers if h not in handlers]
     return handlers
 
-  def images_per_sec(self, now: Optional[float] = None) -> float:
+  def images_per_sec(self, now: float | None = None) -> float:
     """The rate since the first step reported (ticks are dispatches, so approximate)."""
     now = self._clock() if now is None else now
     steps = self._step - self._start_step
@@ -112,22 +121,30 @@ class Progress:
     window_time, window_step = self._window
     rate = (step - window_step) * self.batch_size / max(now - window_time, 1e-9)
     self._window = (now, step)
-    self._log_fn('step %d/%d  epoch %.2f  loss %.4f  top1 %.4f  lr %.4g  %.0f img/s  '
-                 'ETA %s', step, self.total_steps, step / self.steps_per_epoch,
-                 metrics.get('train_loss', float('nan')),
-                 metrics.get('train_top1', float('nan')),
-                 metrics.get('learning_rate', float('nan')), rate,
-                 format_eta(self.eta(rate)))
+    self._log_fn(
+      'step %d/%d  epoch %.2f  loss %.4f  top1 %.4f  lr %.4g  %.0f img/s  ETA %s',
+      step,
+      self.total_steps,
+      step / self.steps_per_epoch,
+      metrics.get('train_loss', float('nan')),
+      metrics.get('train_top1', float('nan')),
+      metrics.get('learning_rate', float('nan')),
+      rate,
+      format_eta(self.eta(rate)),
+    )
 
-  def line(self, now: Optional[float] = None, width: Optional[int] = None) -> str:
+  def line(self, now: float | None = None, width: int | None = None) -> str:
     """The bar's text: epoch, a bar over the epoch, step, img/s, loss, ETA."""
     now = self._clock() if now is None else now
     width = width or shutil.get_terminal_size((100, 20)).columns
     epoch = max(1, -(-self._step // self.steps_per_epoch))  # the epoch the step is in
     num_epochs = -(-self.total_steps // self.steps_per_epoch)
     rate = self.images_per_sec(now)
-    parts = [f'epoch {min(epoch, num_epochs)}/{num_epochs}',
-             f'step {self._step}/{self.total_steps}', f'{rate:.0f} img/s']
+    parts = [
+      f'epoch {min(epoch, num_epochs)}/{num_epochs}',
+      f'step {self._step}/{self.total_steps}',
+      f'{rate:.0f} img/s',
+    ]
     if 'train_loss' in self._metrics:
       parts.append(f'loss {self._metrics["train_loss"]:.4f}')
     parts.append(f'ETA {format_eta(self.eta(rate)) if rate > 0 else "?"}')
@@ -137,7 +154,7 @@ class Progress:
       done = self._step / max(self.total_steps, 1)
       filled = int(round(done * bar_width))
       text = f'[{"#" * filled}{"." * (bar_width - filled)}] ' + text
-    return text[:max(width - 1, 10)]
+    return text[: max(width - 1, 10)]
 
   def _draw(self, now: float) -> None:
     self.stream.write('\r\x1b[K' + self.line(now))

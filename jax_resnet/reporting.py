@@ -5,7 +5,8 @@ Only process 0 writes; the others log nothing but errors.
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -61,10 +62,12 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard + metrics.jsonl on process 0; logging only elsewhere."""
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(workdir, just_logging=True)
-  return metric_writers.MultiWriter([
+  return metric_writers.MultiWriter(
+    [
       metric_writers.create_default_writer(workdir, asynchronous=False),
       JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
-  ])
+    ]
+  )
 
 
 def read_metrics(workdir: str) -> list:

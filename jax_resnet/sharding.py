@@ -7,11 +7,12 @@ BatchNorm's batch mean is taken over the global batch (synchronised BN) for free
 
 import collections
 import itertools
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 
@@ -34,10 +35,11 @@ def local_batch_size(global_batch_size: int, mesh: Mesh, name: str = 'batch_size
   num_devices = mesh.devices.size
   if global_batch_size <= 0 or global_batch_size % num_devices:
     raise ValueError(
-        f'config.{name}={global_batch_size} must be a positive multiple of the device '
-        f'count {num_devices} ({jax.process_count()} process(es) x '
-        f'{jax.local_device_count()} local devices). Try '
-        f'--config.{name}={max(1, round(global_batch_size / num_devices)) * num_devices}.')
+      f'config.{name}={global_batch_size} must be a positive multiple of the device '
+      f'count {num_devices} ({jax.process_count()} process(es) x '
+      f'{jax.local_device_count()} local devices). Try '
+      f'--config.{name}={max(1, round(global_batch_size / num_devices)) * num_devices}.'
+    )
   return global_batch_size // jax.process_count()
 
 
@@ -45,7 +47,8 @@ def to_global(batch, mesh: Mesh):
   """Process-local numpy batch -> global jax.Arrays split along the batch axis."""
   sharding = batch_sharded(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )
 
 
 def prefetch_to_device(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator:

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import re
 import sys
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +24,17 @@ _BLOCK = re.compile(r'^stage(\d+)_block(\d+)$')
 @dataclasses.dataclass
 class Row:
   name: str
-  output_shape: Tuple[int, ...]  # per image: (H, W, C) or (classes,)
+  output_shape: tuple[int, ...]  # per image: (H, W, C) or (classes,)
   params: int
 
 
 @dataclasses.dataclass
 class ModelSummary:
-  rows: List[Row]
+  rows: list[Row]
   total_params: int
   batch_stats: int  # BatchNorm running means and variances (not trained)
-  forward_flops: Optional[float]  # per image
-  train_flops: Optional[float]  # per image, forward + backward
+  forward_flops: float | None  # per image
+  train_flops: float | None  # per image, forward + backward
   flops_method: str
 
   def format(self, title: str = '') -> str:
@@ -47,8 +47,10 @@ class ModelSummary:
     lines.append(f'{"total":<{name_w}}  {"":<16}  {self.total_params:>12,}')
     lines.append(f'BatchNorm statistics (not trained): {self.batch_stats:,}')
     if self.train_flops is not None:
-      lines.append(f'Training FLOPs per image: {self.train_flops / 1e9:.3f} G '
-                   f'(forward {self.forward_flops / 1e9:.3f} G; {self.flops_method})')
+      lines.append(
+        f'Training FLOPs per image: {self.train_flops / 1e9:.3f} G '
+        f'(forward {self.forward_flops / 1e9:.3f} G; {self.flops_method})'
+      )
     else:
       lines.append(f'Training FLOPs per image: unknown ({self.flops_method})')
     return '\n'.join(lines)
@@ -63,8 +65,9 @@ def summarize(model, image_shape: Sequence[int], flops: bool = True) -> ModelSum
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
 
   def init(x):
-    return model.init_with_output({'params': jax.random.PRNGKey(0)}, x, train=False,
-                                  capture_intermediates=True)
+    return model.init_with_output(
+      {'params': jax.random.PRNGKey(0)}, x, train=False, capture_intermediates=True
+    )
 
   logits, variables = jax.eval_shape(init, x)
   params = variables['params']
@@ -88,11 +91,9 @@ def summarize(model, image_shape: Sequence[int], flops: bool = True) -> ModelSum
     # The first stage keeps the stem's resolution (stride 1), so its height and width
     # are the stem's, and the stem convolution's filters its channels.
     h, w, _ = stages[min(stages)][1]
-    rows.append(Row('stem', (h, w, int(params['stem_conv']['kernel'].shape[-1])),
-                    stem_params))
+    rows.append(Row('stem', (h, w, int(params['stem_conv']['kernel'].shape[-1])), stem_params))
   for i in sorted(stages):
-    rows.append(Row(f'stage{i} ({stages[i][0]} blocks)', stages[i][1],
-                    params_of(f'stage{i}_')))
+    rows.append(Row(f'stage{i} ({stages[i][0]} blocks)', stages[i][1], params_of(f'stage{i}_')))
   if 'final_bn' in params:
     rows.append(Row('final_bn', stages[max(stages)][1] if stages else (), params_of('final_bn')))
   rows.append(Row('pool + head', tuple(logits.shape[1:]), params_of('head')))
@@ -103,11 +104,12 @@ def summarize(model, image_shape: Sequence[int], flops: bool = True) -> ModelSum
   method = 'not computed'
   if flops:
     forward, train_flops, method = _flops(model, variables, x)
-  return ModelSummary(rows, total, count(variables.get('batch_stats', {})), forward,
-                      train_flops, method)
+  return ModelSummary(
+    rows, total, count(variables.get('batch_stats', {})), forward, train_flops, method
+  )
 
 
-def _cost(fn, *args) -> Tuple[Optional[float], str]:
+def _cost(fn, *args) -> tuple[float | None, str]:
   lowered = jax.jit(fn).lower(*args)
   try:
     cost = lowered.cost_analysis()
@@ -131,9 +133,13 @@ def _flops(model, variables, x):
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
 
   def loss(params, batch_stats, images):
-    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images,
-                            train=True, mutable=['batch_stats'],
-                            rngs={'dropout': jax.random.PRNGKey(0)})
+    logits, _ = model.apply(
+      {'params': params, 'batch_stats': batch_stats},
+      images,
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'dropout': jax.random.PRNGKey(0)},
+    )
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[:, 0])
 
   def train_pass(params, batch_stats, images):
@@ -150,8 +156,10 @@ def _flops(model, variables, x):
 
 def main(argv=None) -> int:
   from jax_resnet import models
-  parser = argparse.ArgumentParser(prog='python -m jax_resnet.summary',
-                                   description='Print a ResNet model summary.')
+
+  parser = argparse.ArgumentParser(
+    prog='python -m jax_resnet.summary', description='Print a ResNet model summary.'
+  )
   parser.add_argument('--model', default='resnet50', choices=models.MODEL_NAMES)
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--channels', type=int, default=3)

@@ -5,7 +5,8 @@ benchmark runs where TensorFlow is absent. The loop that feeds it lives in train
 """
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -22,7 +23,7 @@ from jax_resnet import augment, models, optim, sharding
 class TrainState(train_state.TrainState):
   batch_stats: Any
   rng: jax.Array  # fixed base key; each step folds in its step number
-  dynamic_scale: Optional[dynamic_scale_lib.DynamicScale] = None  # fp16 loss scaling
+  dynamic_scale: dynamic_scale_lib.DynamicScale | None = None  # fp16 loss scaling
 
 
 def top_k_correct(logits, labels, k: int):
@@ -59,28 +60,46 @@ def compute_dtype(config: ml_collections.ConfigDict):
 def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int):
   options = dict(config.model_options) if config.get('model_options') else {}
   return models.create_model(
-      config.model, num_classes, dtype=compute_dtype(config),
-      dropout_rate=config.dropout_rate, bn_momentum=config.bn_momentum,
-      bn_epsilon=config.bn_epsilon, zero_init_residual=config.zero_init_residual,
-      remat=config.get('remat', False), **options)
+    config.model,
+    num_classes,
+    dtype=compute_dtype(config),
+    dropout_rate=config.dropout_rate,
+    bn_momentum=config.bn_momentum,
+    bn_epsilon=config.bn_epsilon,
+    zero_init_residual=config.zero_init_residual,
+    remat=config.get('remat', False),
+    **options,
+  )
 
 
-def create_train_state(rng, config: ml_collections.ConfigDict, model,
-                       image_shape: Sequence[int], learning_rate_fn,
-                       mesh=None) -> TrainState:
+def create_train_state(
+  rng,
+  config: ml_collections.ConfigDict,
+  model,
+  image_shape: Sequence[int],
+  learning_rate_fn,
+  mesh=None,
+) -> TrainState:
   """Initialises a replicated train state (float32 parameters whatever the dtype)."""
   mesh = mesh or sharding.create_mesh()
   tx = optim.create_optimizer(config, learning_rate_fn)
   init_rng, state_rng = jax.random.split(rng)
 
   def init():
-    variables = model.init({'params': init_rng}, jnp.zeros((1, *image_shape), jnp.float32),
-                           train=False)
-    dynamic_scale = dynamic_scale_lib.DynamicScale() \
-        if compute_dtype(config) == jnp.float16 else None
-    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                             batch_stats=variables.get('batch_stats', {}), rng=state_rng,
-                             dynamic_scale=dynamic_scale)
+    variables = model.init(
+      {'params': init_rng}, jnp.zeros((1, *image_shape), jnp.float32), train=False
+    )
+    dynamic_scale = (
+      dynamic_scale_lib.DynamicScale() if compute_dtype(config) == jnp.float16 else None
+    )
+    return TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      tx=tx,
+      batch_stats=variables.get('batch_stats', {}),
+      rng=state_rng,
+      dynamic_scale=dynamic_scale,
+    )
 
   # The classic (non-partitionable) threefry compiles this init of many small random
   # tensors 2-4x faster on CPU; the parameters are replicated, so nothing is lost.
@@ -89,8 +108,11 @@ def create_train_state(rng, config: ml_collections.ConfigDict, model,
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
-      if label_smoothing else jax.nn.one_hot(labels, num_classes)
+  targets = (
+    optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    if label_smoothing
+    else jax.nn.one_hot(labels, num_classes)
+  )
   return optax.softmax_cross_entropy(logits, targets)
 
 
@@ -102,9 +124,18 @@ def preprocess(images, mean, std, dtype, cutout_size: int = 0, key=None):
   return x.astype(dtype)
 
 
-def train_step(state: TrainState, batch, *, learning_rate_fn: Callable,
-               mean, std, num_classes: int, label_smoothing: float = 0.0,
-               cutout_size: int = 0, dtype=jnp.float32):
+def train_step(
+  state: TrainState,
+  batch,
+  *,
+  learning_rate_fn: Callable,
+  mean,
+  std,
+  num_classes: int,
+  label_smoothing: float = 0.0,
+  cutout_size: int = 0,
+  dtype=jnp.float32,
+):
   """One SGD step on a global batch of uint8 images; returns (state, TrainMetrics)."""
   step_rng = jax.random.fold_in(state.rng, state.step)
   cutout_rng, dropout_rng = jax.random.split(step_rng)
@@ -112,62 +143,77 @@ def train_step(state: TrainState, batch, *, learning_rate_fn: Callable,
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-        mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+      {'params': params, 'batch_stats': state.batch_stats},
+      images,
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'dropout': dropout_rng},
+    )
     loss = cross_entropy(logits, batch['label'], num_classes, label_smoothing)
     return loss.mean(), (logits, updates['batch_stats'])
 
   if state.dynamic_scale is None:
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   else:  # fp16: scale the loss up, and skip the update when the gradients overflow
-    dynamic_scale, is_finite, (loss, (logits, batch_stats)), grads = \
-        state.dynamic_scale.value_and_grad(loss_fn, has_aux=True)(state.params)
+    dynamic_scale, is_finite, (loss, (logits, batch_stats)), grads = (
+      state.dynamic_scale.value_and_grad(loss_fn, has_aux=True)(state.params)
+    )
   # The loss goes to the optimizer too: reduce-on-plateau reads it.
   new_state = optim.apply_gradients(state, grads, loss, batch_stats=batch_stats)
   if state.dynamic_scale is not None:
-    keep_finite = lambda new, old: jax.tree.map(
-        functools.partial(jnp.where, is_finite), new, old)
+    keep_finite = lambda new, old: jax.tree.map(functools.partial(jnp.where, is_finite), new, old)
     new_state = new_state.replace(
-        params=keep_finite(new_state.params, state.params),
-        opt_state=keep_finite(new_state.opt_state, state.opt_state),
-        batch_stats=keep_finite(new_state.batch_stats, state.batch_stats),
-        dynamic_scale=dynamic_scale)
+      params=keep_finite(new_state.params, state.params),
+      opt_state=keep_finite(new_state.opt_state, state.opt_state),
+      batch_stats=keep_finite(new_state.batch_stats, state.batch_stats),
+      dynamic_scale=dynamic_scale,
+    )
   step_metrics = TrainMetrics.single_from_model_output(
-      loss=cross_entropy(logits, batch['label'], num_classes),
-      top1=top_k_correct(logits, batch['label'], 1),
-      learning_rate=optim.current_learning_rate(learning_rate_fn, state.step,
-                                                new_state.opt_state))
+    loss=cross_entropy(logits, batch['label'], num_classes),
+    top1=top_k_correct(logits, batch['label'], 1),
+    learning_rate=optim.current_learning_rate(learning_rate_fn, state.step, new_state.opt_state),
+  )
   return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch, *, mean, std, num_classes: int,
-              dtype=jnp.float32):
+def eval_step(state: TrainState, batch, *, mean, std, num_classes: int, dtype=jnp.float32):
   """Loss and top-1/top-5 on a padded batch; ``batch['mask']`` drops the padding."""
   images = preprocess(batch['image'], mean, std, dtype)
-  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                          images, train=False)
+  logits = state.apply_fn(
+    {'params': state.params, 'batch_stats': state.batch_stats}, images, train=False
+  )
   return EvalMetrics.single_from_model_output(
-      loss=cross_entropy(logits, batch['label'], num_classes),
-      top1=top_k_correct(logits, batch['label'], 1),
-      top5=top_k_correct(logits, batch['label'], 5),
-      mask=batch['mask'])
+    loss=cross_entropy(logits, batch['label'], num_classes),
+    top1=top_k_correct(logits, batch['label'], 1),
+    top5=top_k_correct(logits, batch['label'], 5),
+    mask=batch['mask'],
+  )
 
 
-def make_steps(config: ml_collections.ConfigDict, learning_rate_fn, num_classes: int,
-               mean, std, mesh):
+def make_steps(
+  config: ml_collections.ConfigDict, learning_rate_fn, num_classes: int, mean, std, mesh
+):
   """Jitted (train_step, eval_step) for this config; state donated, kept replicated."""
   dtype = compute_dtype(config)
   replicated = sharding.replicated(mesh)
   p_train = jax.jit(
-      functools.partial(train_step, learning_rate_fn=learning_rate_fn, mean=mean, std=std,
-                        num_classes=num_classes, label_smoothing=config.label_smoothing,
-                        cutout_size=config.cutout_size, dtype=dtype),
-      donate_argnums=0, out_shardings=(replicated, replicated))
+    functools.partial(
+      train_step,
+      learning_rate_fn=learning_rate_fn,
+      mean=mean,
+      std=std,
+      num_classes=num_classes,
+      label_smoothing=config.label_smoothing,
+      cutout_size=config.cutout_size,
+      dtype=dtype,
+    ),
+    donate_argnums=0,
+    out_shardings=(replicated, replicated),
+  )
   p_eval = jax.jit(
-      functools.partial(eval_step, mean=mean, std=std, num_classes=num_classes,
-                        dtype=dtype),
-      out_shardings=replicated)
+    functools.partial(eval_step, mean=mean, std=std, num_classes=num_classes, dtype=dtype),
+    out_shardings=replicated,
+  )
   return p_train, p_eval
 
 
@@ -200,9 +246,15 @@ def multi_train_step(state: TrainState, batches, unroll: bool = False, **step_kw
   return state, merge_stacked_metrics(stacked)
 
 
-def make_multi_train_step(config: ml_collections.ConfigDict, learning_rate_fn,
-                          num_classes: int, mean, std, mesh,
-                          unroll: Optional[bool] = None):
+def make_multi_train_step(
+  config: ml_collections.ConfigDict,
+  learning_rate_fn,
+  num_classes: int,
+  mean,
+  std,
+  mesh,
+  unroll: bool | None = None,
+):
   """Jitted ``multi_train_step`` for this config: several steps per host dispatch.
 
   For small models (CIFAR ResNets) whose steps are shorter than the launch overhead.
@@ -220,8 +272,17 @@ def make_multi_train_step(config: ml_collections.ConfigDict, learning_rate_fn,
   if unroll is None:
     unroll = mesh.devices.flat[0].platform == 'cpu'
   return jax.jit(
-      functools.partial(multi_train_step, unroll=unroll, learning_rate_fn=learning_rate_fn,
-                        mean=mean, std=std, num_classes=num_classes,
-                        label_smoothing=config.label_smoothing,
-                        cutout_size=config.cutout_size, dtype=compute_dtype(config)),
-      donate_argnums=0, out_shardings=(replicated, replicated))
+    functools.partial(
+      multi_train_step,
+      unroll=unroll,
+      learning_rate_fn=learning_rate_fn,
+      mean=mean,
+      std=std,
+      num_classes=num_classes,
+      label_smoothing=config.label_smoothing,
+      cutout_size=config.cutout_size,
+      dtype=compute_dtype(config),
+    ),
+    donate_argnums=0,
+    out_shardings=(replicated, replicated),
+  )

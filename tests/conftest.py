@@ -9,8 +9,9 @@ sys.path.insert(0, ROOT)
 
 # Many tests start main.py with the same small model: a persistent XLA compilation cache
 # shared by this session's processes compiles each train/eval step once, not per process.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      tempfile.mkdtemp(prefix='jax_resnet_tests_xla_cache_'))
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax_resnet_tests_xla_cache_')
+)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
@@ -19,6 +20,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 def config():
   """The default config, unlocked, with small sizes for CPU tests."""
   from configs import default
+
   cfg = default.get_config()
   cfg.batch_size = 32
   cfg.eval_batch_size = 64
@@ -32,8 +34,14 @@ def run_main(args, env=None, timeout=600):
   ``env`` adds variables; a None value removes one.
   """
   import subprocess
+
   full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
   full_env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args],
-                        cwd=ROOT, env=full_env, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'main.py'), *args],
+    cwd=ROOT,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )

@@ -17,7 +17,7 @@ def test_cutout_zeroes_exactly_the_expected_square():
   for i in range(b):
     expected = np.ones((h, w))
     y0, x0 = cy[i] - size // 2, cx[i] - size // 2
-    expected[max(y0, 0):max(y0 + size, 0), max(x0, 0):max(x0 + size, 0)] = 0
+    expected[max(y0, 0) : max(y0 + size, 0), max(x0, 0) : max(x0 + size, 0)] = 0
     np.testing.assert_array_equal(out[i, :, :, 0], expected)
     np.testing.assert_array_equal(out[i, :, :, 2], expected)
 
@@ -59,8 +59,12 @@ def test_random_pad_crop_shifts_within_the_pad_and_is_keyed_per_example():
   padded = np.pad(np.asarray(images[0, :, :, 0]), pad)
   offsets = set()
   for i in range(b):
-    matches = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-               if np.array_equal(padded[dy:dy + h, dx:dx + w], out[i, :, :, 0])]
+    matches = [
+      (dy, dx)
+      for dy in range(2 * pad + 1)
+      for dx in range(2 * pad + 1)
+      if np.array_equal(padded[dy : dy + h, dx : dx + w], out[i, :, :, 0])
+    ]
     assert len(matches) == 1
     offsets.add(matches[0])
   assert len(offsets) == (2 * pad + 1) ** 2  # every offset in [0, 2 * pad] occurs

@@ -10,15 +10,20 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
-TINY = ['--config.image_size=8', '--config.batch_size=8', '--warmup=2', '--steps=3',
-        '--num_batches=2']
+TINY = [
+  '--config.image_size=8',
+  '--config.batch_size=8',
+  '--warmup=2',
+  '--steps=3',
+  '--num_batches=2',
+]
 
 
 def _check_fields(result):
   from jax_resnet import benchmark
+
   for field, kind in benchmark.FIELDS.items():
     assert field in result, field
     assert isinstance(result[field], kind), (field, result[field])
@@ -53,12 +58,27 @@ def test_cli_json_and_compare_without_tensorflow(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   proc = subprocess.run(
-      [sys.executable, '-c', WITHOUT_TENSORFLOW,
-       '--config=configs/resnet20_cifar10.py', *TINY, '--config.half_precision=true',
-       '--compare=configs/resnet20_cifar10.py', '--compare.image_size=8',
-       '--compare.batch_size=8', '--compare.steps_per_dispatch=2',
-       '--compare.cutout_size=4', '--compare.remat=true', f'--json_out={out}'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-c',
+      WITHOUT_TENSORFLOW,
+      '--config=configs/resnet20_cifar10.py',
+      *TINY,
+      '--config.half_precision=true',
+      '--compare=configs/resnet20_cifar10.py',
+      '--compare.image_size=8',
+      '--compare.batch_size=8',
+      '--compare.steps_per_dispatch=2',
+      '--compare.cutout_size=4',
+      '--compare.remat=true',
+      f'--json_out={out}',
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'ratio' in proc.stderr
   printed = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -82,6 +102,7 @@ def test_cli_json_and_compare_without_tensorflow(tmp_path):
 def test_pipeline_mode_times_input_step_and_loop(config, data_on_device):
   """--mode=pipeline on the real (digits) source: every field, and a named bottleneck."""
   from jax_resnet import benchmark
+
   config.data_on_device = data_on_device
   result = benchmark.run(config, mode='pipeline', steps=2, warmup=1, num_batches=2)
   for field, kind in benchmark.FIELDS.items():
@@ -99,6 +120,7 @@ def test_pipeline_mode_times_input_step_and_loop(config, data_on_device):
 
 def test_peak_table():
   from jax_resnet import benchmark
+
   assert benchmark.peak_bf16_tflops('NVIDIA H100 80GB HBM3') == 989.0
   assert benchmark.peak_bf16_tflops('NVIDIA H100 PCIe') == 756.0
   assert benchmark.peak_bf16_tflops('NVIDIA H200') == 989.0
@@ -113,6 +135,7 @@ def test_multi_step_equals_single_steps(config, unroll):
   Both forms: the platform's default (unrolled on CPU) and the rolled loop (GPU, TPU).
   """
   import jax
+
   from jax_resnet import benchmark, optim, sharding, train
 
   config.image_size, config.batch_size, config.cutout_size = 8, 8, 3
@@ -140,8 +163,11 @@ def test_multi_step_equals_single_steps(config, unroll):
   multi, multi_metrics = p_multi(multi, batches)
 
   assert int(multi.step) == int(single.step) == 3
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               (single.params, single.batch_stats), (multi.params, multi.batch_stats))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+    (single.params, single.batch_stats),
+    (multi.params, multi.batch_stats),
+  )
   expected, got = totals.compute(), multi_metrics.compute()
   for name in expected:
     np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-6)

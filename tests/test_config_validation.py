@@ -5,32 +5,33 @@ import pytest
 from jax_resnet import trainer
 
 CASES = [
-    ('model', 'resnet51', "config.model='resnet51': unknown model. Valid names: .*resnet56"),
-    ('optimizer', 'lamb', 'config.optimizer.*Valid: sgd, adamw, adam'),
-    ('schedule', 'linear', 'config.schedule.*Valid: onecycle'),
-    ('dataset', 'cifar11', "Unknown dataset 'cifar11'. Valid: digits"),
-    ('half_precision_dtype', 'float8', 'config.half_precision_dtype.*Valid: bfloat16, float16'),
-    ('batch_size', 0, 'config.batch_size=0: must be positive'),
-    ('eval_batch_size', -8, 'config.eval_batch_size=-8: must be positive'),
-    ('image_size', 0, 'config.image_size=0: must be positive'),
-    ('num_epochs', 0, 'config.num_epochs=0: must be positive'),
-    ('learning_rate', 0.0, 'config.learning_rate=0.0: must be positive'),
-    ('log_every_steps', 0, 'config.log_every_steps=0: must be positive'),
-    ('steps_per_dispatch', 0, 'config.steps_per_dispatch=0: must be positive'),
-    ('checkpoint_every_steps', -1, 'config.checkpoint_every_steps=-1: must be zero or positive'),
-    ('random_crop_pad', -2, 'config.random_crop_pad=-2: must be zero or positive'),
-    ('dropout_rate', 1.0, r'config.dropout_rate=1.0: must be in \[0, 1\)'),
-    ('label_smoothing', 1.5, r'config.label_smoothing=1.5: must be in \[0, 1\)'),
-    ('cutout_size', 17, 'config.cutout_size=17: must be between 0 .off. and config.image_size=16'),
-    ('onecycle_pct_start', 1.0, r'config.onecycle_pct_start=1.0: must be in \(0, 1\)'),
-    ('onecycle_div_factor', 0.0, 'config.onecycle_div_factor=0.0: must be positive'),
-    ('final_learning_rate_fraction', 2.0, r'must be in \[0, 1\]'),
+  ('model', 'resnet51', "config.model='resnet51': unknown model. Valid names: .*resnet56"),
+  ('optimizer', 'lamb', 'config.optimizer.*Valid: sgd, adamw, adam'),
+  ('schedule', 'linear', 'config.schedule.*Valid: onecycle'),
+  ('dataset', 'cifar11', "Unknown dataset 'cifar11'. Valid: digits"),
+  ('half_precision_dtype', 'float8', 'config.half_precision_dtype.*Valid: bfloat16, float16'),
+  ('batch_size', 0, 'config.batch_size=0: must be positive'),
+  ('eval_batch_size', -8, 'config.eval_batch_size=-8: must be positive'),
+  ('image_size', 0, 'config.image_size=0: must be positive'),
+  ('num_epochs', 0, 'config.num_epochs=0: must be positive'),
+  ('learning_rate', 0.0, 'config.learning_rate=0.0: must be positive'),
+  ('log_every_steps', 0, 'config.log_every_steps=0: must be positive'),
+  ('steps_per_dispatch', 0, 'config.steps_per_dispatch=0: must be positive'),
+  ('checkpoint_every_steps', -1, 'config.checkpoint_every_steps=-1: must be zero or positive'),
+  ('random_crop_pad', -2, 'config.random_crop_pad=-2: must be zero or positive'),
+  ('dropout_rate', 1.0, r'config.dropout_rate=1.0: must be in \[0, 1\)'),
+  ('label_smoothing', 1.5, r'config.label_smoothing=1.5: must be in \[0, 1\)'),
+  ('cutout_size', 17, 'config.cutout_size=17: must be between 0 .off. and config.image_size=16'),
+  ('onecycle_pct_start', 1.0, r'config.onecycle_pct_start=1.0: must be in \(0, 1\)'),
+  ('onecycle_div_factor', 0.0, 'config.onecycle_div_factor=0.0: must be positive'),
+  ('final_learning_rate_fraction', 2.0, r'must be in \[0, 1\]'),
 ]
 
 
 @pytest.mark.parametrize('field,value,message', CASES, ids=[c[0] for c in CASES])
 def test_each_bad_value_is_named(field, value, message):
   from configs import default
+
   config = default.get_config()
   config[field] = value
   with pytest.raises(ValueError, match=message):
@@ -39,6 +40,7 @@ def test_each_bad_value_is_named(field, value, message):
 
 def test_image_too_small_for_the_model_suggests_a_size():
   from configs import default
+
   config = default.get_config()
   config.model = 'resnet50'
   config.image_size = 16
@@ -48,13 +50,22 @@ def test_image_too_small_for_the_model_suggests_a_size():
   trainer.check_config(config)  # the CIFAR stem downsamples less: 16 is fine
 
 
-@pytest.mark.parametrize('schedule,field,value,message', [
-    ('cosine', 'warmup_epochs', 20.0, r'config.warmup_epochs=20.0: must be in \[0, num_epochs=20\)'),
+@pytest.mark.parametrize(
+  'schedule,field,value,message',
+  [
+    (
+      'cosine',
+      'warmup_epochs',
+      20.0,
+      r'config.warmup_epochs=20.0: must be in \[0, num_epochs=20\)',
+    ),
     ('multistep', 'decay_at', (0.75, 0.5), 'config.decay_at.*increasing fractions'),
     ('multistep', 'decay_at', (0.5, 1.2), 'config.decay_at.*increasing fractions'),
-])
+  ],
+)
 def test_impossible_schedule_shapes(schedule, field, value, message):
   from configs import default
+
   config = default.get_config()
   config.schedule = schedule
   config[field] = value
@@ -65,6 +76,7 @@ def test_impossible_schedule_shapes(schedule, field, value, message):
 def test_every_shipped_config_is_valid():
   import importlib
   import os
+
   root = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
   for name in sorted(os.listdir(root)):
     if name.endswith('.py') and name != '__init__.py':

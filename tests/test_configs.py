@@ -21,12 +21,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
-CONFIGS = sorted(os.path.basename(p)[:-3]
-                 for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                 if not p.endswith('__init__.py'))
+CONFIGS = sorted(
+  os.path.basename(p)[:-3]
+  for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+  if not p.endswith('__init__.py')
+)
 # (channels, classes) of each data set the configs use.
-DATASETS = {'digits': (1, 10), 'cifar10': (3, 10), 'cifar100': (3, 100),
-            'imagenet2012': (3, 1000)}
+DATASETS = {'digits': (1, 10), 'cifar10': (3, 10), 'cifar100': (3, 100), 'imagenet2012': (3, 1000)}
 MAX_TEST_IMAGE = 32  # ImageNet's 224 shrinks to 32, still enough for its 5 halvings
 BATCH = 4
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
@@ -49,7 +50,9 @@ def two_steps(name) -> dict:
   """Builds the config's model and runs two train steps; returns what they gave."""
   import jax
   import numpy as np
+
   from jax_resnet import optim, sharding, train
+
   config = small(load(name))
   channels, num_classes = DATASETS[config.dataset]
   size = config.image_size
@@ -58,33 +61,50 @@ def two_steps(name) -> dict:
   lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   model = train.create_model_from_config(config, num_classes)
   mesh = sharding.create_mesh()
-  state = train.create_train_state(jax.random.PRNGKey(0), config, model,
-                                   (size, size, channels), lr_fn, mesh)
-  p_train, _ = train.make_steps(config, lr_fn, num_classes, (127.0,) * channels,
-                                (64.0,) * channels, mesh)
+  state = train.create_train_state(
+    jax.random.PRNGKey(0), config, model, (size, size, channels), lr_fn, mesh
+  )
+  p_train, _ = train.make_steps(
+    config, lr_fn, num_classes, (127.0,) * channels, (64.0,) * channels, mesh
+  )
   rng = np.random.RandomState(0)
-  batch = {'image': rng.randint(0, 256, (BATCH, size, size, channels)).astype(np.uint8),
-           'label': rng.randint(0, num_classes, (BATCH,)).astype(np.int32)}
+  batch = {
+    'image': rng.randint(0, 256, (BATCH, size, size, channels)).astype(np.uint8),
+    'label': rng.randint(0, num_classes, (BATCH,)).astype(np.int32),
+  }
   before = jax.tree.map(np.asarray, state.params)
   losses = []
   for _ in range(2):
     state, metrics = p_train(state, batch)
     losses.append(float(metrics.compute()['train_loss']))
-  moved = max(float(np.abs(np.asarray(a) - b).max())
-              for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)))
-  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
-                          {'params': state.params, 'batch_stats': state.batch_stats},
-                          batch['image'].astype(np.float32))
-  return {'step': int(state.step), 'losses': losses, 'moved': moved,
-          'logits_shape': list(logits.shape), 'num_classes': num_classes}
+  moved = max(
+    float(np.abs(np.asarray(a) - b).max())
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before))
+  )
+  logits = jax.eval_shape(
+    lambda v, x: model.apply(v, x, train=False),
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    batch['image'].astype(np.float32),
+  )
+  return {
+    'step': int(state.step),
+    'losses': losses,
+    'moved': moved,
+    'logits_shape': list(logits.shape),
+    'num_classes': num_classes,
+  }
 
 
 def _worker(names):
   for name in names:
     start = time.time()
     try:
-      result = {'name': name, 'ok': True, **two_steps(name),
-                'seconds': round(time.time() - start, 1)}
+      result = {
+        'name': name,
+        'ok': True,
+        **two_steps(name),
+        'seconds': round(time.time() - start, 1),
+      }
     except Exception:
       result = {'name': name, 'ok': False, 'error': traceback.format_exc()}
     print('RESULT ' + json.dumps(result), flush=True)
@@ -98,17 +118,29 @@ def results():
     distinct.setdefault(small(load(name)).to_json(), []).append(name)
   groups = sorted(distinct.values())
   shards = [[g[0] for g in groups[i::WORKERS]] for i in range(WORKERS)]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + FAST_COMPILE).strip())
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *shard], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for shard in shards if shard]
+  env = dict(
+    os.environ,
+    TF_CPP_MIN_LOG_LEVEL='2',
+    XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + FAST_COMPILE).strip(),
+  )
+  procs = [
+    subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), *shard],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for shard in shards
+    if shard
+  ]
   out = {}
   for proc in procs:
     stdout, stderr = proc.communicate(timeout=1200)
     for line in stdout.splitlines():
       if line.startswith('RESULT '):
-        record = json.loads(line[len('RESULT '):])
+        record = json.loads(line[len('RESULT ') :])
         out[record['name']] = record
     if proc.returncode:
       out.setdefault('_crashes', []).append(stderr[-3000:])
@@ -120,16 +152,28 @@ def results():
 
 
 def test_all_experiment_configs_exist():
-  expected = {'resnet50_imagenet', 'resnet18_imagenet', 'resnet18_cutout_imagenet',
-              'plain18_imagenet', 'resnet50_imagenet_cosine', 'resnet20_cifar10',
-              'resnet56_cifar10', 'resnet110_cifar10', 'plain20_cifar10', 'plain56_cifar10',
-              'resnet18_cutout_cifar10', 'resnet50_cifar10', 'resnet18_cutout_cifar100'}
+  expected = {
+    'resnet50_imagenet',
+    'resnet18_imagenet',
+    'resnet18_cutout_imagenet',
+    'plain18_imagenet',
+    'resnet50_imagenet_cosine',
+    'resnet20_cifar10',
+    'resnet56_cifar10',
+    'resnet110_cifar10',
+    'plain20_cifar10',
+    'plain56_cifar10',
+    'resnet18_cutout_cifar10',
+    'resnet50_cifar10',
+    'resnet18_cutout_cifar100',
+  }
   assert expected <= set(CONFIGS)
 
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_loads_and_passes_checks(name):
   from jax_resnet import trainer
+
   config = load(name)
   trainer.check_config(config)  # the real run's checks, at the config's real sizes
   assert config.dataset in DATASETS, f'{name}: add {config.dataset!r} to DATASETS'

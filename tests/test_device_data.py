@@ -7,14 +7,14 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 
 def _toy(n=50, size=8):
   """Image i is filled with i + 1 (0 is padding), label i."""
-  images = np.broadcast_to((np.arange(n) + 1).astype(np.uint8)[:, None, None, None],
-                           (n, size, size, 1)).copy()
+  images = np.broadcast_to(
+    (np.arange(n) + 1).astype(np.uint8)[:, None, None, None], (n, size, size, 1)
+  ).copy()
   return images, np.arange(n, dtype=np.int32)
 
 
@@ -25,11 +25,13 @@ def _take(iterator, k):
 @pytest.fixture
 def mesh():
   from jax_resnet import sharding
+
   return sharding.create_mesh()
 
 
 def test_epoch_is_a_permutation_with_matching_labels(config, mesh):
   from jax_resnet import device_data, sharding
+
   config.batch_size, config.random_crop_pad, config.random_flip = 8, 0, False
   images, labels = _toy(50)
   steps = 50 // 8
@@ -41,8 +43,7 @@ def test_epoch_is_a_permutation_with_matching_labels(config, mesh):
   first = np.concatenate([np.asarray(x['label']) for x in batches[:steps]])
   assert len(set(first.tolist())) == steps * 8  # no repeats within an epoch
   for x in batches:  # image content and label stay together
-    np.testing.assert_array_equal(np.asarray(x['image'])[:, 3, 3, 0],
-                                  np.asarray(x['label']) + 1)
+    np.testing.assert_array_equal(np.asarray(x['image'])[:, 3, 3, 0], np.asarray(x['label']) + 1)
   second = np.concatenate([np.asarray(x['label']) for x in batches[steps:]])
   assert not np.array_equal(first, second)  # a new epoch is a new shuffle
   np.testing.assert_array_equal(first, device_data.epoch_permutation(config.seed, 0, 50)[:48])
@@ -50,10 +51,12 @@ def test_epoch_is_a_permutation_with_matching_labels(config, mesh):
 
 def test_crop_and_flip_happen_on_device_and_resume_exactly(config, mesh):
   from jax_resnet import device_data
+
   config.batch_size, config.random_crop_pad, config.random_flip = 16, 2, True
   size = 8
-  images = np.tile(np.arange(size, dtype=np.uint8)[None, None, :, None] + 1,
-                   (64, size, 1, 1))  # columns 1..8: a flip reverses them
+  images = np.tile(
+    np.arange(size, dtype=np.uint8)[None, None, :, None] + 1, (64, size, 1, 1)
+  )  # columns 1..8: a flip reverses them
   labels = np.zeros(64, np.int32)
   steps = 4
   run = _take(device_data.device_batches(images, labels, mesh, config, steps), steps + 3)
@@ -65,19 +68,21 @@ def test_crop_and_flip_happen_on_device_and_resume_exactly(config, mesh):
   middle = out[:, 4, 2:6]
   flipped = (np.diff(middle.astype(int), axis=1) < 0).all(1)
   assert 0.25 < flipped.mean() < 0.75
-  resumed = _take(device_data.device_batches(images, labels, mesh, config, steps,
-                                             start_step=steps - 1), 4)
-  for a, b in zip(run[steps - 1:], resumed):
+  resumed = _take(
+    device_data.device_batches(images, labels, mesh, config, steps, start_step=steps - 1), 4
+  )
+  for a, b in zip(run[steps - 1 :], resumed):
     np.testing.assert_array_equal(np.asarray(a['image']), np.asarray(b['image']))
 
 
 def test_rejects_non_uint8(config, mesh):
   from jax_resnet import device_data
+
   with pytest.raises(ValueError, match='uint8 NHWC'):
     device_data.DeviceData(np.zeros((4, 8, 8, 3), np.float32), np.zeros(4), mesh, config)
 
 
-_SCRIPT = r'''
+_SCRIPT = r"""
 import json, sys
 import numpy as np
 import jax
@@ -94,14 +99,16 @@ print(json.dumps({'devices': jax.device_count(), 'tf': 'tensorflow' in sys.modul
                   'shards': len(out[0]['image'].addressable_shards),
                   'images': [np.asarray(b['image']).tolist() for b in out],
                   'labels': [np.asarray(b['label']).tolist() for b in out]}))
-'''
+"""
 
 
 def _run(devices):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', _SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+  env = dict(
+    os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu'
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 

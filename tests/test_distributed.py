@@ -9,16 +9,14 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_main
 
 
 def devices_env(n):
-  return {'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}',
-          'TF_CPP_MIN_LOG_LEVEL': '2'}
+  return {'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}', 'TF_CPP_MIN_LOG_LEVEL': '2'}
 
 
-EIGHT_VS_ONE = textwrap.dedent('''
+EIGHT_VS_ONE = textwrap.dedent("""
     import jax, numpy as np
     from configs import default
     from jax_resnet import optim, sharding, train
@@ -46,22 +44,31 @@ EIGHT_VS_ONE = textwrap.dedent('''
       leaves = jax.tree.leaves((state.params, state.batch_stats))
       out[name + '_params'] = np.concatenate([np.asarray(x).ravel() for x in leaves])
     np.savez(OUT, **out)
-''')
+""")
 
 
 def test_eight_devices_match_one_device(tmp_path):
   out = str(tmp_path / 'out.npz')
   code = f'OUT = {out!r}\n' + EIGHT_VS_ONE
-  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
-                 env=dict(os.environ, PYTHONPATH=ROOT, **devices_env(8)))
+  subprocess.run(
+    [sys.executable, '-c', code],
+    cwd=ROOT,
+    check=True,
+    env=dict(os.environ, PYTHONPATH=ROOT, **devices_env(8)),
+  )
   r = np.load(out)
   np.testing.assert_allclose(r['eight_losses'], r['one_losses'], rtol=1e-5)
   np.testing.assert_allclose(r['eight_params'], r['one_params'], rtol=1e-4, atol=1e-5)
 
 
-ARGS = ['--config=configs/default.py', '--config.image_size=8', '--config.batch_size=64',
-        '--config.eval_batch_size=64', '--config.log_every_steps=2',
-        '--config.eval_every_epochs=1']
+ARGS = [
+  '--config=configs/default.py',
+  '--config.image_size=8',
+  '--config.batch_size=64',
+  '--config.eval_batch_size=64',
+  '--config.log_every_steps=2',
+  '--config.eval_every_epochs=1',
+]
 
 
 def train_losses(workdir):
@@ -71,12 +78,10 @@ def train_losses(workdir):
 
 def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path):
   workdir = str(tmp_path / 'run')
-  first = run_main([*ARGS, f'--workdir={workdir}', '--config.num_epochs=1'],
-                   env=devices_env(8))
+  first = run_main([*ARGS, f'--workdir={workdir}', '--config.num_epochs=1'], env=devices_env(8))
   assert first.returncode == 0, first.stderr[-3000:]
   assert 'on 8 devices' in first.stderr
-  second = run_main([*ARGS, f'--workdir={workdir}', '--config.num_epochs=2'],
-                    env=devices_env(1))
+  second = run_main([*ARGS, f'--workdir={workdir}', '--config.num_epochs=2'], env=devices_env(1))
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'on 1 devices' in second.stderr and 'at step 22' in second.stderr
   assert max(train_losses(workdir)) == 44
@@ -101,18 +106,34 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   port = free_port()
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   env.update(devices_env(2))
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'main.py'), *ARGS, *steps, f'--workdir={multi}',
-       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        os.path.join(ROOT, 'main.py'),
+        *ARGS,
+        *steps,
+        f'--workdir={multi}',
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   assert 'in 2 process(es)' in outputs[0][1]
   # Only process 0 writes metrics; both write their share of the checkpoint.
-  assert open(os.path.join(multi, 'metrics.jsonl')).read().count('\n') == \
-      open(os.path.join(single, 'metrics.jsonl')).read().count('\n')
+  assert open(os.path.join(multi, 'metrics.jsonl')).read().count('\n') == open(
+    os.path.join(single, 'metrics.jsonl')
+  ).read().count('\n')
   assert '6' in os.listdir(os.path.join(multi, 'checkpoints'))
   single_losses, multi_losses = train_losses(single), train_losses(multi)
   assert sorted(multi_losses) == sorted(single_losses) == [2, 4, 6]

@@ -29,9 +29,13 @@ def test_train_batches_are_deterministic_and_resume_mid_epoch(config):
   ds = input_pipeline.load_dataset(config)
   steps = ds.info.num_train // 32
   first = [b for _, b in zip(range(steps + 3), input_pipeline.train_batches(ds, config, 32, steps))]
-  resumed = [b for _, b in zip(range(5), input_pipeline.train_batches(ds, config, 32, steps,
-                                                                      start_step=steps - 2))]
-  for a, b in zip(first[steps - 2:], resumed):
+  resumed = [
+    b
+    for _, b in zip(
+      range(5), input_pipeline.train_batches(ds, config, 32, steps, start_step=steps - 2)
+    )
+  ]
+  for a, b in zip(first[steps - 2 :], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
   # A new epoch is a new shuffle.
@@ -84,16 +88,20 @@ def test_missing_dataset_says_how_to_prepare(config, tmp_path):
 
 def test_crop_and_flip_keep_shape_and_content(config):
   import tensorflow as tf
+
   image = tf.constant(np.arange(4 * 4 * 1, dtype=np.uint8).reshape(4, 4, 1))
   seed = tf.constant([1, 2], tf.int64)
   out = input_pipeline.crop_and_flip(image, seed, pad=0, flip=False).numpy()
   np.testing.assert_array_equal(out, image.numpy())
-  outs = {input_pipeline.crop_and_flip(image, tf.constant([s, 0], tf.int64), 1, True)
-          .numpy().tobytes() for s in range(20)}
+  outs = {
+    input_pipeline.crop_and_flip(image, tf.constant([s, 0], tf.int64), 1, True).numpy().tobytes()
+    for s in range(20)
+  }
   assert len(outs) > 3
 
 
 # ---------------------------------------------------------------- ImageNet-scale input
+
 
 def _photo_folder(root, per_class=(5, 4, 4), size=(96, 72), seed=0, extras=True):
   """Class folders of JPEG crops of scikit-learn's two sample photographs.
@@ -103,6 +111,7 @@ def _photo_folder(root, per_class=(5, 4, 4), size=(96, 72), seed=0, extras=True)
   """
   from PIL import Image
   from sklearn.datasets import load_sample_images
+
   photos = load_sample_images().images
   rng = np.random.RandomState(seed)
   count = 0
@@ -112,7 +121,7 @@ def _photo_folder(root, per_class=(5, 4, 4), size=(96, 72), seed=0, extras=True)
     for i in range(n):
       photo = photos[(c + i) % 2]
       y, x = rng.randint(0, 100), rng.randint(0, 200)
-      crop = Image.fromarray(photo[y:y + 300, x:x + 400]).resize(size)
+      crop = Image.fromarray(photo[y : y + 300, x : x + 400]).resize(size)
       crop.save(folder / f'{i}.JPEG', quality=90)
       count += 1
   if extras:
@@ -137,9 +146,11 @@ def _folder_config(config, tmp_path):
   return train_n, eval_n
 
 
-def test_folder_dataset_converts_modes_and_skips_corrupt_files(config, tmp_path, caplog,
-                                                               monkeypatch):
+def test_folder_dataset_converts_modes_and_skips_corrupt_files(
+  config, tmp_path, caplog, monkeypatch
+):
   import json
+
   train_n, eval_n = _folder_config(config, tmp_path)
   workdir = tmp_path / 'work'
   ds = input_pipeline.load_dataset(config, str(workdir))
@@ -166,15 +177,17 @@ def test_folder_dataset_converts_modes_and_skips_corrupt_files(config, tmp_path,
   evals = list(input_pipeline.eval_batches(ds, 4, steps))
   assert steps == 2 and sum(b['mask'].sum() for b in evals) == 7
   np.testing.assert_array_equal(
-      np.sort(np.concatenate([b['label'][b['mask'] > 0] for b in evals])),
-      [0, 0, 0, 1, 1, 2, 2])
+    np.sort(np.concatenate([b['label'][b['mask'] > 0] for b in evals])), [0, 0, 0, 1, 1, 2, 2]
+  )
 
 
 def test_folder_grayscale_and_cmyk_decode_to_rgb():
   import io
+
   import tensorflow as tf
   from PIL import Image
   from sklearn.datasets import load_sample_images
+
   photo = load_sample_images().images[1][:120, :160]
   window = lambda shape: input_pipeline.center_crop_window(shape, 1.0)
   for mode, fmt in (('L', 'PNG'), ('CMYK', 'JPEG'), ('RGBA', 'PNG'), ('RGB', 'JPEG')):
@@ -182,8 +195,14 @@ def test_folder_grayscale_and_cmyk_decode_to_rgb():
     Image.fromarray(photo).convert(mode).save(buffer, fmt)
     out = input_pipeline.decode_and_crop(tf.constant(buffer.getvalue()), window, 48).numpy()
     assert out.shape == (48, 48, 3), mode
-    reference = np.asarray(Image.fromarray(photo).convert(mode).convert('RGB').crop(
-        (20, 0, 140, 120)).resize((48, 48), Image.BILINEAR), np.float32)
+    reference = np.asarray(
+      Image.fromarray(photo)
+      .convert(mode)
+      .convert('RGB')
+      .crop((20, 0, 140, 120))
+      .resize((48, 48), Image.BILINEAR),
+      np.float32,
+    )
     assert np.abs(out - reference).mean() < 12, mode
 
 
@@ -191,7 +210,8 @@ def test_folder_errors_are_clear(config, tmp_path):
   _folder_config(config, tmp_path)
   (tmp_path / 'eval' / 'class_9').mkdir()
   (tmp_path / 'eval' / 'class_9' / 'x.jpg').write_bytes(
-      (tmp_path / 'train' / 'class_0' / '0.JPEG').read_bytes())
+    (tmp_path / 'train' / 'class_0' / '0.JPEG').read_bytes()
+  )
   with pytest.raises(ValueError, match='absent from config.train_dir.*class_9'):
     input_pipeline.load_dataset(config)
   (tmp_path / 'empty' / 'class_0').mkdir(parents=True)
@@ -221,8 +241,9 @@ def test_imagenet_through_mock_data_decodes_jpeg_bytes_and_resumes(config):
     for b in first:
       assert b['image'].shape == (8, 24, 24, 3) and b['image'].dtype == np.uint8
       assert b['label'].min() >= 0 and b['label'].max() < 1000
-    resumed = [b for _, b in zip(range(3), input_pipeline.train_batches(ds, config, 8, 4,
-                                                                        start_step=3))]
+    resumed = [
+      b for _, b in zip(range(3), input_pipeline.train_batches(ds, config, 8, 4, start_step=3))
+    ]
     for a, b in zip(first[3:], resumed):
       np.testing.assert_array_equal(a['image'], b['image'])
       np.testing.assert_array_equal(a['label'], b['label'])
@@ -259,9 +280,14 @@ def test_digits_arrays_match_the_tf_data_source(config):
 
 def test_random_resized_crop_statistics():
   import tensorflow as tf
+
   shape = tf.constant([375, 500, 3])
-  windows = np.stack([input_pipeline.random_resized_crop_window(
-      shape, tf.constant([7, s], tf.int64)).numpy() for s in range(400)])
+  windows = np.stack(
+    [
+      input_pipeline.random_resized_crop_window(shape, tf.constant([7, s], tf.int64)).numpy()
+      for s in range(400)
+    ]
+  )
   y, x, h, w = windows.T
   assert (y >= 0).all() and (x >= 0).all() and (y + h <= 375).all() and (x + w <= 500).all()
   area = h * w / (375 * 500)
@@ -272,33 +298,47 @@ def test_random_resized_crop_statistics():
   assert aspect.min() >= 0.75 * 0.97 and aspect.max() <= 4 / 3 * 1.03
   assert len({(a, b) for a, b in zip(y, x)}) > 300
   # A 10x1000 strip fits no candidate: centre crop at the widest allowed ratio.
-  fallback = input_pipeline.random_resized_crop_window(tf.constant([10, 1000, 3]),
-                                                       tf.constant([1, 2], tf.int64))
+  fallback = input_pipeline.random_resized_crop_window(
+    tf.constant([10, 1000, 3]), tf.constant([1, 2], tf.int64)
+  )
   np.testing.assert_array_equal(fallback.numpy(), [0, (1000 - 13) // 2, 10, 13])
   # And the decode-and-crop path yields image_size squares from real JPEG bytes.
   from sklearn.datasets import load_sample_images
+
   jpeg = tf.io.encode_jpeg(load_sample_images().images[0])
   out = input_pipeline.decode_and_crop(
-      jpeg, lambda s: input_pipeline.random_resized_crop_window(s, tf.constant([0, 1],
-                                                                               tf.int64)), 40)
+    jpeg, lambda s: input_pipeline.random_resized_crop_window(s, tf.constant([0, 1], tf.int64)), 40
+  )
   assert out.shape == (40, 40, 3) and out.dtype == tf.uint8
 
 
 def test_folder_trains_through_main(tmp_path):
   from conftest import run_main
+
   _photo_folder(tmp_path / 'train')
   _photo_folder(tmp_path / 'eval', per_class=(3, 2, 2), seed=1, extras=False)
   workdir = tmp_path / 'run'
-  result = run_main(['--config=configs/default.py', f'--workdir={workdir}',
-                     '--config.dataset=folder', f'--config.train_dir={tmp_path / "train"}',
-                     f'--config.eval_dir={tmp_path / "eval"}', '--config.model=resnet18',
-                     '--config.image_size=32', '--config.random_crop_pad=0',
-                     '--config.batch_size=8', '--config.eval_batch_size=4',
-                     '--config.num_train_steps=3', '--config.log_every_steps=1'])
+  result = run_main(
+    [
+      '--config=configs/default.py',
+      f'--workdir={workdir}',
+      '--config.dataset=folder',
+      f'--config.train_dir={tmp_path / "train"}',
+      f'--config.eval_dir={tmp_path / "eval"}',
+      '--config.model=resnet18',
+      '--config.image_size=32',
+      '--config.random_crop_pad=0',
+      '--config.batch_size=8',
+      '--config.eval_batch_size=4',
+      '--config.num_train_steps=3',
+      '--config.log_every_steps=1',
+    ]
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'corrupt.jpg' in result.stderr
   assert (workdir / input_pipeline.CLASS_INDEX_FILE).exists()
   import json
+
   with open(workdir / 'metrics.jsonl') as f:
     records = [json.loads(line) for line in f]
   assert max(r['step'] for r in records) == 3

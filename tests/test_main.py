@@ -5,9 +5,14 @@ import os
 
 from conftest import run_main
 
-FAST = ['--config=configs/default.py', '--config.image_size=8', '--config.batch_size=64',
-        '--config.model=resnet20', '--config.log_every_steps=5',
-        '--config.eval_every_epochs=1']
+FAST = [
+  '--config=configs/default.py',
+  '--config.image_size=8',
+  '--config.batch_size=64',
+  '--config.model=resnet20',
+  '--config.log_every_steps=5',
+  '--config.eval_every_epochs=1',
+]
 
 
 def read_jsonl(workdir):
@@ -21,8 +26,15 @@ def test_main_trains_writes_metrics_and_checkpoints_then_resumes(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   records = read_jsonl(workdir)
   keys = set().union(*records)
-  assert {'step', 'train_loss', 'train_top1', 'learning_rate', 'eval_loss', 'eval_top1',
-          'eval_top5'} <= keys
+  assert {
+    'step',
+    'train_loss',
+    'train_top1',
+    'learning_rate',
+    'eval_loss',
+    'eval_top1',
+    'eval_top5',
+  } <= keys
   steps_per_epoch = records[-1]['step']
   assert steps_per_epoch == 1438 // 64
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(steps_per_epoch)]
@@ -31,20 +43,24 @@ def test_main_trains_writes_metrics_and_checkpoints_then_resumes(tmp_path):
 
   # Same command with one more epoch: resumes at the checkpoint, ends at the new end.
   # (Two steps per dispatch here, a safe change, so the lax.scan path runs end to end.)
-  second = run_main([*FAST, f'--workdir={workdir}', '--config.num_epochs=2',
-                     '--config.steps_per_dispatch=2'])
+  second = run_main(
+    [*FAST, f'--workdir={workdir}', '--config.num_epochs=2', '--config.steps_per_dispatch=2']
+  )
   assert second.returncode == 0, second.stderr[-3000:]
   assert f'Resumed from {workdir}/checkpoints at step {steps_per_epoch}' in second.stderr
-  new = read_jsonl(workdir)[len(records):]
+  new = read_jsonl(workdir)[len(records) :]
   assert min(r['step'] for r in new) > steps_per_epoch
   assert max(r['step'] for r in new) == 2 * steps_per_epoch
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=int) == [
-      str(steps_per_epoch), str(2 * steps_per_epoch)]
+    str(steps_per_epoch),
+    str(2 * steps_per_epoch),
+  ]
 
 
 def test_unknown_model_fails_before_compiling(tmp_path):
-  result = run_main(['--config=configs/default.py', f'--workdir={tmp_path}',
-                     '--config.model=resnet51'])
+  result = run_main(
+    ['--config=configs/default.py', f'--workdir={tmp_path}', '--config.model=resnet51']
+  )
   assert result.returncode != 0
   assert "config.model='resnet51': unknown model" in result.stderr
   assert 'resnet56' in result.stderr
@@ -52,18 +68,19 @@ def test_unknown_model_fails_before_compiling(tmp_path):
 
 
 def test_batch_not_divisible_by_devices_names_the_numbers(tmp_path):
-  result = run_main(['--config=configs/default.py', f'--workdir={tmp_path}',
-                     '--config.batch_size=30'],
-                    env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  result = run_main(
+    ['--config=configs/default.py', f'--workdir={tmp_path}', '--config.batch_size=30'],
+    env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
+  )
   assert result.returncode != 0
-  assert 'config.batch_size=30 must be a positive multiple of the device count 4' in \
-      result.stderr
+  assert 'config.batch_size=30 must be a positive multiple of the device count 4' in result.stderr
 
 
 def test_multi_step_dispatches_end_at_every_log_eval_and_checkpoint_step():
   """steps_per_dispatch=k groups steps (lax.scan; its equality with single steps is in
   test_benchmark.py) but never runs past a step where the loop must look at the state."""
   from jax_resnet.trainer import dispatch_size
+
   periods = (4, 6, 11, 11)  # log, eval, checkpoint, epoch
   step, ends = 0, []
   while step < 30:

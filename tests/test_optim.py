@@ -14,7 +14,8 @@ def test_onecycle_start_peak_end(config):
   assert float(fn(0)) == pytest.approx(0.4 / config.onecycle_div_factor)
   assert float(fn(peak_step)) == pytest.approx(0.4)
   assert float(fn(total)) == pytest.approx(
-      0.4 / config.onecycle_div_factor / config.onecycle_final_div_factor, rel=1e-3)
+    0.4 / config.onecycle_div_factor / config.onecycle_final_div_factor, rel=1e-3
+  )
   assert float(fn(peak_step // 2)) < 0.4 and float(fn(peak_step + 10)) < 0.4
 
 
@@ -65,7 +66,7 @@ def test_weight_decay_only_on_kernels(config):
 def test_unknown_names_list_valid_ones(config, field, value):
   config[field] = value
   with pytest.raises(ValueError, match='Valid'):
-    tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, 1, 10))
+    optim.create_optimizer(config, optim.create_learning_rate_fn(config, 1, 10))
 
 
 def test_reduce_on_plateau_cuts_the_rate_after_flat_epochs(config):
@@ -88,9 +89,9 @@ def test_reduce_on_plateau_cuts_the_rate_after_flat_epochs(config):
     scales.append(float(optim.current_learning_rate(fn, step, opt_state)))
   # Epochs 2 and 3 do not improve on epoch 1: halved at epoch 3's last step, and again
   # two epochs later.
-  np.testing.assert_allclose(scales[:3 * steps_per_epoch - 1], 0.01)
-  np.testing.assert_allclose(scales[3 * steps_per_epoch - 1:5 * steps_per_epoch - 1], 0.005)
-  np.testing.assert_allclose(scales[5 * steps_per_epoch - 1:7 * steps_per_epoch - 1], 0.0025)
+  np.testing.assert_allclose(scales[: 3 * steps_per_epoch - 1], 0.01)
+  np.testing.assert_allclose(scales[3 * steps_per_epoch - 1 : 5 * steps_per_epoch - 1], 0.005)
+  np.testing.assert_allclose(scales[5 * steps_per_epoch - 1 : 7 * steps_per_epoch - 1], 0.0025)
 
 
 def test_every_optimizer_takes_the_loss_value(config):

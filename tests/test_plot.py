@@ -16,11 +16,23 @@ def fake_run(directory, depth_penalty, steps_per_epoch=None, resumed=False):
   os.makedirs(directory)
   records = []
   for step in range(10, 110, 10):
-    records.append({'step': step, 'train_loss': 2.0 / step * 10 + depth_penalty,
-                    'train_top1': min(0.99, step / 120), 'learning_rate': 0.1 / (1 + step)})
+    records.append(
+      {
+        'step': step,
+        'train_loss': 2.0 / step * 10 + depth_penalty,
+        'train_top1': min(0.99, step / 120),
+        'learning_rate': 0.1 / (1 + step),
+      }
+    )
     if step % 50 == 0:
-      records.append({'step': step, 'eval_loss': 1.5 - step / 100 + depth_penalty,
-                      'eval_top1': step / 130, 'eval_top5': min(1.0, step / 100)})
+      records.append(
+        {
+          'step': step,
+          'eval_loss': 1.5 - step / 100 + depth_penalty,
+          'eval_top1': step / 130,
+          'eval_top5': min(1.0, step / 100),
+        }
+      )
   if resumed:  # a resumed run logs some steps again
     records += records[-3:]
   with open(os.path.join(directory, 'metrics.jsonl'), 'w') as f:
@@ -34,14 +46,20 @@ def test_plot_command_writes_a_png_of_two_runs(tmp_path):
   a = fake_run(tmp_path / 'plain20', 0.3, steps_per_epoch=10)
   b = fake_run(tmp_path / 'resnet20', 0.0, steps_per_epoch=10, resumed=True)
   out = tmp_path / 'curves.png'
-  result = subprocess.run([sys.executable, '-m', 'jax_resnet.plot', a, b, '--out', str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, '-m', 'jax_resnet.plot', a, b, '--out', str(out)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr
   data = out.read_bytes()
   assert data[:8] == b'\x89PNG\r\n\x1a\n'
   assert len(data) > 20_000  # four panels with curves, not an empty canvas
 
   from PIL import Image
+
   image = Image.open(out).convert('RGB')
   assert image.size[0] >= 800 and image.size[1] >= 600
   assert len(set(image.getdata())) > 50  # lines and text in several colours

@@ -13,8 +13,15 @@ class Clock:
 
 def test_plain_lines_when_not_a_terminal():
   lines, clock = [], Clock()
-  p = progress.Progress(100, 10, 32, stream=io.StringIO(), is_tty=False, clock=clock,
-                        log_fn=lambda fmt, *args: lines.append(fmt % args))
+  p = progress.Progress(
+    100,
+    10,
+    32,
+    stream=io.StringIO(),
+    is_tty=False,
+    clock=clock,
+    log_fn=lambda fmt, *args: lines.append(fmt % args),
+  )
   for step in range(1, 21):
     clock.t += 0.5
     p.tick(step)
@@ -28,8 +35,7 @@ def test_plain_lines_when_not_a_terminal():
 
 def test_bar_redraws_in_place_on_a_terminal():
   out, clock = io.StringIO(), Clock()
-  p = progress.Progress(100, 10, 32, stream=out, is_tty=True, clock=clock,
-                        min_interval=1.0)
+  p = progress.Progress(100, 10, 32, stream=out, is_tty=True, clock=clock, min_interval=1.0)
   try:
     for step in range(1, 31):
       clock.t += 0.25

@@ -9,14 +9,23 @@ def param_count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize('name,size,options', [
-    ('resnet20', 32, {}), ('preact_resnet20', 16, {}), ('plain20', 16, {}),
-    ('resnet18', 32, {'stem': 'cifar'}), ('resnet50', 64, {})])
+@pytest.mark.parametrize(
+  'name,size,options',
+  [
+    ('resnet20', 32, {}),
+    ('preact_resnet20', 16, {}),
+    ('plain20', 16, {}),
+    ('resnet18', 32, {'stem': 'cifar'}),
+    ('resnet50', 64, {}),
+  ],
+)
 def test_total_equals_the_params_count(name, size, options):
   model = models.create_model(name, 10, **options)
   s = summary.summarize(model, (size, size, 3), flops=False)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-                             np.zeros((1, size, size, 3), np.float32))
+  variables = jax.eval_shape(
+    lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+    np.zeros((1, size, size, 3), np.float32),
+  )
   assert s.total_params == param_count(variables['params'])
   assert sum(r.params for r in s.rows) == s.total_params
   assert s.batch_stats == param_count(variables['batch_stats'])
@@ -41,7 +50,13 @@ def test_summary_of_a_config_model_matches_the_train_state(config):
   config.image_size = 16
   model = train.create_model_from_config(config, 10)
   from jax_resnet import optim
-  state = train.create_train_state(jax.random.PRNGKey(0), config, model, (16, 16, 1),
-                                   optim.create_learning_rate_fn(config, 10, 100))
+
+  state = train.create_train_state(
+    jax.random.PRNGKey(0),
+    config,
+    model,
+    (16, 16, 1),
+    optim.create_learning_rate_fn(config, 10, 100),
+  )
   s = summary.summarize(model, (16, 16, 1), flops=False)
   assert s.total_params == param_count(state.params)

@@ -12,17 +12,19 @@ def setup(config, num_classes=10, size=8):
   model = train.create_model_from_config(config, num_classes)
   lr_fn = optim.create_learning_rate_fn(config, 10, 100)
   mesh = sharding.create_mesh()
-  state = train.create_train_state(jax.random.PRNGKey(0), config, model, (size, size, 3),
-                                   lr_fn, mesh)
-  p_train, p_eval = train.make_steps(config, lr_fn, num_classes, (127.0,) * 3,
-                                     (64.0,) * 3, mesh)
+  state = train.create_train_state(
+    jax.random.PRNGKey(0), config, model, (size, size, 3), lr_fn, mesh
+  )
+  p_train, p_eval = train.make_steps(config, lr_fn, num_classes, (127.0,) * 3, (64.0,) * 3, mesh)
   return state, p_train, p_eval
 
 
 def fixed_batch(n=32, size=8, num_classes=10):
   rng = np.random.RandomState(0)
-  return {'image': rng.randint(0, 256, (n, size, size, 3)).astype(np.uint8),
-          'label': rng.randint(0, num_classes, (n,)).astype(np.int32)}
+  return {
+    'image': rng.randint(0, 256, (n, size, size, 3)).astype(np.uint8),
+    'label': rng.randint(0, num_classes, (n,)).astype(np.int32),
+  }
 
 
 def train_losses(config, steps=8):
@@ -74,8 +76,9 @@ def test_label_smoothing_and_cutout_change_the_step(config):
   config.label_smoothing = 0.0
   config.cutout_size = 4
   cut = train_losses(config, steps=2)[0].params
-  diff = lambda a, b: max(float(jnp.abs(x - y).max())
-                          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  diff = lambda a, b: max(
+    float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
   assert diff(plain, smoothed) > 1e-6
   assert diff(plain, cut) > 1e-6
 
@@ -90,9 +93,12 @@ def test_top_k_correct():
 
 def test_core_imports_without_tensorflow():
   import subprocess
-  code = ('import sys; import jax_resnet.models, jax_resnet.train, jax_resnet.optim, '
-          'jax_resnet.augment, jax_resnet.sharding, jax_resnet.checkpointing; '
-          'assert "tensorflow" not in sys.modules, "core imported tensorflow"')
+
+  code = (
+    'import sys; import jax_resnet.models, jax_resnet.train, jax_resnet.optim, '
+    'jax_resnet.augment, jax_resnet.sharding, jax_resnet.checkpointing; '
+    'assert "tensorflow" not in sys.modules, "core imported tensorflow"'
+  )
   subprocess.run([sys.executable, '-c', code], check=True)
 
 
