@@ -89,23 +89,24 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
-  from jax_resnet import trainer  # after flag parsing: keeps --help fast
+  # After flag parsing: keeps --help fast.
+  from jax_resnet import evaluation, export, training
+  from jax_resnet.errors import UserError
 
   try:
     if FLAGS.mode == 'train':
-      metrics = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      metrics = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'eval':
-      metrics = trainer.evaluate_checkpoint(
-        FLAGS.config, FLAGS.workdir, _which(FLAGS.checkpoint or 'best')
+      overrides = config_flags.get_override_values(FLAGS['config'])
+      metrics = evaluation.evaluate_checkpoint(
+        FLAGS.workdir, _which(FLAGS.checkpoint or 'best'), overrides
       )
     else:
       path = FLAGS.export_path or os.path.join(FLAGS.workdir, 'export', 'variables.msgpack')
-      trainer.export_checkpoint(
-        FLAGS.config, FLAGS.workdir, path, _which(FLAGS.checkpoint or 'latest')
-      )
+      export.export_checkpoint(FLAGS.workdir, path, _which(FLAGS.checkpoint or 'latest'))
       print(f'exported {path}')
       return
-  except (trainer.TrainingError, ValueError, FileNotFoundError) as e:
+  except UserError as e:  # anything else is a bug and keeps its traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if 'stopped_at_step' in metrics:

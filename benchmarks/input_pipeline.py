@@ -7,13 +7,13 @@ and device-resident CIFAR batches vs the tf.data path.
    500x375, quality 90) from real photographs that installed packages ship: scikit-learn's
    sample images, plus scikit-image's bundled ones when it is installed, randomly
    cropped and rescaled. Then decodes ``--images`` train examples at 224x224 with
-   (a) ``input_pipeline.train_batches`` (fused decode-and-RandomResizedCrop, flip) and
+   (a) ``data.batching.train_batches`` (fused decode-and-RandomResizedCrop, flip) and
    (b) a plain Pillow loop doing the same work: open, decode, RandomResizedCrop, flip,
    bilinear resize to 224, to a numpy array.
    Both report images/s of wall time and images per CPU-second of the process (user +
    system time over all threads), i.e. images/s per busy core.
 2. CIFAR-shaped data (random uint8, 50000x32x32x3, pad 4, flip, batch 256): batches/s of
-   ``device_data`` vs tf.data ``train_batches`` + ``sharding.prefetch_to_device``.
+   ``data.on_device`` vs tf.data ``train_batches`` + ``sharding.prefetch_to_device``.
 """
 
 import argparse
@@ -90,7 +90,7 @@ def cpu_seconds() -> float:
 
 def bench_tf(root: str, num_images: int, batch: int = 64, antialias: bool = False) -> dict:
   from configs import default
-  from jax_resnet import input_pipeline
+  from jax_resnet.data import batching, sources
 
   config = default.get_config()
   config.dataset = 'folder'
@@ -101,11 +101,11 @@ def bench_tf(root: str, num_images: int, batch: int = 64, antialias: bool = Fals
   config.deterministic_input = False
   config.cache = True  # like the Pillow loop after its first pass: files in page cache
   config.resize_antialias = antialias
-  dataset = input_pipeline.load_dataset(config)
+  dataset = sources.load_dataset(config, splits=('train',))
   steps = max(1, num_images // batch)
   # One long epoch, as on ImageNet: the few files wrap around (train_batches repeats a
   # short shard) instead of a new tf.data graph being started every batch.
-  batches = input_pipeline.train_batches(dataset, config, batch, steps + 10)
+  batches = batching.train_batches(dataset, config, batch, steps + 10)
   for _ in range(5):  # warm-up: graph building, autotune, cache fill
     next(batches)
   wall, cpu = time.perf_counter(), cpu_seconds()
@@ -178,7 +178,10 @@ def bench_cifar(steps: int, batch: int = 256) -> dict:
   import tensorflow as tf
 
   from configs import default
-  from jax_resnet import device_data, input_pipeline, sharding
+  from jax_resnet import sharding
+  from jax_resnet.data import batching, on_device, transforms
+  from jax_resnet.data.common import DatasetInfo
+  from jax_resnet.data.sources import Dataset
 
   config = default.get_config()
   config.batch_size = batch
@@ -206,17 +209,20 @@ def bench_cifar(steps: int, batch: int = 256) -> dict:
       'host_cpu_s_per_batch': cpu / steps,
     }
 
-  info = input_pipeline.DatasetInfo(10, 50_000, 0, (32, 32, 3), (0.0,) * 3, (1.0,) * 3)
-  dataset = input_pipeline.Dataset(
-    info, train=tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels}), eval=None
+  info = DatasetInfo(10, 50_000, 0, (32, 32, 3), (0.0,) * 3, (1.0,) * 3)
+  dataset = Dataset(
+    info,
+    train=tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels}),
+    eval=None,
+    train_transform=transforms.pad_transform(config),
   )
   timed(
     'tf_data',
     sharding.prefetch_to_device(
-      input_pipeline.train_batches(dataset, config, batch, steps_per_epoch), mesh
+      batching.train_batches(dataset, config, batch, steps_per_epoch), mesh
     ),
   )
-  timed('device_data', device_data.device_batches(images, labels, mesh, config, steps_per_epoch))
+  timed('device_data', on_device.device_batches(images, labels, mesh, config, steps_per_epoch))
   results['speedup'] = results['device_data']['batches_per_s'] / results['tf_data']['batches_per_s']
   return results
 

@@ -1,6 +1,11 @@
 """The default job: ResNet-20 on scikit-learn's embedded digits, offline, in minutes.
 
-Every other config imports this one and changes a few fields.
+Every config field is declared here, once, with its default and what it means; the
+experiment configs import this file and change a few fields, so any of them accepts
+any ``--config.FIELD=VALUE`` override. The package reads fields as attributes, never
+with a fallback; ``jax_resnet.validation`` checks them all before any data is read.
+Durations: ``*_epochs`` fields may be fractional; ``*_steps`` fields count optimizer
+steps; 0 turns a periodic action off.
 """
 
 import ml_collections
@@ -10,76 +15,95 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Model.
-  config.model = 'resnet20'
-  config.model_options = ml_collections.ConfigDict()  # extra create_model options, e.g. stem
-  config.half_precision = False  # bf16 compute, fp32 params, BN statistics and loss
-  config.half_precision_dtype = 'bfloat16'  # 'float16' (dynamic loss scaling): pre-Ampere GPUs
-  config.dropout_rate = 0.0
-  config.bn_momentum = 0.9
+  config.model = 'resnet20'  # a name from jax_resnet.models.MODEL_NAMES
+  config.model_options = ml_collections.ConfigDict(
+    {
+      # 'imagenet' (7x7/2 conv + max-pool) or 'cifar' (one 3x3 conv); None: the model's own.
+      'stem': ml_collections.FieldReference(None, field_type=str),
+      'kernel_init': 'he_normal',  # he_normal, he_uniform or lecun_normal
+    }
+  )
+  config.half_precision = False  # half-precision compute; params, BN statistics, loss fp32
+  config.half_precision_dtype = 'bfloat16'  # or 'float16' (dynamic loss scaling), pre-Ampere
+  config.dropout_rate = 0.0  # before the classifier head
+  config.bn_momentum = 0.9  # BatchNorm running-statistics decay (torch momentum 0.1)
   config.bn_epsilon = 1e-5
-  config.zero_init_residual = True
+  config.zero_init_residual = True  # each block's last BN scale starts at 0 (Goyal et al.)
   config.remat = False  # recompute block activations in the backward pass: less memory
 
-  # Data.
-  config.dataset = 'digits'  # 'digits' (embedded) or any tensorflow-datasets name
-  config.data_dir = ''  # tfds data_dir; empty for tfds's default
-  config.train_split = 'train'
+  # Data: source.
+  config.dataset = 'digits'  # 'digits' (embedded), 'folder' or a tensorflow-datasets name
+  config.data_dir = ''  # tfds data_dir; empty: tfds's default
+  config.train_split = 'train'  # tfds split names
   config.eval_split = 'test'
-  config.image_size = 16  # digits are 8x8, upsampled
-  config.random_crop_pad = 2  # pad-and-random-crop on the host
-  config.random_flip = False  # never for digits
-  config.cutout_size = 0  # on the device; 0 is off
-  config.shuffle_buffer = 50_000
-  config.deterministic_input = True
   config.train_dir = ''  # dataset='folder': <train_dir>/<class>/*.jpg|png
   config.eval_dir = ''  # dataset='folder': same classes (or a subset) as train_dir
   config.verify_images = True  # folder: drop (and name) undecodable files at start
+  config.image_size = 16  # side of the square images the model sees (digits: 8x8 upsampled)
+
+  # Data: input performance (safe to change when resuming).
   config.cache = True  # keep the (encoded or small decoded) data set in host memory
-  config.data_on_device = False  # digits/CIFAR: whole uint8 set on device, crop there
-  # 'auto': 'random_resized' (ImageNet-style) for variable-size images, else 'pad'.
-  config.train_crop = 'auto'
+  config.data_on_device = False  # digits/CIFAR: whole uint8 set on the device, crop there
+  config.shuffle_buffer = 50_000  # examples; clipped to the training-set size
+  config.deterministic_input = True  # tf.data keeps order: bit-exact resume on CPU
+
+  # Data: train augmentation on the host ('pad' for fixed-size sets, 'random_resized').
+  config.train_crop = 'auto'  # 'auto': random_resized for variable-size images, else pad
+  config.random_crop_pad = 2  # pad: zero-pad by this many pixels, crop back at random
+  config.random_flip = False  # horizontal flip with probability 1/2 (never for digits)
   config.crop_scale = (0.08, 1.0)  # random_resized: area fraction range
   config.crop_ratio = (3 / 4, 4 / 3)  # random_resized: aspect-ratio range
   config.crop_attempts = 10  # random_resized: tries before the centre-crop fallback
-  config.eval_crop_fraction = 0.875  # random_resized eval: centre crop of shorter side
+  config.eval_crop_fraction = 0.875  # random_resized eval: centre crop of the shorter side
   config.resize_antialias = False  # random_resized: antialiased resize (2x the cost)
-  config.color_jitter_prob = 0.8  # random_resized: chance jitter is applied
-  config.color_jitter_brightness = 0.0  # strengths; 0 is off (all off by default)
+  config.color_jitter_prob = 0.8  # random_resized: chance the colour jitter is applied
+  config.color_jitter_brightness = 0.0  # jitter strengths; 0 is off (all off by default)
   config.color_jitter_contrast = 0.0
   config.color_jitter_saturation = 0.0
   config.color_jitter_hue = 0.0
   config.inception_color = False  # random_resized: Inception-style colour distortion
 
-  # Optimisation.
+  # Data: train augmentation on the device, inside the train step.
+  config.cutout_size = 0  # side of one zeroed square per image; 0 is off
+
+  # Optimizer.
   config.batch_size = 128  # global, over all devices of all hosts
-  config.eval_batch_size = 256
-  config.num_epochs = 20
-  config.num_train_steps = -1  # > 0 overrides num_epochs (tests, benchmarks)
-  config.optimizer = 'sgd'
+  config.eval_batch_size = 256  # global; safe to change when resuming
+  config.optimizer = 'sgd'  # sgd, adam or adamw
   config.learning_rate = 0.4  # the peak
   config.scale_learning_rate = False  # multiply by batch_size / base_batch_size
   config.base_batch_size = 256
-  config.momentum = 0.9
-  config.nesterov = True
-  config.weight_decay = 5e-4
-  config.weight_decay_kernels_only = True
-  config.adam_b1 = 0.9
+  config.momentum = 0.9  # sgd
+  config.nesterov = True  # sgd
+  config.adam_b1 = 0.9  # adam, adamw
   config.adam_b2 = 0.999
+  config.weight_decay = 5e-4  # coupled L2 for sgd and adam, decoupled for adamw
+  config.weight_decay_kernels_only = True  # no decay on BN scales/biases nor the head bias
   config.label_smoothing = 0.0
-  config.schedule = 'onecycle'
-  config.onecycle_pct_start = 0.25
-  config.onecycle_div_factor = 25.0
-  config.onecycle_final_div_factor = 1e4
-  config.warmup_epochs = 0.0  # cosine, multistep and constant schedules
-  config.final_learning_rate_fraction = 0.0  # cosine end value / peak
-  config.decay_at = (0.5, 0.75)  # multistep: fractions of training
-  config.decay_factor = 0.1
-  config.steps_per_dispatch = 1  # train steps per jitted call (lax.scan); >1 for small models
 
-  # Bookkeeping.
-  config.seed = 0
-  config.log_every_steps = 20
-  config.eval_every_epochs = 5.0
-  config.keep_checkpoints = 3
-  config.checkpoint_every_steps = 0  # 0: at each epoch end only
+  # Learning-rate schedule.
+  config.schedule = 'onecycle'  # onecycle, cosine, multistep, constant or plateau
+  config.warmup_epochs = 0.0  # linear warm-up: cosine, multistep, constant, plateau
+  config.onecycle_pct_start = 0.25  # onecycle: fraction of training spent warming up
+  config.onecycle_div_factor = 25.0  # onecycle: initial rate = peak / this
+  config.onecycle_final_div_factor = 1e4  # onecycle: final rate = initial / this
+  config.final_learning_rate_fraction = 0.0  # cosine: end value / peak
+  config.decay_at = (0.5, 0.75)  # multistep: fractions of training
+  config.decay_factor = 0.1  # multistep: rate multiplier at each of decay_at
+  config.plateau_factor = 0.1  # plateau: rate multiplier after a plateau
+  config.plateau_patience = 10  # plateau: epochs without improvement before a cut
+  config.plateau_rtol = 1e-4  # plateau: relative improvement that counts
+  config.plateau_cooldown = 0  # plateau: epochs after a cut before counting again
+  config.plateau_min_scale = 0.0  # plateau: the rate never goes below this times the peak
+
+  # Duration and periodic actions.
+  config.num_epochs = 20  # passes over the training set
+  config.num_train_steps = -1  # > 0 overrides num_epochs (tests, benchmarks)
+  config.steps_per_dispatch = 1  # train steps per jitted call; > 1 for small models
+  config.log_every_steps = 20  # train metrics, progress and the divergence check
+  config.eval_every_epochs = 5.0  # 0: evaluate at the end only
+  config.checkpoint_every_epochs = 1.0  # 0: only at the end (and checkpoint_every_steps)
+  config.checkpoint_every_steps = 0  # 0: off (checkpoint_every_epochs still applies)
+  config.keep_checkpoints = 3  # newest checkpoints kept in WORKDIR/checkpoints
+  config.seed = 0  # initialisation, shuffling and every augmentation
   return config

@@ -14,12 +14,12 @@ It prints one JSON object (see ``FIELDS``).
 
 ``--mode=pipeline`` measures, on the config's real data source, the input pipeline alone,
 the step alone (as above) and the whole loop, and names the bottleneck. Only this
-mode imports TensorFlow (through ``input_pipeline``).
+mode imports TensorFlow (through ``jax_resnet.data``).
 
 ``--compare`` runs a second config in the same process and adds ``ratio``: its images/s
 over the first's. Without TensorFlow installed, synthetic mode still runs: this module
 imports only jax, flax, optax, numpy, absl, ml_collections and the core modules (clu's
-``metrics`` module, through train.py; clu itself does not need TensorFlow).
+``metrics`` module, through steps.py; clu itself does not need TensorFlow).
 """
 
 import functools
@@ -38,7 +38,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_resnet import optim, sharding, train
+from jax_resnet import optim, sharding, summary, validation
+from jax_resnet import steps as train_steps  # `steps` is also a count of steps here
+from jax_resnet.data.common import KNOWN_SIZES, imagenet_stats
+from jax_resnet.timeline import Timeline
 
 # Dense bf16 peak per device, TFLOP/s (vendor spec sheets); matched in order against
 # jax.Device.device_kind, so more specific names come first. None on CPU.
@@ -54,17 +57,6 @@ PEAK_BF16_TFLOPS = (
   ('TPU v5', 459.0),
   ('TPU v6 lite', 918.0),
 )
-
-# Train-set sizes and class counts for the schedule and the head: the benchmark needs
-# no data. Unknown data sets get ImageNet's.
-DATASETS = {
-  'imagenet2012': (1_281_167, 1000),
-  'cifar10': (50_000, 10),
-  'cifar100': (50_000, 100),
-  'digits': (1_438, 10),
-}
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # uint8 units
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 # Every field of a synthetic-mode result, with its type (None where the backend has
 # no answer: peak memory on CPU, MFU without a known peak). temp_memory_bytes is XLA's
@@ -134,18 +126,6 @@ def peak_bf16_tflops(device_kind: str) -> float | None:
   return None
 
 
-def _flops(stage) -> float | None:
-  """'flops' from a Lowered's or Compiled's cost analysis (a dict, or a list of them)."""
-  try:
-    analysis = stage.cost_analysis()
-  except Exception:  # some backends do not implement it
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get('flops')
-  return float(flops) if flops and flops > 0 else None
-
-
 def _peak_memory(devices) -> int | None:
   peaks = []
   for d in devices:
@@ -167,7 +147,7 @@ def _temp_memory(compiled) -> int | None:
 
 def _epoch_s(dataset: str, images_per_s: float) -> float | None:
   """Seconds for one epoch of a known training set at this rate."""
-  return DATASETS[dataset][0] / images_per_s if dataset in DATASETS else None
+  return KNOWN_SIZES[dataset][0] / images_per_s if dataset in KNOWN_SIZES else None
 
 
 def _synthetic_batches(mesh, count: int, batch: int, image_shape, num_classes: int, seed=0):
@@ -187,20 +167,20 @@ def _synthetic_batches(mesh, count: int, batch: int, image_shape, num_classes: i
 
 
 def _batch_source(
-  config, mesh, image_shape, num_classes: int, num_batches: int, steps_per_epoch: int
+  config, mesh, image_shape, num_classes: int, num_batches: int
 ) -> Callable[[int], dict]:
   """step -> global batch on the device, as real training would see it."""
-  if config.get('data_on_device', False):
-    from jax_resnet import device_data  # no TensorFlow
+  if config.data_on_device:
+    from jax_resnet.data import on_device  # no TensorFlow
 
     local = sharding.local_batch_size(config.batch_size, mesh)
     n = max(num_batches, 2) * local
     rng = np.random.default_rng(config.seed)
     images = rng.integers(0, 256, (n, *image_shape), dtype=np.uint8)
     labels = rng.integers(0, num_classes, (n,), dtype=np.int32)
-    data = device_data.DeviceData(images, labels, mesh, config)
+    data = on_device.DeviceData(images, labels, mesh, config)
     per_epoch = n // local
-    permutation = device_data.epoch_permutation(config.seed, 0, n)
+    permutation = on_device.epoch_permutation(config.seed, 0, n)
     return lambda step: data.batch(0, step % per_epoch, permutation)
   batches = _synthetic_batches(
     mesh, num_batches, config.batch_size, image_shape, num_classes, config.seed
@@ -221,41 +201,35 @@ def benchmark_step(
   """Compiles and times the config's train step on synthetic device data (see FIELDS)."""
   mesh = sharding.create_mesh()
   devices = list(mesh.devices.flat)
-  sharding.local_batch_size(config.batch_size, mesh)  # checks it splits over devices
-  num_train, default_classes = DATASETS.get(config.dataset, DATASETS['imagenet2012'])
+  validation.check_divisible(config.batch_size, len(devices), 'batch_size')
+  # Unknown data sets get ImageNet's size and classes: the benchmark needs no data.
+  num_train, default_classes = KNOWN_SIZES.get(config.dataset, KNOWN_SIZES['imagenet2012'])
   num_classes = num_classes or default_classes
   image_shape = tuple(image_shape or (config.image_size, config.image_size, 3))
-  channels = image_shape[-1]
   if mean is None or std is None:
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if channels != 3:
-      mean, std = (sum(mean) / 3,) * channels, (sum(std) / 3,) * channels
+    mean, std = imagenet_stats(image_shape[-1])
   mean, std = tuple(mean), tuple(std)
-  k = max(1, int(config.get('steps_per_dispatch', 1) or 1))
+  k = config.steps_per_dispatch
   dispatches = max(1, -(-steps // k))
   warmup_dispatches = max(1, -(-warmup // k))
 
-  steps_per_epoch = max(1, num_train // config.batch_size)
-  total_steps = (
-    config.num_train_steps
-    if config.num_train_steps > 0
-    else int(config.num_epochs * steps_per_epoch)
-  )
-  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
-  model = train.create_model_from_config(config, num_classes)
-  state = train.create_train_state(
+  timeline = Timeline.from_config(config, max(num_train, config.batch_size))
+  learning_rate_fn = optim.create_learning_rate_fn(config, timeline)
+  model = train_steps.create_model(config, num_classes)
+  state = train_steps.create_train_state(
     jax.random.PRNGKey(config.seed), config, model, image_shape, learning_rate_fn, mesh
   )
-  batch_at = _batch_source(config, mesh, image_shape, num_classes, num_batches, steps_per_epoch)
-  p_single, _ = train.make_steps(config, learning_rate_fn, num_classes, mean, std, mesh)
+  batch_at = _batch_source(config, mesh, image_shape, num_classes, num_batches)
+  step_options = (config, learning_rate_fn, num_classes, mean, std, mesh)
+  single_fn = train_steps.make_train_step(*step_options)
   if k == 1:
-    p_step, args_at = p_single, batch_at
+    step_fn, args_at = single_fn, batch_at
   else:
-    p_step = train.make_multi_train_step(config, learning_rate_fn, num_classes, mean, std, mesh)
+    step_fn = train_steps.make_multi_train_step(*step_options)
     args_at = lambda i: [batch_at(i * k + j) for j in range(k)]
 
   start = time.perf_counter()
-  lowered = p_step.lower(state, args_at(0))
+  lowered = step_fn.lower(state, args_at(0))
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
 
@@ -264,7 +238,7 @@ def benchmark_step(
   # step is compiled for this. With remat, the step without it: the recomputed forward
   # is not model work, and MFU counts model FLOPs. Falls back to the unpartitioned,
   # unoptimised HLO.
-  remat = bool(config.get('remat', False))
+  remat = config.remat
   if k == 1 and not remat:
     single = (lowered, compiled)
   else:
@@ -272,14 +246,14 @@ def benchmark_step(
     if remat:
       plain = config.copy_and_resolve_references()
       plain.remat = False
-      flops_state = state.replace(apply_fn=train.create_model_from_config(plain, num_classes).apply)
-    lowered_single = p_single.lower(flops_state, batch_at(0))
+      flops_state = state.replace(apply_fn=train_steps.create_model(plain, num_classes).apply)
+    lowered_single = single_fn.lower(flops_state, batch_at(0))
     single = (lowered_single, lowered_single.compile())
-  flops, flops_source = _flops(single[1]), 'compiled'
+  flops, flops_source = summary.xla_flops(single[1]), 'compiled'
   if flops is not None:
     flops *= len(devices)
   else:
-    flops, flops_source = _flops(single[0]), 'lowered'
+    flops, flops_source = summary.xla_flops(single[0]), 'lowered'
   if flops is None:
     flops_source = 'unavailable'
   del single
@@ -330,10 +304,10 @@ def benchmark_step(
     'model': config.model,
     'image_size': int(config.image_size),
     'global_batch': int(global_batch),
-    'dtype': jnp.dtype(train.compute_dtype(config)).name,
+    'dtype': jnp.dtype(train_steps.compute_dtype(config)).name,
     'remat': remat,
     'steps_per_dispatch': k,
-    'data_on_device': bool(config.get('data_on_device', False)),
+    'data_on_device': config.data_on_device,
     'warmup_steps': warmup_dispatches * k,
     'timed_steps': dispatches * k,
     'compile_s': compile_s,
@@ -376,24 +350,17 @@ def benchmark_pipeline(
   config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 3, num_batches: int = 4
 ) -> dict:
   """Input alone, step alone and the whole loop on the config's real data source."""
-  from jax_resnet import input_pipeline  # TensorFlow: only in this mode
+  from jax_resnet.data import batching, sources  # TensorFlow: only in this mode
 
   mesh = sharding.create_mesh()
-  local_batch = sharding.local_batch_size(config.batch_size, mesh)
-  dataset = input_pipeline.load_dataset(config)
+  dataset = sources.load_dataset(config, splits=('train',))
   info = dataset.info
   steps_per_epoch = max(1, info.num_train // config.batch_size)
-  if config.get('data_on_device', False):
-    from jax_resnet import device_data
-
-    images, labels = input_pipeline.train_arrays(dataset)
-    source = 'device_data'
-    make_batches = lambda: device_data.device_batches(images, labels, mesh, config, steps_per_epoch)
-  else:
-    source = 'tf.data'
-    make_batches = lambda: sharding.prefetch_to_device(
-      input_pipeline.train_batches(dataset, config, local_batch, steps_per_epoch), mesh
-    )
+  timeline = Timeline(steps_per_epoch, 10 * steps_per_epoch)  # the schedule's length
+  source = 'device_data' if config.data_on_device else 'tf.data'
+  make_batches = lambda: batching.global_train_batches(
+    dataset, config, mesh, timeline.steps_per_epoch, 0
+  )
 
   # Input alone: batches pulled and copied to the device, no step.
   batches = make_batches()
@@ -411,22 +378,22 @@ def benchmark_pipeline(
   )
 
   # The whole loop: the trainer's single-step loop, one sync at the end.
-  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, 10 * steps_per_epoch)
-  model = train.create_model_from_config(config, info.num_classes)
-  state = train.create_train_state(
+  learning_rate_fn = optim.create_learning_rate_fn(config, timeline)
+  model = train_steps.create_model(config, info.num_classes)
+  state = train_steps.create_train_state(
     jax.random.PRNGKey(config.seed), config, model, info.image_shape, learning_rate_fn, mesh
   )
-  p_train, _ = train.make_steps(
+  train_fn = train_steps.make_train_step(
     config, learning_rate_fn, info.num_classes, info.mean, info.std, mesh
   )
   batches = make_batches()
   for _ in range(warmup):
-    state, _ = p_train(state, next(batches))
+    state, _ = train_fn(state, next(batches))
   jax.block_until_ready(state)
   start = time.perf_counter()
   totals = None
   for _ in range(steps):
-    state, metrics = p_train(state, next(batches))
+    state, metrics = train_fn(state, next(batches))
     totals = metrics if totals is None else totals.merge(metrics)
   jax.block_until_ready((state, totals))
   loop_s = time.perf_counter() - start
@@ -478,7 +445,7 @@ def main(argv):
     num_classes=FLAGS.num_classes,
   )
 
-  def one(flag, config):
+  def measure(flag, config):
     result = run(config, FLAGS.mode, **kwargs)
     result['config_file'] = config_flags.get_config_filename(FLAGS[flag])
     result['overrides'] = {
@@ -487,9 +454,9 @@ def main(argv):
     gc.collect()
     return result
 
-  result = one('config', _CONFIG.value)
+  result = measure('config', _CONFIG.value)
   if _COMPARE.value is not None:
-    other = one('compare', _COMPARE.value)
+    other = measure('compare', _COMPARE.value)
     ratio = other['images_per_s'] / result['images_per_s']
     result = {'mode': FLAGS.mode, 'config': result, 'compare': other, 'ratio': ratio}
     logging.info('ratio (--compare images/s over --config images/s): %.3f', ratio)

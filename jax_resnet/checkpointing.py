@@ -1,28 +1,38 @@
 """Orbax checkpoints of the global train state: the only place that touches them.
 
 The state is saved as global arrays, so a checkpoint restores onto any device count.
-Beside it goes a small JSON record: the step, the input position and the config, so a
-run resumes exactly where it stopped and a changed config can be checked against it.
-Two managers: ``checkpoints/`` keeps the newest few, ``checkpoints_best/`` the best one
-by eval top-1.
+Beside it goes a small JSON record, the meta: the step, the input position, the config
+and the data set's description (``DatasetInfo``), so a run resumes exactly where it
+stopped, a changed config can be checked against it, and eval, export and predict can
+rebuild the model from the checkpoint alone. Two managers: ``checkpoints/`` keeps the
+newest few, ``checkpoints_best/`` the best one by eval top-1.
 """
 
 import functools
 import os
+from collections.abc import Callable
 
-import flax.serialization
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jax_resnet.errors import NotFoundError
 
-def _manager(directory: str, keep: int, best: bool = False) -> ocp.CheckpointManager:
+LATEST_DIR = 'checkpoints'
+BEST_DIR = 'checkpoints_best'
+
+
+def _manager(
+  directory: str, keep: int, best: bool = False, read_only: bool = False
+) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
     max_to_keep=keep,
-    create=True,
+    create=not read_only,
+    read_only=read_only,
     enable_async_checkpointing=True,
-    cleanup_tmp_directories=True,  # a save cut short (kill, full disk) leaves a tmp dir
+    # A save cut short (kill, full disk) leaves a tmp dir; only a writer cleans up, so a
+    # reader never deletes a save in progress.
+    cleanup_tmp_directories=not read_only,
     best_fn=(lambda metrics: metrics['eval_top1']) if best else None,
     best_mode='max',
   )
@@ -49,13 +59,18 @@ def _reporting_save_errors(method):
 
 
 class Checkpoints:
-  """The latest-N and best-by-top-1 checkpoints of one workdir."""
+  """The latest-N and best-by-top-1 checkpoints of one workdir.
 
-  def __init__(self, workdir: str, keep: int = 3):
+  ``read_only=True`` (eval, export, predict) creates nothing and deletes nothing, so it
+  works on a read-only mount and beside a run that is still training.
+  """
+
+  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
     workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(workdir, 'checkpoints')
-    self.latest = _manager(self.directory, keep)
-    self.best = _manager(os.path.join(workdir, 'checkpoints_best'), 1, best=True)
+    self.read_only = read_only
+    self.directory = os.path.join(workdir, LATEST_DIR)
+    self.latest = _manager(self.directory, keep, read_only=read_only)
+    self.best = _manager(os.path.join(workdir, BEST_DIR), 1, best=True, read_only=read_only)
 
   @_reporting_save_errors
   def save(self, step: int, state, meta: dict) -> None:
@@ -68,16 +83,19 @@ class Checkpoints:
   def save_best(self, step: int, state, meta: dict, eval_top1: float) -> None:
     self.best.save(step, args=_save_args(state, meta), metrics={'eval_top1': eval_top1})
 
-  def restore(self, state, which: str | int = 'latest', check=None) -> tuple[object, dict | None]:
-    """(state, meta) from a checkpoint, or (state, None) when there is none.
+  def restore(
+    self, which: str | int, template_for: Callable[[dict], object]
+  ) -> tuple[object, dict | None]:
+    """(state, meta) from a checkpoint, or (None, None) when there is none.
 
-    ``which`` is 'latest', 'best' or a step number. ``state`` is a freshly initialised
-    state: its shapes, dtypes and shardings are the target, so a checkpoint written on 8
-    devices restores onto 1 and back. A latest checkpoint that fails to restore (a
-    partial or corrupt write) is set aside with a warning and the next older one is used.
-    ``check(meta)`` runs before the state is read, to refuse an incompatible config.
+    ``which`` is 'latest', 'best' or a step number. The meta is read first;
+    ``template_for(meta)`` returns the state to restore into (a fresh state or its
+    ``jax.ShapeDtypeStruct`` tree, with the shardings wanted), or raises to refuse the
+    checkpoint (an incompatible config). Because the target's shardings decide, a
+    checkpoint written on 8 devices restores onto 1 and back. A latest checkpoint that
+    fails to restore (a partial or corrupt write) is set aside with a warning and the
+    next older one is used.
     """
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     if which == 'best':
       manager, steps = self.best, [self.best.best_step()]
       steps = [s for s in steps if s is not None]
@@ -86,7 +104,7 @@ class Checkpoints:
     else:
       manager, steps = self.latest, [int(which)]
       if int(which) not in self.latest.all_steps():
-        raise FileNotFoundError(
+        raise NotFoundError(
           f'No checkpoint at step {which} in {self.directory}; '
           f'available: {sorted(self.latest.all_steps())}.'
         )
@@ -98,8 +116,7 @@ class Checkpoints:
       except Exception as e:  # orbax raises many kinds for a damaged directory
         self._set_aside(manager, step, which, e)
         continue
-      if check is not None:
-        check(meta)  # a config mismatch is the user's to fix, not damage to skip
+      target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_for(meta))
       try:
         restored = manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
@@ -107,12 +124,25 @@ class Checkpoints:
         return restored['state'], meta
       except Exception as e:
         self._set_aside(manager, step, which, e)
-    return state, None
+    return None, None
+
+  def best_step(self) -> int | None:
+    return self.best.best_step()
 
   def _set_aside(self, manager, step, which, error):
-    """Renames a damaged checkpoint to STEP.corrupt-N (nothing is deleted)."""
+    """Renames a damaged checkpoint to STEP.corrupt-N (nothing is deleted); a reader
+    only skips it."""
     if which != 'latest':
       raise error
+    if self.read_only:
+      logging.warning(
+        'Checkpoint at step %d in %s cannot be read (%s: %s); trying the previous one.',
+        step,
+        manager.directory,
+        type(error).__name__,
+        str(error)[:200],
+      )
+      return
     path = os.path.join(str(manager.directory), str(step))
     n = 0
     while os.path.exists(f'{path}.corrupt-{n}'):
@@ -144,18 +174,3 @@ class Checkpoints:
 
 def _save_args(state, meta):
   return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-
-
-def export_variables(state, path: str) -> None:
-  """Writes params and batch statistics as one msgpack file (flax serialization)."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, variables))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'wb') as f:
-    f.write(data)
-
-
-def load_variables(path: str) -> dict:
-  """The variables dict written by ``export_variables``, ready for ``model.apply``."""
-  with open(path, 'rb') as f:
-    return flax.serialization.msgpack_restore(f.read())

@@ -25,6 +25,10 @@ KERNEL_INITS = {
 }
 
 
+# 'imagenet': 7x7/2 conv + 3x3/2 max-pool; 'cifar': one 3x3 conv, no pooling.
+STEMS = ('imagenet', 'cifar')
+
+
 def _pad(k: int):
   """Symmetric padding as torchvision uses, so strided convs see the same pixels."""
   return ((k // 2, k // 2), (k // 2, k // 2))

@@ -11,6 +11,8 @@ import ml_collections
 import optax
 import optax.contrib
 
+from jax_resnet.timeline import Timeline
+
 OPTIMIZERS = ('sgd', 'adamw', 'adam')
 SCHEDULES = ('onecycle', 'cosine', 'multistep', 'constant', 'plateau')
 
@@ -39,10 +41,12 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
 
 
 def create_learning_rate_fn(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+  config: ml_collections.ConfigDict, timeline: Timeline
 ) -> optax.Schedule:
+  """The configured schedule over ``timeline.total_steps`` steps."""
   peak = peak_learning_rate(config)
-  warmup = int(config.warmup_epochs * steps_per_epoch)
+  total_steps = timeline.total_steps
+  warmup = timeline.steps(config.warmup_epochs)
   if config.schedule == 'onecycle':
     return optax.cosine_onecycle_schedule(
       transition_steps=total_steps,
@@ -60,14 +64,14 @@ def create_learning_rate_fn(
       end_value=peak * config.final_learning_rate_fraction,
     )
   if config.schedule == 'multistep':
-    boundaries = {int(f * total_steps): config.decay_factor for f in config.decay_at}
+    boundaries = {timeline.fraction(f): config.decay_factor for f in config.decay_at}
     decay = optax.piecewise_constant_schedule(peak, boundaries)
     return _with_warmup(decay, peak, warmup)
   if config.schedule == 'constant':
     return _with_warmup(optax.constant_schedule(peak), peak, warmup)
   if config.schedule == 'plateau':
     return PlateauSchedule(
-      _with_warmup(optax.constant_schedule(peak), peak, warmup), steps_per_epoch
+      _with_warmup(optax.constant_schedule(peak), peak, warmup), timeline.steps_per_epoch
     )
   raise ValueError(f'Unknown schedule {config.schedule!r}. Valid: {", ".join(SCHEDULES)}.')
 
@@ -92,21 +96,20 @@ def create_optimizer(
 
   Reduce-on-plateau (Keras's ReduceLROnPlateau) averages the training loss passed as
   ``value=`` over each epoch and multiplies the learning rate by
-  ``config.plateau_factor`` (default 0.1) after ``config.plateau_patience`` (default
-  10) epochs without a relative improvement of ``config.plateau_rtol`` (1e-4), down
-  to ``config.plateau_min_scale`` (0) times the peak; ``config.plateau_cooldown``
-  (0) epochs pass after a reduction before counting again.
+  ``config.plateau_factor`` after ``config.plateau_patience`` epochs without a relative
+  improvement of ``config.plateau_rtol``, down to ``config.plateau_min_scale`` times the
+  peak; ``config.plateau_cooldown`` epochs pass after a reduction before counting again.
   """
   tx = _base_optimizer(config, learning_rate_fn)
   if isinstance(learning_rate_fn, PlateauSchedule):
     tx = optax.chain(
       tx,
       optax.contrib.reduce_on_plateau(
-        factor=config.get('plateau_factor', 0.1),
-        patience=config.get('plateau_patience', 10),
-        rtol=config.get('plateau_rtol', 1e-4),
-        cooldown=config.get('plateau_cooldown', 0),
-        min_scale=config.get('plateau_min_scale', 0.0),
+        factor=config.plateau_factor,
+        patience=config.plateau_patience,
+        rtol=config.plateau_rtol,
+        cooldown=config.plateau_cooldown,
+        min_scale=config.plateau_min_scale,
         accumulation_size=max(1, learning_rate_fn.steps_per_epoch),
       ),
     )

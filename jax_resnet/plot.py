@@ -9,11 +9,12 @@ curves solid, evaluation dashed). The x axis is the epoch when the run recorded 
 Uses matplotlib's Agg backend: no display is needed.
 """
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Sequence
+
+from absl import app, flags
 
 RUN_INFO = 'run.json'
 PANELS = (  # (title, [(metric, transform, line style, legend suffix)])
@@ -72,7 +73,6 @@ def read_run(workdir: str) -> dict:
     'label': label,
     'steps_per_epoch': steps_per_epoch,
     'series': series,
-    'name': info.get('config_name'),
   }
 
 
@@ -149,25 +149,20 @@ def save_curves(workdir: str, filename: str = 'curves.png') -> str | None:
   return path
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-    prog='python -m jax_resnet.plot',
-    description='Plot loss, top-1/top-5 error and learning rate of training runs.',
-  )
-  parser.add_argument(
-    'runs', nargs='+', metavar='RUN_DIR', help='directories holding metrics.jsonl (a --workdir)'
-  )
-  parser.add_argument('--out', default='curves.png', help='PNG to write')
-  parser.add_argument('--title', default=None, help='figure title')
-  parser.add_argument(
-    '--labels', default=None, help='comma-separated labels, one per run (default: directory names)'
-  )
-  args = parser.parse_args(argv)
-  labels = args.labels.split(',') if args.labels else None
-  if labels and len(labels) != len(args.runs):
-    parser.error(f'--labels has {len(labels)} names for {len(args.runs)} runs.')
+def _define_flags():
+  flags.DEFINE_string('out', 'curves.png', 'PNG to write.')
+  flags.DEFINE_string('title', None, 'Figure title.')
+  flags.DEFINE_list('labels', None, 'Labels, one per run (default: directory names).')
+
+
+def main(argv) -> int:
+  runs, FLAGS = argv[1:], flags.FLAGS
+  if not runs:
+    raise app.UsageError('Give one or more RUN_DIRs (directories holding metrics.jsonl).')
+  if FLAGS.labels and len(FLAGS.labels) != len(runs):
+    raise app.UsageError(f'--labels has {len(FLAGS.labels)} names for {len(runs)} runs.')
   try:
-    out = plot_runs(args.runs, args.out, args.title, labels)
+    out = plot_runs(runs, FLAGS.out, FLAGS.title, FLAGS.labels)
   except FileNotFoundError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -179,4 +174,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  _define_flags()
+  app.run(main)

@@ -180,9 +180,3 @@ class Progress:
       for handler in self._handlers():
         handler.removeFilter(self._filter)
       self._filter = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()

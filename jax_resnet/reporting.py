@@ -68,9 +68,3 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
       JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
     ]
   )
-
-
-def read_metrics(workdir: str) -> list:
-  """The records of ``workdir/metrics.jsonl``, in order."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]

@@ -30,16 +30,10 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh, name: str = 'batch_size') -> int:
-  """The per-process share of a global batch, checked to split evenly over devices."""
-  num_devices = mesh.devices.size
-  if global_batch_size <= 0 or global_batch_size % num_devices:
-    raise ValueError(
-      f'config.{name}={global_batch_size} must be a positive multiple of the device '
-      f'count {num_devices} ({jax.process_count()} process(es) x '
-      f'{jax.local_device_count()} local devices). Try '
-      f'--config.{name}={max(1, round(global_batch_size / num_devices)) * num_devices}.'
-    )
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """This process's share of a global batch (``validation.validate`` checked that it
+  splits evenly over the mesh's devices)."""
+  assert global_batch_size % mesh.devices.size == 0, (global_batch_size, mesh.devices.size)
   return global_batch_size // jax.process_count()
 
 

@@ -5,18 +5,21 @@ Shapes come from ``jax.eval_shape`` over the model's intermediates (nothing is
 allocated or run); FLOPs from XLA's cost analysis of the jitted forward + backward pass
 of a training step on one image (XLA counts a multiply-add as two FLOPs). No TensorFlow.
 
-  python -m jax_resnet.summary --model=resnet50 --image_size=224 --num_classes=1000
+  python -m jax_resnet.summary --model=resnet50 --image_size=224 --num_classes=1000 [--depth=N]
+
+The per-stage rows are this module's own: flax's ``Module.tabulate`` has one row per
+block or layer (18 for ResNet-50 at depth 1, hundreds at full depth) and no training
+FLOPs, too long for a run's log; ``--depth=N`` prints flax's table for the detail.
 """
 
-import argparse
 import dataclasses
 import re
-import sys
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 _BLOCK = re.compile(r'^stage(\d+)_block(\d+)$')
 
@@ -109,22 +112,31 @@ def summarize(model, image_shape: Sequence[int], flops: bool = True) -> ModelSum
   )
 
 
+def xla_flops(stage) -> float | None:
+  """'flops' from the cost analysis of a ``jax.stages.Lowered`` or ``Compiled`` (a dict,
+  or a list of them on some versions); None when the backend gives none. A compiled
+  SPMD program is analysed per device: multiply by the device count for the whole step."""
+  try:
+    analysis = stage.cost_analysis()
+  except Exception:  # some backends analyse only compiled code, some nothing
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
 def _cost(fn, *args) -> tuple[float | None, str]:
   lowered = jax.jit(fn).lower(*args)
+  flops = xla_flops(lowered)
+  if flops:
+    return flops, 'XLA cost analysis of the jitted HLO'
   try:
-    cost = lowered.cost_analysis()
-    if cost and cost.get('flops'):
-      return float(cost['flops']), 'XLA cost analysis of the jitted HLO'
-  except Exception:  # some backends analyse only compiled code
-    pass
-  try:
-    cost = lowered.compile().cost_analysis()
-    if isinstance(cost, list):
-      cost = cost[0]
-    if cost and cost.get('flops'):
-      return float(cost['flops']), 'XLA cost analysis of the compiled step'
-  except Exception:
-    pass
+    flops = xla_flops(lowered.compile())
+  except Exception:  # a summary must never stop a run
+    flops = None
+  if flops:
+    return flops, 'XLA cost analysis of the compiled step'
   return None, 'XLA gave no cost analysis'
 
 
@@ -154,24 +166,47 @@ def _flops(model, variables, x):
   return forward, train, method + ' of forward + backward'
 
 
-def main(argv=None) -> int:
+def _define_flags():
+  flags.DEFINE_string('model', 'resnet50', 'A model name (see jax_resnet.models.MODEL_NAMES).')
+  flags.DEFINE_integer('image_size', 224, 'Side of the square input.')
+  flags.DEFINE_integer('channels', 3, 'Input channels.')
+  flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
+  flags.DEFINE_enum('stem', None, ['imagenet', 'cifar'], "The stem; default: the model's own.")
+  flags.DEFINE_integer(
+    'depth',
+    0,
+    "0: one row per stage. N > 0: flax's per-module table (Module.tabulate) to depth N, "
+    "with each module's forward and backward FLOPs.",
+  )
+
+
+def main(argv) -> int:
   from jax_resnet import models
 
-  parser = argparse.ArgumentParser(
-    prog='python -m jax_resnet.summary', description='Print a ResNet model summary.'
-  )
-  parser.add_argument('--model', default='resnet50', choices=models.MODEL_NAMES)
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--channels', type=int, default=3)
-  parser.add_argument('--num_classes', type=int, default=1000)
-  parser.add_argument('--stem', default=None, choices=('imagenet', 'cifar'))
-  args = parser.parse_args(argv)
-  options = {'stem': args.stem} if args.stem else {}
-  model = models.create_model(args.model, args.num_classes, **options)
-  shape = (args.image_size, args.image_size, args.channels)
-  print(summarize(model, shape).format(f'{args.model} on {"x".join(map(str, shape))}'))
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  FLAGS = flags.FLAGS
+  if FLAGS.model not in models.MODELS:
+    raise app.UsageError(f'Unknown --model={FLAGS.model}. Valid: {", ".join(models.MODEL_NAMES)}.')
+  options = {'stem': FLAGS.stem} if FLAGS.stem else {}
+  model = models.create_model(FLAGS.model, FLAGS.num_classes, **options)
+  shape = (FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
+  if FLAGS.depth:
+    table = model.tabulate(
+      jax.random.PRNGKey(0),
+      jnp.zeros((1, *shape), jnp.float32),
+      train=False,
+      depth=FLAGS.depth,
+      compute_flops=True,
+      compute_vjp_flops=True,
+      console_kwargs={'width': 160},
+    )
+    print(table)
+    return 0
+  print(summarize(model, shape).format(f'{FLAGS.model} on {"x".join(map(str, shape))}'))
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  _define_flags()
+  app.run(main)

@@ -2,6 +2,7 @@ import os
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,3 +46,46 @@ def run_main(args, env=None, timeout=600):
     text=True,
     timeout=timeout,
   )
+
+
+def photo_folder(root, per_class=(5, 4, 4), size=(96, 72), seed=0, extras=True):
+  """Class folders of JPEG crops of scikit-learn's two sample photographs.
+
+  With ``extras``, the first class also gets a grayscale PNG, a CMYK JPEG and an RGBA
+  PNG, and the second a corrupt .jpg. Returns the number of decodable files.
+  """
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+
+  photos = load_sample_images().images
+  rng = np.random.RandomState(seed)
+  count = 0
+  for c, n in enumerate(per_class):
+    folder = root / f'class_{c}'
+    folder.mkdir(parents=True)
+    for i in range(n):
+      photo = photos[(c + i) % 2]
+      y, x = rng.randint(0, 100), rng.randint(0, 200)
+      crop = Image.fromarray(photo[y : y + 300, x : x + 400]).resize(size)
+      crop.save(folder / f'{i}.JPEG', quality=90)
+      count += 1
+  if extras:
+    base = Image.fromarray(photos[0][:200, :300])
+    base.convert('L').save(root / 'class_0' / 'gray.png')
+    base.convert('CMYK').save(root / 'class_0' / 'cmyk.jpg')
+    base.convert('RGBA').save(root / 'class_0' / 'rgba.png')
+    count += 3
+    (root / 'class_1' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
+  return count
+
+
+def folder_config(config, tmp_path):
+  train_n = photo_folder(tmp_path / 'train')
+  eval_n = photo_folder(tmp_path / 'eval', per_class=(3, 2, 2), seed=1, extras=False)
+  config.dataset = 'folder'
+  config.train_dir = str(tmp_path / 'train')
+  config.eval_dir = str(tmp_path / 'eval')
+  config.image_size = 32
+  config.random_crop_pad = 0
+  config.random_flip = True
+  return train_n, eval_n

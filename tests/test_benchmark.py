@@ -136,31 +136,33 @@ def test_multi_step_equals_single_steps(config, unroll):
   """
   import jax
 
-  from jax_resnet import benchmark, optim, sharding, train
+  from jax_resnet import benchmark, optim, sharding, steps
+  from jax_resnet.data.common import imagenet_stats
+  from jax_resnet.timeline import Timeline
 
   config.image_size, config.batch_size, config.cutout_size = 8, 8, 3
   config.dropout_rate = 0.1  # per-step keys must match too
   mesh = sharding.create_mesh()
-  lr = optim.create_learning_rate_fn(config, 10, 100)
-  model = train.create_model_from_config(config, 10)
+  lr = optim.create_learning_rate_fn(config, Timeline(10, 100))
+  model = steps.create_model(config, 10)
   shape = (8, 8, 3)
-  mean, std = benchmark.IMAGENET_MEAN, benchmark.IMAGENET_STD
+  mean, std = imagenet_stats(3)
   batches = benchmark._synthetic_batches(mesh, 3, 8, shape, 10)
-  p_train, _ = train.make_steps(config, lr, 10, mean, std, mesh)
-  p_multi = train.make_multi_train_step(config, lr, 10, mean, std, mesh, unroll)
+  train_fn = steps.make_train_step(config, lr, 10, mean, std, mesh)
+  multi_fn = steps.make_multi_train_step(config, lr, 10, mean, std, mesh, unroll)
 
-  single = train.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
+  single = steps.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
   totals = None
   for batch in batches:
-    single, metrics = p_train(single, batch)
+    single, metrics = train_fn(single, batch)
     totals = metrics if totals is None else totals.merge(metrics)
-  multi = train.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
+  multi = steps.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
   # One while loop more than a single step has (its RNG's own) iff the scan is rolled;
   # CPU's default unrolls it (XLA:CPU runs the rolled loop body tens of times slower).
   whiles = lambda fn, *args: fn.lower(*args).as_text().count('stablehlo.while')
-  extra_loops = whiles(p_multi, multi, batches) - whiles(p_train, multi, batches[0])
+  extra_loops = whiles(multi_fn, multi, batches) - whiles(train_fn, multi, batches[0])
   assert extra_loops == (1 if unroll is False else 0)
-  multi, multi_metrics = p_multi(multi, batches)
+  multi, multi_metrics = multi_fn(multi, batches)
 
   assert int(multi.step) == int(single.step) == 3
   jax.tree.map(

@@ -51,20 +51,19 @@ def two_steps(name) -> dict:
   import jax
   import numpy as np
 
-  from jax_resnet import optim, sharding, train
+  from jax_resnet import optim, sharding, steps
+  from jax_resnet.timeline import Timeline
 
   config = small(load(name))
   channels, num_classes = DATASETS[config.dataset]
   size = config.image_size
-  steps_per_epoch = 10
-  total_steps = int(config.num_epochs * steps_per_epoch)
-  lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
-  model = train.create_model_from_config(config, num_classes)
+  lr_fn = optim.create_learning_rate_fn(config, Timeline.from_config(config, 10 * BATCH))
+  model = steps.create_model(config, num_classes)
   mesh = sharding.create_mesh()
-  state = train.create_train_state(
+  state = steps.create_train_state(
     jax.random.PRNGKey(0), config, model, (size, size, channels), lr_fn, mesh
   )
-  p_train, _ = train.make_steps(
+  train_fn = steps.make_train_step(
     config, lr_fn, num_classes, (127.0,) * channels, (64.0,) * channels, mesh
   )
   rng = np.random.RandomState(0)
@@ -75,7 +74,7 @@ def two_steps(name) -> dict:
   before = jax.tree.map(np.asarray, state.params)
   losses = []
   for _ in range(2):
-    state, metrics = p_train(state, batch)
+    state, metrics = train_fn(state, batch)
     losses.append(float(metrics.compute()['train_loss']))
   moved = max(
     float(np.abs(np.asarray(a) - b).max())
@@ -172,10 +171,10 @@ def test_all_experiment_configs_exist():
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_loads_and_passes_checks(name):
-  from jax_resnet import trainer
+  from jax_resnet import validation
 
   config = load(name)
-  trainer.check_config(config)  # the real run's checks, at the config's real sizes
+  validation.validate(config)  # the real run's checks, at the config's real sizes
   assert config.dataset in DATASETS, f'{name}: add {config.dataset!r} to DATASETS'
 
 

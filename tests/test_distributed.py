@@ -19,25 +19,26 @@ def devices_env(n):
 EIGHT_VS_ONE = textwrap.dedent("""
     import jax, numpy as np
     from configs import default
-    from jax_resnet import optim, sharding, train
+    from jax_resnet import optim, sharding, steps
+    from jax_resnet.timeline import Timeline
     assert jax.device_count() == 8
     config = default.get_config()
     config.image_size = 8
     config.schedule = 'constant'
     config.learning_rate = 0.1
-    model = train.create_model_from_config(config, 10)
-    lr = optim.create_learning_rate_fn(config, 10, 100)
+    model = steps.create_model(config, 10)
+    lr = optim.create_learning_rate_fn(config, Timeline(10, 100))
     rng = np.random.RandomState(0)
     batches = [{'image': rng.randint(0, 256, (16, 8, 8, 3)).astype(np.uint8),
                 'label': rng.randint(0, 10, (16,)).astype(np.int32)} for _ in range(3)]
     out = {}
     for name, devices in (('one', jax.devices()[:1]), ('eight', jax.devices())):
       mesh = sharding.create_mesh(devices)
-      state = train.create_train_state(jax.random.PRNGKey(0), config, model, (8, 8, 3), lr, mesh)
-      p_train, _ = train.make_steps(config, lr, 10, (127.,) * 3, (64.,) * 3, mesh)
+      state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (8, 8, 3), lr, mesh)
+      train_fn = steps.make_train_step(config, lr, 10, (127.,) * 3, (64.,) * 3, mesh)
       losses = []
       for b in batches:
-        state, m = p_train(state, sharding.to_global(b, mesh))
+        state, m = train_fn(state, sharding.to_global(b, mesh))
         losses.append(float(m.compute()['train_loss']))
       assert len(state.params['head']['kernel'].sharding.device_set) == len(devices)
       out[name + '_losses'] = np.array(losses)

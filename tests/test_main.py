@@ -74,21 +74,3 @@ def test_batch_not_divisible_by_devices_names_the_numbers(tmp_path):
   )
   assert result.returncode != 0
   assert 'config.batch_size=30 must be a positive multiple of the device count 4' in result.stderr
-
-
-def test_multi_step_dispatches_end_at_every_log_eval_and_checkpoint_step():
-  """steps_per_dispatch=k groups steps (lax.scan; its equality with single steps is in
-  test_benchmark.py) but never runs past a step where the loop must look at the state."""
-  from jax_resnet.trainer import dispatch_size
-
-  periods = (4, 6, 11, 11)  # log, eval, checkpoint, epoch
-  step, ends = 0, []
-  while step < 30:
-    k = dispatch_size(step, 5, 30, periods)
-    assert 1 <= k <= 5
-    step += k
-    ends.append(step)
-  must_stop = {s for s in range(1, 31) if any(s % p == 0 for p in periods)} | {30}
-  assert must_stop <= set(ends)
-  assert ends[:4] == [4, 6, 8, 11]
-  assert dispatch_size(0, 1, 30, periods) == 1

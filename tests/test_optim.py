@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 
 from jax_resnet import optim
+from jax_resnet.timeline import Timeline
 
 
 def test_onecycle_start_peak_end(config):
   config.learning_rate = 0.4
   total = 1000
-  fn = optim.create_learning_rate_fn(config, steps_per_epoch=100, total_steps=total)
+  fn = optim.create_learning_rate_fn(config, Timeline(100, total))
   peak_step = int(config.onecycle_pct_start * total)
   assert float(fn(0)) == pytest.approx(0.4 / config.onecycle_div_factor)
   assert float(fn(peak_step)) == pytest.approx(0.4)
@@ -24,7 +25,7 @@ def test_cosine_warmup_end_and_final(config):
   config.learning_rate = 0.1
   config.warmup_epochs = 2
   config.final_learning_rate_fraction = 0.01
-  fn = optim.create_learning_rate_fn(config, steps_per_epoch=50, total_steps=1000)
+  fn = optim.create_learning_rate_fn(config, Timeline(50, 1000))
   assert float(fn(0)) == 0.0
   assert float(fn(50)) == pytest.approx(0.05)
   assert float(fn(100)) == pytest.approx(0.1)
@@ -34,7 +35,7 @@ def test_cosine_warmup_end_and_final(config):
 def test_multistep_decays_at_fractions(config):
   config.schedule = 'multistep'
   config.learning_rate = 0.1
-  fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+  fn = optim.create_learning_rate_fn(config, Timeline(10, 100))
   assert float(fn(49)) == pytest.approx(0.1)
   assert float(fn(51)) == pytest.approx(0.01)
   assert float(fn(80)) == pytest.approx(0.001)
@@ -55,7 +56,7 @@ def test_weight_decay_only_on_kernels(config):
   config.nesterov = False
   config.weight_decay = 0.1
   params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}
-  tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, 1, 10))
+  tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, Timeline(1, 10)))
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_allclose(updates['kernel'], -0.1)
@@ -66,7 +67,7 @@ def test_weight_decay_only_on_kernels(config):
 def test_unknown_names_list_valid_ones(config, field, value):
   config[field] = value
   with pytest.raises(ValueError, match='Valid'):
-    optim.create_optimizer(config, optim.create_learning_rate_fn(config, 1, 10))
+    optim.create_optimizer(config, optim.create_learning_rate_fn(config, Timeline(1, 10)))
 
 
 def test_reduce_on_plateau_cuts_the_rate_after_flat_epochs(config):
@@ -77,7 +78,7 @@ def test_reduce_on_plateau_cuts_the_rate_after_flat_epochs(config):
   config.plateau_factor = 0.5
   config.plateau_patience = 2
   steps_per_epoch = 3
-  fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps=100)
+  fn = optim.create_learning_rate_fn(config, Timeline(steps_per_epoch, 100))
   tx = optim.create_optimizer(config, fn)
   params = {'kernel': jnp.ones((2, 2))}
   opt_state = tx.init(params)
@@ -100,7 +101,7 @@ def test_every_optimizer_takes_the_loss_value(config):
   for name in optim.OPTIMIZERS:
     for schedule in optim.SCHEDULES:
       config.optimizer, config.schedule = name, schedule
-      fn = optim.create_learning_rate_fn(config, 5, 50)
+      fn = optim.create_learning_rate_fn(config, Timeline(5, 50))
       tx = optim.create_optimizer(config, fn)
       updates, _ = tx.update(grads, tx.init(params), params, value=jnp.float32(1.0))
       assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))

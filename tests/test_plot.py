@@ -75,4 +75,19 @@ def test_read_run_uses_epochs_when_known_and_later_records_win(tmp_path):
 
 
 def test_missing_run_is_a_clear_error(tmp_path):
-  assert plot.main([str(tmp_path / 'nope'), '--out', str(tmp_path / 'x.png')]) == 2
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'jax_resnet.plot',
+      str(tmp_path / 'nope'),
+      '--out',
+      str(tmp_path / 'x.png'),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 2
+  assert 'error:' in result.stderr and 'nope' in result.stderr

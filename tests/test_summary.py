@@ -2,7 +2,8 @@ import jax
 import numpy as np
 import pytest
 
-from jax_resnet import models, summary, train
+from jax_resnet import models, steps, summary
+from jax_resnet.timeline import Timeline
 
 
 def param_count(tree):
@@ -48,15 +49,15 @@ def test_resnet20_stages_shapes_params_and_flops():
 
 def test_summary_of_a_config_model_matches_the_train_state(config):
   config.image_size = 16
-  model = train.create_model_from_config(config, 10)
+  model = steps.create_model(config, 10)
   from jax_resnet import optim
 
-  state = train.create_train_state(
+  state = steps.create_train_state(
     jax.random.PRNGKey(0),
     config,
     model,
     (16, 16, 1),
-    optim.create_learning_rate_fn(config, 10, 100),
+    optim.create_learning_rate_fn(config, Timeline(10, 100)),
   )
   s = summary.summarize(model, (16, 16, 1), flops=False)
   assert s.total_params == param_count(state.params)

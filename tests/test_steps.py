@@ -4,19 +4,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_resnet import optim, sharding, train
+from jax_resnet import optim, sharding, steps
+from jax_resnet.timeline import Timeline
 
 
 def setup(config, num_classes=10, size=8):
   config.image_size = size
-  model = train.create_model_from_config(config, num_classes)
-  lr_fn = optim.create_learning_rate_fn(config, 10, 100)
+  model = steps.create_model(config, num_classes)
+  lr_fn = optim.create_learning_rate_fn(config, Timeline(10, 100))
   mesh = sharding.create_mesh()
-  state = train.create_train_state(
+  state = steps.create_train_state(
     jax.random.PRNGKey(0), config, model, (size, size, 3), lr_fn, mesh
   )
-  p_train, p_eval = train.make_steps(config, lr_fn, num_classes, (127.0,) * 3, (64.0,) * 3, mesh)
-  return state, p_train, p_eval
+  train_fn, eval_fn = steps.make_steps(config, lr_fn, num_classes, (127.0,) * 3, (64.0,) * 3, mesh)
+  return state, train_fn, eval_fn
 
 
 def fixed_batch(n=32, size=8, num_classes=10):
@@ -28,11 +29,11 @@ def fixed_batch(n=32, size=8, num_classes=10):
 
 
 def train_losses(config, steps=8):
-  state, p_train, p_eval = setup(config)
+  state, train_fn, eval_fn = setup(config)
   batch = fixed_batch()
   losses = []
   for _ in range(steps):
-    state, m = p_train(state, batch)
+    state, m = train_fn(state, batch)
     losses.append(float(m.compute()['train_loss']))
   return state, losses
 
@@ -57,12 +58,12 @@ def test_bf16_train_step_runs_and_params_stay_fp32(config):
 
 
 def test_eval_step_respects_mask(config):
-  state, _, p_eval = setup(config)
+  state, _, eval_fn = setup(config)
   batch = fixed_batch(8)
-  full = p_eval(state, dict(batch, mask=np.ones(8, np.float32))).compute()
+  full = eval_fn(state, dict(batch, mask=np.ones(8, np.float32))).compute()
   half_batch = {k: v[:4] for k, v in batch.items()}
-  half = p_eval(state, dict(half_batch, mask=np.ones(4, np.float32))).compute()
-  masked = p_eval(state, dict(batch, mask=(np.arange(8) < 4).astype(np.float32))).compute()
+  half = eval_fn(state, dict(half_batch, mask=np.ones(4, np.float32))).compute()
+  masked = eval_fn(state, dict(batch, mask=(np.arange(8) < 4).astype(np.float32))).compute()
   np.testing.assert_allclose(masked['eval_loss'], half['eval_loss'], rtol=1e-5)
   assert set(full) == {'eval_loss', 'eval_top1', 'eval_top5'}
   assert 0.0 <= float(full['eval_top1']) <= float(full['eval_top5']) <= 1.0
@@ -86,17 +87,19 @@ def test_label_smoothing_and_cutout_change_the_step(config):
 def test_top_k_correct():
   logits = jnp.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05]])
   labels = jnp.array([2, 2])
-  np.testing.assert_array_equal(train.top_k_correct(logits, labels, 1), [0, 0])
-  np.testing.assert_array_equal(train.top_k_correct(logits, labels, 2), [1, 0])
-  np.testing.assert_array_equal(train.top_k_correct(logits, labels, 5), [1, 1])
+  np.testing.assert_array_equal(steps.top_k_correct(logits, labels, 1), [0, 0])
+  np.testing.assert_array_equal(steps.top_k_correct(logits, labels, 2), [1, 0])
+  np.testing.assert_array_equal(steps.top_k_correct(logits, labels, 5), [1, 1])
 
 
 def test_core_imports_without_tensorflow():
   import subprocess
 
   code = (
-    'import sys; import jax_resnet.models, jax_resnet.train, jax_resnet.optim, '
-    'jax_resnet.augment, jax_resnet.sharding, jax_resnet.checkpointing; '
+    'import sys; import jax_resnet.models, jax_resnet.steps, jax_resnet.optim, '
+    'jax_resnet.augment, jax_resnet.sharding, jax_resnet.checkpointing, '
+    'jax_resnet.timeline, jax_resnet.validation, jax_resnet.runs, jax_resnet.data.on_device, '
+    'jax_resnet.data.common, jax_resnet.benchmark; '
     'assert "tensorflow" not in sys.modules, "core imported tensorflow"'
   )
   subprocess.run([sys.executable, '-c', code], check=True)

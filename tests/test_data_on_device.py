@@ -1,4 +1,4 @@
-"""device_data: the whole uint8 train set on the device, batches cropped and flipped there."""
+"""data.on_device: the whole uint8 train set on the device, batches cropped and flipped there."""
 
 import json
 import os
@@ -30,12 +30,13 @@ def mesh():
 
 
 def test_epoch_is_a_permutation_with_matching_labels(config, mesh):
-  from jax_resnet import device_data, sharding
+  from jax_resnet import sharding
+  from jax_resnet.data import on_device
 
   config.batch_size, config.random_crop_pad, config.random_flip = 8, 0, False
   images, labels = _toy(50)
   steps = 50 // 8
-  batches = _take(device_data.device_batches(images, labels, mesh, config, steps), 2 * steps)
+  batches = _take(on_device.device_batches(images, labels, mesh, config, steps), 2 * steps)
   b = batches[0]
   assert b['image'].shape == (8, 8, 8, 1) and b['image'].dtype == np.uint8
   assert b['label'].dtype == np.int32
@@ -46,11 +47,11 @@ def test_epoch_is_a_permutation_with_matching_labels(config, mesh):
     np.testing.assert_array_equal(np.asarray(x['image'])[:, 3, 3, 0], np.asarray(x['label']) + 1)
   second = np.concatenate([np.asarray(x['label']) for x in batches[steps:]])
   assert not np.array_equal(first, second)  # a new epoch is a new shuffle
-  np.testing.assert_array_equal(first, device_data.epoch_permutation(config.seed, 0, 50)[:48])
+  np.testing.assert_array_equal(first, on_device.epoch_permutation(config.seed, 0, 50)[:48])
 
 
 def test_crop_and_flip_happen_on_device_and_resume_exactly(config, mesh):
-  from jax_resnet import device_data
+  from jax_resnet.data import on_device
 
   config.batch_size, config.random_crop_pad, config.random_flip = 16, 2, True
   size = 8
@@ -59,7 +60,7 @@ def test_crop_and_flip_happen_on_device_and_resume_exactly(config, mesh):
   )  # columns 1..8: a flip reverses them
   labels = np.zeros(64, np.int32)
   steps = 4
-  run = _take(device_data.device_batches(images, labels, mesh, config, steps), steps + 3)
+  run = _take(on_device.device_batches(images, labels, mesh, config, steps), steps + 3)
   out = np.concatenate([np.asarray(b['image']) for b in run])[..., 0]
   zero_rows = (out == 0).all(2).sum(1)
   zero_cols = (out == 0).all(1).sum(1)
@@ -69,17 +70,17 @@ def test_crop_and_flip_happen_on_device_and_resume_exactly(config, mesh):
   flipped = (np.diff(middle.astype(int), axis=1) < 0).all(1)
   assert 0.25 < flipped.mean() < 0.75
   resumed = _take(
-    device_data.device_batches(images, labels, mesh, config, steps, start_step=steps - 1), 4
+    on_device.device_batches(images, labels, mesh, config, steps, start_step=steps - 1), 4
   )
   for a, b in zip(run[steps - 1 :], resumed):
     np.testing.assert_array_equal(np.asarray(a['image']), np.asarray(b['image']))
 
 
 def test_rejects_non_uint8(config, mesh):
-  from jax_resnet import device_data
+  from jax_resnet.data import on_device
 
   with pytest.raises(ValueError, match='uint8 NHWC'):
-    device_data.DeviceData(np.zeros((4, 8, 8, 3), np.float32), np.zeros(4), mesh, config)
+    on_device.DeviceData(np.zeros((4, 8, 8, 3), np.float32), np.zeros(4), mesh, config)
 
 
 _SCRIPT = r"""
@@ -87,13 +88,14 @@ import json, sys
 import numpy as np
 import jax
 from configs import default
-from jax_resnet import device_data, sharding
+from jax_resnet import sharding
+from jax_resnet.data import on_device
 cfg = default.get_config()
 cfg.batch_size, cfg.random_crop_pad, cfg.random_flip = 16, 3, True
 rng = np.random.RandomState(0)
 images = rng.randint(0, 256, (40, 8, 8, 3)).astype(np.uint8)
 labels = rng.randint(0, 10, 40).astype(np.int32)
-it = device_data.device_batches(images, labels, sharding.create_mesh(), cfg, 2)
+it = on_device.device_batches(images, labels, sharding.create_mesh(), cfg, 2)
 out = [next(it) for _ in range(3)]
 print(json.dumps({'devices': jax.device_count(), 'tf': 'tensorflow' in sys.modules,
                   'shards': len(out[0]['image'].addressable_shards),

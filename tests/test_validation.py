@@ -2,7 +2,7 @@
 
 import pytest
 
-from jax_resnet import trainer
+from jax_resnet import validation
 
 CASES = [
   ('model', 'resnet51', "config.model='resnet51': unknown model. Valid names: .*resnet56"),
@@ -35,7 +35,7 @@ def test_each_bad_value_is_named(field, value, message):
   config = default.get_config()
   config[field] = value
   with pytest.raises(ValueError, match=message):
-    trainer.check_config(config)
+    validation.validate(config)
 
 
 def test_image_too_small_for_the_model_suggests_a_size():
@@ -45,9 +45,9 @@ def test_image_too_small_for_the_model_suggests_a_size():
   config.model = 'resnet50'
   config.image_size = 16
   with pytest.raises(ValueError, match='too small for resnet50.*--config.image_size=32'):
-    trainer.check_config(config)
+    validation.validate(config)
   config.model_options.stem = 'cifar'
-  trainer.check_config(config)  # the CIFAR stem downsamples less: 16 is fine
+  validation.validate(config)  # the CIFAR stem downsamples less: 16 is fine
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_impossible_schedule_shapes(schedule, field, value, message):
   config.schedule = schedule
   config[field] = value
   with pytest.raises(ValueError, match=message):
-    trainer.check_config(config)
+    validation.validate(config)
 
 
 def test_every_shipped_config_is_valid():
@@ -80,4 +80,67 @@ def test_every_shipped_config_is_valid():
   root = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
   for name in sorted(os.listdir(root)):
     if name.endswith('.py') and name != '__init__.py':
-      trainer.check_config(importlib.import_module(f'configs.{name[:-3]}').get_config())
+      validation.validate(importlib.import_module(f'configs.{name[:-3]}').get_config())
+
+
+def test_unknown_dataset_lists_valid_names():
+  with pytest.raises(ValueError, match='Valid: digits'):
+    validation.check_dataset_name('cifar11')
+
+
+def _parse(config_file, *overrides):
+  """The config as main.py's flag parsing builds it (locked, as main.py locks it)."""
+  import os
+
+  from absl import flags
+  from ml_collections import config_flags
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  argv = ['prog', f'--config={os.path.join(root, "configs", config_file)}', *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def _config_files():
+  import os
+
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+  return sorted(n for n in os.listdir(root) if n.endswith('.py') and n != '__init__.py')
+
+
+def _fields(config, prefix=''):
+  """Every field name of a config, nested ones dotted (model_options.stem)."""
+  names = set()
+  for key, value in config.items():
+    names.add(prefix + key)
+    if hasattr(value, 'items'):
+      names |= _fields(value, f'{prefix}{key}.')
+  return names
+
+
+@pytest.mark.parametrize('config_file', _config_files())
+def test_every_config_has_every_field(config_file):
+  """Each experiment config has exactly the fields of the default one, so any
+  --config.FIELD=VALUE that works on one config works on all (the plateau_* fields once
+  existed in one config only)."""
+  import importlib
+
+  from configs import default
+
+  config = importlib.import_module(f'configs.{config_file[:-3]}').get_config()
+  assert _fields(config) == _fields(default.get_config())
+  validation.validate(config)
+
+
+@pytest.mark.parametrize('config_file', _config_files())
+def test_plateau_and_stem_overrides_parse_on_every_config(config_file):
+  config = _parse(config_file, '--config.plateau_patience=5', '--config.model_options.stem=cifar')
+  assert config.plateau_patience == 5 and config.model_options.stem == 'cifar'
+  validation.validate(config)
+
+
+def test_misspelt_field_is_refused_at_parse():
+  with pytest.raises(Exception, match='learnng_rate'):
+    _parse('default.py', '--config.learnng_rate=0.1')

@@ -1,7 +1,7 @@
 """Train state, the jitted train and eval steps, and their metrics.
 
 This module is the core of the trainer and imports no TensorFlow, so a synthetic-data
-benchmark runs where TensorFlow is absent. The loop that feeds it lives in trainer.py.
+benchmark runs where TensorFlow is absent. The loop that feeds it lives in training.py.
 """
 
 import functools
@@ -54,11 +54,17 @@ def compute_dtype(config: ml_collections.ConfigDict):
   """bf16 (TPUs, Ampere and later GPUs) or fp16 (older GPUs) when half precision is on."""
   if not config.half_precision:
     return jnp.float32
-  return HALF_PRECISION_DTYPES[config.get('half_precision_dtype', 'bfloat16')]
+  return HALF_PRECISION_DTYPES[config.half_precision_dtype]
 
 
-def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int):
-  options = dict(config.model_options) if config.get('model_options') else {}
+def model_options(config: ml_collections.ConfigDict) -> dict:
+  """``config.model_options`` as ``models.create_model`` keywords; None: the model's own."""
+  return {k: v for k, v in config.model_options.items() if v is not None}
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The config's model with a ``num_classes``-way head."""
+  options = model_options(config)
   return models.create_model(
     config.model,
     num_classes,
@@ -67,7 +73,7 @@ def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int
     bn_momentum=config.bn_momentum,
     bn_epsilon=config.bn_epsilon,
     zero_init_residual=config.zero_init_residual,
-    remat=config.get('remat', False),
+    remat=config.remat,
     **options,
   )
 
@@ -79,8 +85,13 @@ def create_train_state(
   image_shape: Sequence[int],
   learning_rate_fn,
   mesh=None,
+  abstract: bool = False,
 ) -> TrainState:
-  """Initialises a replicated train state (float32 parameters whatever the dtype)."""
+  """Initialises a replicated train state (float32 parameters whatever the dtype).
+
+  ``abstract=True`` returns its shapes, dtypes and shardings only (``ShapeDtypeStruct``
+  leaves), nothing computed: the target of a checkpoint restore.
+  """
   mesh = mesh or sharding.create_mesh()
   tx = optim.create_optimizer(config, learning_rate_fn)
   init_rng, state_rng = jax.random.split(rng)
@@ -104,6 +115,12 @@ def create_train_state(
   # The classic (non-partitionable) threefry compiles this init of many small random
   # tensors 2-4x faster on CPU; the parameters are replicated, so nothing is lost.
   with jax.threefry_partitionable(False):
+    if abstract:
+      replicated = sharding.replicated(mesh)
+      return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(init),
+      )
     return jax.jit(init, out_shardings=sharding.replicated(mesh))()
 
 
@@ -193,28 +210,48 @@ def eval_step(state: TrainState, batch, *, mean, std, num_classes: int, dtype=jn
 def make_steps(
   config: ml_collections.ConfigDict, learning_rate_fn, num_classes: int, mean, std, mesh
 ):
-  """Jitted (train_step, eval_step) for this config; state donated, kept replicated."""
-  dtype = compute_dtype(config)
+  """Jitted (train_step, eval_step) for this config."""
+  return (
+    make_train_step(config, learning_rate_fn, num_classes, mean, std, mesh),
+    make_eval_step(config, num_classes, mean, std, mesh),
+  )
+
+
+def make_train_step(
+  config: ml_collections.ConfigDict, learning_rate_fn, num_classes: int, mean, std, mesh
+):
+  """Jitted ``train_step`` for this config; the state is donated and kept replicated."""
   replicated = sharding.replicated(mesh)
-  p_train = jax.jit(
+  return jax.jit(
     functools.partial(
-      train_step,
-      learning_rate_fn=learning_rate_fn,
-      mean=mean,
-      std=std,
-      num_classes=num_classes,
-      label_smoothing=config.label_smoothing,
-      cutout_size=config.cutout_size,
-      dtype=dtype,
+      train_step, **_train_options(config, learning_rate_fn, num_classes, mean, std)
     ),
     donate_argnums=0,
     out_shardings=(replicated, replicated),
   )
-  p_eval = jax.jit(
-    functools.partial(eval_step, mean=mean, std=std, num_classes=num_classes, dtype=dtype),
-    out_shardings=replicated,
+
+
+def make_eval_step(config: ml_collections.ConfigDict, num_classes: int, mean, std, mesh):
+  """Jitted ``eval_step`` for this config; metrics come back replicated."""
+  return jax.jit(
+    functools.partial(
+      eval_step, mean=mean, std=std, num_classes=num_classes, dtype=compute_dtype(config)
+    ),
+    out_shardings=sharding.replicated(mesh),
   )
-  return p_train, p_eval
+
+
+def _train_options(config, learning_rate_fn, num_classes: int, mean, std) -> dict:
+  """The keyword arguments ``train_step`` takes from the config, for every jitted form."""
+  return dict(
+    learning_rate_fn=learning_rate_fn,
+    mean=mean,
+    std=std,
+    num_classes=num_classes,
+    label_smoothing=config.label_smoothing,
+    cutout_size=config.cutout_size,
+    dtype=compute_dtype(config),
+  )
 
 
 def merge_stacked_metrics(stacked):
@@ -258,7 +295,7 @@ def make_multi_train_step(
   """Jitted ``multi_train_step`` for this config: several steps per host dispatch.
 
   For small models (CIFAR ResNets) whose steps are shorter than the launch overhead.
-  Call ``p_multi(state, [batch_1, ..., batch_k])`` (or one batch stacked on a leading
+  Call ``multi_fn(state, [batch_1, ..., batch_k])`` (or one batch stacked on a leading
   axis of k); it compiles once per k. The state is donated and kept replicated.
 
   By default (``unroll=None``) the steps are unrolled on CPU: inside a while loop,
@@ -275,13 +312,7 @@ def make_multi_train_step(
     functools.partial(
       multi_train_step,
       unroll=unroll,
-      learning_rate_fn=learning_rate_fn,
-      mean=mean,
-      std=std,
-      num_classes=num_classes,
-      label_smoothing=config.label_smoothing,
-      cutout_size=config.cutout_size,
-      dtype=compute_dtype(config),
+      **_train_options(config, learning_rate_fn, num_classes, mean, std),
     ),
     donate_argnums=0,
     out_shardings=(replicated, replicated),

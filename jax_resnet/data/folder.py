@@ -1,0 +1,232 @@
+"""Class folders of images: ``ROOT/<class name>/**/*.{jpg,jpeg,png}`` (Kaggle layout).
+
+Class names are sorted and label i is the i-th; the mapping goes to
+``WORKDIR/class_index.json``, where an eval-only load (eval, predict) finds it again
+when the training folders are gone. Files that do not decode are named, skipped and
+counted at start (``config.verify_images``), so a bad file never stops an epoch; the
+verdicts are recorded in the workdir so a resumed run does not read every file again.
+Each process keeps every ``process_count``-th file of each split.
+"""
+
+import concurrent.futures
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from jax_resnet.data.common import CLASS_INDEX_FILE, DatasetInfo, imagenet_stats
+from jax_resnet.data.sources import Dataset
+from jax_resnet.data.tf_cpu import tf
+from jax_resnet.data.transforms import eval_transform, random_resized_transform
+from jax_resnet.errors import DataError, NotFoundError
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+
+
+def list_class_folders(root: str, field: str) -> tuple[list[str], list[str], list[int]]:
+  """(class names sorted, file paths, labels) of ``root``/<class>/**.{jpg,jpeg,png}."""
+  if not root:
+    raise DataError(
+      f"config.dataset='folder' needs config.{field}: a folder with one "
+      'sub-folder of JPEG/PNG images per class.'
+    )
+  if not tf.io.gfile.isdir(root):
+    raise NotFoundError(f'config.{field}={root!r} is not a directory.')
+  classes = sorted(
+    name.rstrip('/')
+    for name in tf.io.gfile.listdir(root)
+    if tf.io.gfile.isdir(os.path.join(root, name))
+  )
+  if not classes:
+    raise DataError(
+      f'config.{field}={root!r} has no class sub-folders; expected {root}/<class name>/<image>.jpg.'
+    )
+  paths, labels, empty = [], [], []
+  for label, name in enumerate(classes):
+    found = []
+    for dirpath, _, files in tf.io.gfile.walk(os.path.join(root, name)):
+      found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+      empty.append(name)
+    paths += sorted(found)
+    labels += [label] * len(found)
+  if not paths:
+    raise DataError(
+      f'config.{field}={root!r} holds no JPEG or PNG images '
+      f'({", ".join(IMAGE_EXTENSIONS)}) in its class sub-folders.'
+    )
+  if empty:
+    raise DataError(
+      f'config.{field}={root!r}: class folder(s) with no JPEG or PNG '
+      f'images: {", ".join(empty[:10])}{" ..." if len(empty) > 10 else ""}.'
+    )
+  return classes, paths, labels
+
+
+def _check_image(path: str) -> str | None:
+  """None if ``path`` decodes as a JPEG or PNG, else why not (fast: JPEGs at 1/8 scale)."""
+  from PIL import Image
+
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+      if image.format not in ('JPEG', 'PNG'):
+        return f'{image.format} is not JPEG or PNG'
+      if image.format == 'JPEG':
+        image.draft('RGB', (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+      image.load()
+  except Exception as e:  # anything Pillow cannot read, tf.data would fail on
+    return f'{type(e).__name__}: {e}'
+  return None
+
+
+def _drop_undecodable(
+  paths: Sequence[str], labels: Sequence[int], what: str, record: str | None = None
+):
+  """Drops (and names) the files that do not decode.
+
+  ``record`` (a file in the workdir) remembers the verdict for this exact list of
+  files, so a resumed run does not read them all again.
+  """
+  digest = hashlib.sha1('\n'.join(paths).encode()).hexdigest()
+  problems = None
+  if record and tf.io.gfile.exists(record):
+    try:
+      with tf.io.gfile.GFile(record) as f:
+        saved = json.load(f)
+      if saved.get('digest') == digest:
+        bad = dict(saved['bad'])
+        problems = [bad.get(p) for p in paths]
+    except (ValueError, KeyError, TypeError, tf.errors.OpError):
+      problems = None
+  if problems is None:
+    with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
+      problems = list(pool.map(_check_image, paths))
+    if record:
+      tf.io.gfile.makedirs(os.path.dirname(record))
+      with tf.io.gfile.GFile(record, 'w') as f:
+        json.dump(
+          {'digest': digest, 'bad': [[p, why] for p, why in zip(paths, problems) if why]}, f
+        )
+  bad = [(p, why) for p, why in zip(paths, problems) if why]
+  for path, why in bad:
+    logging.warning('Skipping %s: it cannot be decoded (%s).', path, why)
+  if bad:
+    logging.warning(
+      'Skipped %d of %d %s files on this process that cannot be decoded.',
+      len(bad),
+      len(paths),
+      what,
+    )
+  keep = [i for i, why in enumerate(problems) if not why]
+  return [paths[i] for i in keep], [labels[i] for i in keep], len(bad)
+
+
+def _global_sum(n: int) -> int:
+  if jax.process_count() == 1:
+    return n
+  from jax.experimental import multihost_utils
+
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(n, np.int64))))
+
+
+def _read(example):
+  return {'image': tf.io.read_file(example['path']), 'label': example['label']}
+
+
+def load(config, workdir, splits, class_names) -> Dataset:
+  found = {}
+  if 'train' in splits:
+    classes, *found['train'] = list_class_folders(config.train_dir, 'train_dir')
+  else:
+    classes = list(class_names) or read_class_index(workdir)
+  if 'eval' in splits:
+    found['eval'] = _eval_files(config, classes)
+  if 'train' in splits and workdir and jax.process_index() == 0:
+    write_class_index(workdir, classes)
+
+  index, count = jax.process_index(), jax.process_count()
+  skipped = {'train': 0, 'eval': 0}
+  shards = {}
+  for what, (paths, labels) in found.items():
+    paths, labels = paths[index::count], labels[index::count]  # this process's shard
+    if config.verify_images:
+      record = workdir and os.path.join(workdir, f'verified_{what}_files.{index}.json')
+      paths, labels, bad = _drop_undecodable(paths, labels, what, record)
+      skipped[what] = _global_sum(bad)
+    shards[what] = (paths, labels)
+  num = {what: _global_sum(len(paths)) for what, (paths, _) in shards.items()}
+  if 'train' in splits and num['train'] == 0:
+    raise DataError(f'No decodable images in config.train_dir={config.train_dir!r}.')
+  size = config.image_size
+  mean, std = imagenet_stats(3)
+  info = DatasetInfo(
+    num_classes=len(classes),
+    num_train=num.get('train', 0),
+    num_eval=num.get('eval', 0),
+    image_shape=(size, size, 3),
+    mean=mean,
+    std=std,
+    class_names=tuple(classes),
+  )
+  source = lambda paths, labels: tf.data.Dataset.from_tensor_slices(
+    {'path': tf.constant(paths, tf.string), 'label': tf.constant(labels, tf.int32)}
+  )
+  train = eval_ = None
+  if 'train' in shards:
+    train = source(*shards['train'])
+    if config.cache:  # the encoded bytes, read once
+      train = train.map(_read, tf.data.AUTOTUNE).cache()
+  if 'eval' in shards:
+    eval_ = source(*shards['eval']).map(_read, tf.data.AUTOTUNE)
+    if config.cache:
+      eval_ = eval_.cache()
+    eval_ = eval_.map(eval_transform(config, 3), tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+  return Dataset(
+    info,
+    train=train,
+    eval=eval_,
+    train_transform=random_resized_transform(config, 3),
+    decodes=True,
+    num_skipped=skipped,
+  )
+
+
+def _eval_files(config, classes: Sequence[str]) -> tuple[list[str], list[int]]:
+  """The eval folder's files with the training classes' labels (a subset is fine)."""
+  eval_classes, paths, eval_labels = list_class_folders(config.eval_dir, 'eval_dir')
+  unknown = sorted(set(eval_classes) - set(classes))
+  if unknown:
+    raise DataError(
+      f'config.eval_dir={config.eval_dir!r} has classes absent from '
+      f'config.train_dir={config.train_dir!r}: {", ".join(unknown[:10])}'
+      f'{" ..." if len(unknown) > 10 else ""}.'
+    )
+  to_train_label = [list(classes).index(name) for name in eval_classes]
+  return paths, [to_train_label[i] for i in eval_labels]
+
+
+def write_class_index(workdir: str, classes: Sequence[str]) -> None:
+  tf.io.gfile.makedirs(workdir)
+  with tf.io.gfile.GFile(os.path.join(workdir, CLASS_INDEX_FILE), 'w') as f:
+    json.dump({name: i for i, name in enumerate(classes)}, f, indent=0)
+
+
+def read_class_index(workdir: str | None) -> list[str]:
+  """The class names a training run recorded in ``workdir``, in label order."""
+  path = workdir and os.path.join(workdir, CLASS_INDEX_FILE)
+  if not path or not tf.io.gfile.exists(path):
+    raise NotFoundError(
+      "config.dataset='folder' without its training split needs the class names: "
+      f'set config.train_dir, or keep the {CLASS_INDEX_FILE} the training run wrote in '
+      f'its workdir{f" ({workdir})" if workdir else ""}.'
+    )
+  with tf.io.gfile.GFile(path) as f:
+    index = json.load(f)
+  return sorted(index, key=index.get)

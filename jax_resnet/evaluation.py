@@ -1,0 +1,88 @@
+"""Evaluation: evaluator objects the training loop runs, and the eval mode.
+
+An ``Evaluator`` computes loss, top-1 and top-5 over one eval split, each example
+counted once (batches padded and masked); the loop runs every evaluator in its list,
+so a second eval set (or another set of weights) is one more entry.
+"""
+
+from collections.abc import Mapping
+
+from absl import logging
+
+from jax_resnet import reporting, runs, sharding, steps
+from jax_resnet.data import batching
+from jax_resnet.data.sources import Dataset, load_dataset
+
+# Fields an evaluation may take from the command line rather than from the checkpoint:
+# which data to evaluate on and how to read it. Everything else (model, preprocessing
+# statistics, classes) comes from the checkpoint.
+EVAL_DATA_FIELDS = frozenset(
+  {
+    'dataset',
+    'data_dir',
+    'eval_split',
+    'eval_dir',
+    'eval_batch_size',
+    'eval_crop_fraction',
+    'resize_antialias',
+    'verify_images',
+    'cache',
+  }
+)
+
+
+class Evaluator:
+  """Loss, top-1 and top-5 of a train state on one data set's eval split."""
+
+  def __init__(self, dataset: Dataset, eval_fn, mesh, global_batch: int, prefix: str = 'eval_'):
+    self.dataset = dataset
+    self.eval_fn = eval_fn
+    self.mesh = mesh
+    self.prefix = prefix
+    self.local_batch = sharding.local_batch_size(global_batch, mesh)
+    self.num_steps = batching.num_eval_steps(dataset.info, global_batch)
+
+  def __call__(self, state) -> dict[str, float]:
+    batches = batching.eval_batches(self.dataset, self.local_batch, self.num_steps)
+    totals = None
+    for batch in sharding.prefetch_to_device(batches, self.mesh):
+      step_metrics = self.eval_fn(state, batch)
+      totals = step_metrics if totals is None else totals.merge(step_metrics)
+    return {self.prefix + k.removeprefix('eval_'): float(v) for k, v in totals.compute().items()}
+
+
+def evaluate_checkpoint(workdir: str, which: str | int = 'best', overrides: Mapping = None) -> dict:
+  """Eval mode: a checkpoint's loss, top-1 and top-5 on its eval split, logged and
+  appended to ``metrics.jsonl``.
+
+  The model, its classes and normalisation come from the checkpoint; ``overrides``
+  (the command line's ``--config.FIELD`` values) may change only the eval data
+  (``EVAL_DATA_FIELDS``), e.g. to evaluate on a folder of your own images.
+  """
+  mesh = sharding.create_mesh()
+  run = runs.load(workdir, which, mesh)
+  config = eval_config(run.config, overrides or {})
+  dataset = load_dataset(config, workdir, splits=('eval',), class_names=run.info.class_names)
+  eval_fn = steps.make_eval_step(config, run.info.num_classes, run.info.mean, run.info.std, mesh)
+  metrics = Evaluator(dataset, eval_fn, mesh, config.eval_batch_size)(run.state)
+  writer = reporting.create_writer(workdir)
+  writer.write_scalars(run.step, metrics)
+  writer.flush()
+  logging.info('Evaluated the %s checkpoint (step %d): %s', which, run.step, metrics)
+  return {**metrics, 'step': run.step}
+
+
+def eval_config(saved, overrides: Mapping):
+  """The checkpoint's config with the command line's eval-data fields applied."""
+  config = saved.copy_and_resolve_references()
+  ignored = sorted(set(overrides) - EVAL_DATA_FIELDS)
+  if ignored:
+    logging.info(
+      "Using the checkpoint's own config; ignoring the overrides of %s (evaluation takes "
+      'only %s from the command line).',
+      ', '.join(ignored),
+      ', '.join(sorted(EVAL_DATA_FIELDS)),
+    )
+  for field in set(overrides) & EVAL_DATA_FIELDS:
+    config[field] = overrides[field]
+  return config

@@ -1,0 +1,88 @@
+"""A run read back from its workdir: the model and train state of one checkpoint,
+rebuilt from the checkpoint's own config and data description.
+
+Eval, export (and anything else that uses a trained model) start here, so they need no
+flags that match the training run and no training data. Nothing in the workdir is
+created, renamed or deleted: a finished run on a read-only mount loads as well.
+"""
+
+import dataclasses
+
+import jax
+import ml_collections
+
+from jax_resnet import optim, sharding, steps
+from jax_resnet.checkpointing import Checkpoints
+from jax_resnet.data.common import DatasetInfo
+from jax_resnet.errors import TrainingError
+from jax_resnet.timeline import Timeline
+
+
+@dataclasses.dataclass
+class SavedRun:
+  """One checkpoint of a run, ready to use."""
+
+  workdir: str
+  step: int
+  config: ml_collections.ConfigDict  # the config the checkpoint was written with
+  info: DatasetInfo  # the training data's description (classes, image shape, mean/std)
+  model: object  # models.ResNet
+  state: steps.TrainState
+
+  @property
+  def variables(self) -> dict:
+    """What ``model.apply`` takes: params and BatchNorm statistics."""
+    return {'params': self.state.params, 'batch_stats': self.state.batch_stats}
+
+
+def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(meta['config'])
+
+
+def info_from_meta(meta: dict) -> DatasetInfo | None:
+  """The checkpoint's data description; None for checkpoints written before it was kept."""
+  return DatasetInfo.from_json(meta['data']) if 'data' in meta else None
+
+
+def abstract_state(config, info: DatasetInfo, mesh):
+  """The (model, abstract train state) a checkpoint of ``config`` on ``info`` restores into."""
+  model = steps.create_model(config, info.num_classes)
+  timeline = Timeline.from_config(config, max(info.num_train, config.batch_size))
+  learning_rate_fn = optim.create_learning_rate_fn(config, timeline)
+  state = steps.create_train_state(
+    jax.random.PRNGKey(0), config, model, info.image_shape, learning_rate_fn, mesh, abstract=True
+  )
+  return model, state
+
+
+def load(workdir: str, which: str | int = 'best', mesh=None) -> SavedRun:
+  """The run's ``which`` checkpoint ('best' (else the latest), 'latest' or a step)."""
+  mesh = mesh or sharding.create_mesh()
+  checkpoints = Checkpoints(workdir, read_only=True)
+  try:
+    if which == 'best' and checkpoints.best_step() is None:
+      which = 'latest'
+    built = {}
+
+    def template_for(meta):
+      config = config_from_meta(meta)
+      info = info_from_meta(meta) or _info_from_data(config, workdir)
+      built['config'], built['info'] = config, info
+      built['model'], state = abstract_state(config, info, mesh)
+      return state
+
+    state, meta = checkpoints.restore(which, template_for)
+  finally:
+    checkpoints.close()
+  if meta is None:
+    raise TrainingError(
+      f'No {which} checkpoint in {checkpoints.directory}: train first with --mode=train.'
+    )
+  return SavedRun(workdir, int(meta['step']), state=state, **built)
+
+
+def _info_from_data(config, workdir: str) -> DatasetInfo:
+  """For a checkpoint that predates the stored data description: read the eval split."""
+  from jax_resnet.data.sources import load_dataset
+
+  return load_dataset(config, workdir, splits=('eval',)).info

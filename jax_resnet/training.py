@@ -1,0 +1,295 @@
+"""The training loop: data in, steps run, metrics written, checkpoints kept.
+
+``train_and_evaluate`` builds the run (``_build``: data, model, state resumed from the
+workdir's newest checkpoint, jitted steps, evaluators), then ``_loop`` runs it. The loop
+syncs with the device only at log steps, evaluations and checkpoints; in between,
+steps and metric accumulation are dispatched asynchronously. Every "every N steps or
+epochs" decision is a ``timeline.Every``.
+"""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+
+from jax_resnet import (
+  optim,
+  plot,
+  preemption,
+  progress,
+  reporting,
+  sharding,
+  steps,
+  summary,
+  validation,
+)
+from jax_resnet import (
+  workdir as workdir_lib,
+)
+from jax_resnet.checkpointing import Checkpoints
+from jax_resnet.data import batching
+from jax_resnet.data.common import shuffle_seed
+from jax_resnet.data.sources import Dataset, load_dataset
+from jax_resnet.errors import TrainingError
+from jax_resnet.evaluation import Evaluator
+from jax_resnet.timeline import Timeline
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything the loop needs, built once."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  dataset: Dataset
+  timeline: Timeline
+  learning_rate_fn: optax.Schedule
+  state: steps.TrainState
+  start_step: int
+  checkpoints: Checkpoints
+  evaluators: list
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from workdir's latest checkpoint) and returns final eval metrics,
+  or ``{'stopped_at_step': N}`` after a SIGTERM or Ctrl-C."""
+  with preemption.StopRequest() as stop:
+    run = _build(config, workdir)
+    try:
+      return _loop(run, stop)
+    finally:
+      try:
+        run.checkpoints.close()
+      except Exception:  # a failed save has been reported already
+        pass
+
+
+def _build(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+  mesh = sharding.create_mesh()
+  validation.validate(config, mesh.devices.size)
+  workdir_lib.ensure_writable(workdir)
+  dataset = load_dataset(config, workdir)
+  info = dataset.info
+  timeline = Timeline.from_config(config, info.num_train)
+  model = steps.create_model(config, info.num_classes)
+  learning_rate_fn = optim.create_learning_rate_fn(config, timeline)
+  state = steps.create_train_state(
+    jax.random.PRNGKey(config.seed), config, model, info.image_shape, learning_rate_fn, mesh
+  )
+  checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+
+  def resumable(meta):
+    validation.check_resumable(meta['config'], config)
+    return state
+
+  restored, meta = checkpoints.restore('latest', resumable)
+  start_step = 0
+  if meta:
+    state, start_step = restored, int(meta['step'])
+    logging.info(
+      'Resumed from %s at step %d (epoch %d, batch %d).',
+      checkpoints.directory,
+      start_step,
+      meta['epoch'],
+      meta['batch_in_epoch'],
+    )
+  eval_fn = steps.make_eval_step(config, info.num_classes, info.mean, info.std, mesh)
+  evaluators = [Evaluator(dataset, eval_fn, mesh, config.eval_batch_size)]
+  return _Run(
+    config,
+    workdir,
+    mesh,
+    dataset,
+    timeline,
+    learning_rate_fn,
+    state,
+    start_step,
+    checkpoints,
+    evaluators,
+  )
+
+
+def _meta(run: _Run, step: int) -> dict:
+  """What a checkpoint records beside the state: where the input stands, the config and
+  the data description (so eval, export and predict need neither flags nor data)."""
+  epoch, batch_in_epoch = run.timeline.epoch_and_batch(step)
+  return {
+    'step': step,
+    'epoch': epoch,
+    'batch_in_epoch': batch_in_epoch,
+    'shuffle_seed': shuffle_seed(run.config.seed, epoch),
+    'config': json.loads(run.config.to_json_best_effort()),
+    'data': run.dataset.info.to_json(),
+  }
+
+
+def _log_start(run: _Run, writer) -> None:
+  config, info, timeline = run.config, run.dataset.info, run.timeline
+  if run.start_step == 0:
+    writer.write_hparams(
+      {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+    )
+  if jax.process_index() == 0:
+    plot.write_run_info(
+      run.workdir, timeline.steps_per_epoch, model=config.model, dataset=config.dataset
+    )
+    model = steps.create_model(config, info.num_classes)
+    logging.info(
+      '%s',
+      summary.summarize(model, info.image_shape, flops=False).format(
+        f'{config.model} ({info.num_classes} classes, {info.image_shape} images)'
+      ),
+    )
+  logging.info(
+    '%s on %s: %d train / %d eval examples, %d steps (%d per epoch), '
+    'global batch %d on %d devices in %d process(es).',
+    config.model,
+    config.dataset,
+    info.num_train,
+    info.num_eval,
+    timeline.total_steps,
+    timeline.steps_per_epoch,
+    config.batch_size,
+    run.mesh.devices.size,
+    jax.process_count(),
+  )
+
+
+def _loop(run: _Run, stop: preemption.StopRequest) -> dict:
+  config, timeline, state = run.config, run.timeline, run.state
+  writer = reporting.create_writer(run.workdir)
+  _log_start(run, writer)
+  info = run.dataset.info
+  batches = batching.global_train_batches(
+    run.dataset, config, run.mesh, timeline.steps_per_epoch, run.start_step
+  )
+  log_now = timeline.every(steps=config.log_every_steps)
+  eval_now = timeline.every(epochs=config.eval_every_epochs)  # 0: at the end only
+  save_now = timeline.every(
+    steps=config.checkpoint_every_steps, epochs=config.checkpoint_every_epochs
+  )
+  epoch_end = timeline.every(epochs=1)
+  # Steps at which the loop must look at the state: a multi-step dispatch ends there.
+  periods = log_now.periods + eval_now.periods + save_now.periods + epoch_end.periods
+  step_options = (config, run.learning_rate_fn, info.num_classes, info.mean, info.std, run.mesh)
+  train_fn, multi_fn, compiled = steps.make_train_step(*step_options), None, False
+  train_metrics, eval_metrics, last_finite = None, {}, None
+  bar = progress.Progress(
+    timeline.total_steps, timeline.steps_per_epoch, config.batch_size, run.start_step
+  )
+  step = run.start_step
+  try:
+    while step < timeline.total_steps:
+      k = dispatch_size(step, config.steps_per_dispatch, timeline.total_steps, periods)
+      if k == 1:
+        batch = next(batches)
+        if not compiled:
+          train_fn = _compile_and_log_flops(train_fn, state, batch, config.batch_size)
+          compiled = True
+        state, step_metrics = train_fn(state, batch)
+      else:
+        multi_fn = multi_fn or steps.make_multi_train_step(*step_options)
+        state, step_metrics = multi_fn(state, [next(batches) for _ in range(k)])
+      step += k
+      bar.tick(step)
+      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      is_last = step == timeline.total_steps
+      save = is_last or save_now(step) or epoch_end(step)
+      stopping = stop.requested(step, config.log_every_steps)
+
+      if log_now(step) or is_last or save or stopping:
+        scalars = {k: float(v) for k, v in train_metrics.compute().items()}
+        _check_finite(scalars, step, last_finite, run.workdir)
+        last_finite = (step, scalars['train_loss'])
+      if log_now(step) or is_last:
+        writer.write_scalars(step, scalars)
+        bar.log(step, scalars)
+        train_metrics = None
+      if eval_now(step) or is_last:
+        eval_metrics = _evaluate(run, state, step, writer)
+      if save or stopping:
+        if not bool(_all_finite((state.params, state.batch_stats))):  # the update blew up
+          _check_finite({'train_loss': float('nan')}, step, last_finite, run.workdir)
+        run.checkpoints.save(step, state, _meta(run, step))
+      if stopping and not is_last:
+        run.checkpoints.wait()
+        logging.warning(
+          'Received %s: saved a checkpoint at step %d in %s and stopped. '
+          'Rerun the same command to resume.',
+          stop.name,
+          step,
+          run.checkpoints.directory,
+        )
+        return {'stopped_at_step': step}
+    if not eval_metrics:  # resumed a finished run: report it again
+      eval_metrics = _evaluate(run, state, timeline.total_steps, writer, save_best=False)
+    run.checkpoints.wait()
+    writer.flush()
+    if jax.process_index() == 0:
+      plot.save_curves(run.workdir)
+  except OSError as e:
+    raise TrainingError(
+      f'Writing to {run.workdir} failed by step {step}: {e}. The earlier '
+      f'checkpoints in {run.checkpoints.directory} are intact; free '
+      'space or fix permissions, then rerun the same command to resume.'
+    ) from e
+  finally:
+    bar.close()
+    writer.flush()
+  return eval_metrics
+
+
+def _evaluate(run: _Run, state, step: int, writer, save_best: bool = True) -> dict:
+  """Runs every evaluator, writes and logs their metrics, keeps the best checkpoint."""
+  metrics = {}
+  for evaluator in run.evaluators:
+    metrics.update(evaluator(state))
+  writer.write_scalars(step, metrics)
+  logging.info(
+    'step %d eval: %s', step, '  '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items()))
+  )
+  if save_best:
+    run.checkpoints.save_best(step, state, _meta(run, step), metrics['eval_top1'])
+  return metrics
+
+
+def dispatch_size(step: int, steps_per_dispatch: int, total_steps: int, periods) -> int:
+  """How many steps the next dispatch runs: at most ``steps_per_dispatch``, ending no
+  later than the next multiple of any period (log, eval, checkpoint, epoch) or the end."""
+  return min([steps_per_dispatch, total_steps - step] + [p - step % p for p in periods])
+
+
+def _compile_and_log_flops(train_fn, state, batch, batch_size: int):
+  """Compiles the train step ahead of time, logging XLA's FLOPs per training image."""
+  compiled = train_fn.lower(state, batch).compile()
+  flops = summary.xla_flops(compiled)
+  if flops:
+    # The compiled SPMD program is one device's share of the global batch.
+    devices = batch['label'].sharding.num_devices
+    logging.info(
+      'Training FLOPs per image: %.3f G (XLA cost analysis of the train step).',
+      flops * devices / batch_size / 1e9,
+    )
+  return compiled
+
+
+@jax.jit
+def _all_finite(tree):
+  return jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda x: jnp.isfinite(x).all(), tree))
+
+
+def _check_finite(scalars: dict, step: int, last_finite, workdir: str):
+  loss = scalars['train_loss']
+  if not math.isfinite(loss):
+    last = f'{last_finite[1]:.4f} at step {last_finite[0]}' if last_finite else 'none yet'
+    raise TrainingError(
+      f'Training diverged: the loss is {loss} by step {step} (last finite loss: {last}). '
+      'Lower --config.learning_rate or add warm-up (--config.warmup_epochs). The '
+      f'checkpoints in {workdir}/checkpoints hold only finite states.'
+    )

@@ -1,0 +1,193 @@
+"""Every check of a config, in one place, before any data is read or anything compiled.
+
+``validate`` rejects names that do not exist, sizes and rates outside their range and
+schedule shapes that cannot work, each with one ``ConfigError`` naming the field, its
+value and what is allowed. ``RESUME_SAFE_FIELDS`` and ``check_resumable`` decide which
+fields a resumed run may change. No TensorFlow: a tensorflow-datasets name is looked up
+only when the config names one.
+"""
+
+import json
+from collections.abc import Mapping
+
+import ml_collections
+
+from jax_resnet import models, optim, steps
+from jax_resnet.data import common as data_common
+from jax_resnet.errors import ConfigError, TrainingError
+
+# Fields a resumed run may change: they touch neither the train state nor what it means
+# (durations, periodic actions, where the data lives, input and memory performance).
+RESUME_SAFE_FIELDS = frozenset(
+  {
+    'num_epochs',
+    'num_train_steps',
+    'log_every_steps',
+    'eval_every_epochs',
+    'checkpoint_every_epochs',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+    'eval_batch_size',
+    'data_dir',
+    'deterministic_input',
+    'train_dir',
+    'eval_dir',
+    'eval_split',
+    'shuffle_buffer',
+    'steps_per_dispatch',
+    'data_on_device',
+    'cache',
+    'remat',
+  }
+)
+
+POSITIVE = (
+  'batch_size',
+  'eval_batch_size',
+  'image_size',
+  'num_epochs',
+  'log_every_steps',
+  'learning_rate',
+  'keep_checkpoints',
+  'steps_per_dispatch',
+)
+NON_NEGATIVE = (
+  'checkpoint_every_steps',
+  'checkpoint_every_epochs',
+  'random_crop_pad',
+  'label_smoothing',
+  'weight_decay',
+  'dropout_rate',
+  'eval_every_epochs',
+)
+
+
+def _fail(config, field: str, message: str):
+  raise ConfigError(f'config.{field}={_value(config, field)!r}: {message}')
+
+
+def _value(config, field: str):
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  return value
+
+
+def _choice(config, field: str, valid, what: str = '') -> None:
+  if _value(config, field) not in valid:
+    _fail(config, field, f'unknown {what or field}. Valid: {", ".join(valid)}.')
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+  """Raises ConfigError for the first field that cannot work; ``device_count``, when
+  given, also checks that the global batches split evenly over the devices."""
+  if config.model not in models.MODELS:
+    _fail(config, 'model', f'unknown model. Valid names: {", ".join(models.MODEL_NAMES)}.')
+  _choice(config, 'optimizer', optim.OPTIMIZERS, 'optimizer')
+  _choice(config, 'half_precision_dtype', tuple(steps.HALF_PRECISION_DTYPES))
+  _choice(config, 'schedule', optim.SCHEDULES, 'schedule')
+  _choice(config, 'model_options.kernel_init', tuple(models.KERNEL_INITS), 'kernel_init')
+  if config.model_options.stem is not None:
+    _choice(config, 'model_options.stem', models.STEMS, 'stem')
+  _choice(config, 'train_crop', data_common.CROP_STYLES, 'crop style')
+  check_dataset_name(config.dataset)
+  for field in POSITIVE:
+    if not config[field] > 0:
+      _fail(config, field, 'must be positive.')
+  for field in NON_NEGATIVE:
+    if config[field] < 0:
+      _fail(config, field, 'must be zero or positive.')
+  if not 0 <= config.dropout_rate < 1:
+    _fail(config, 'dropout_rate', 'must be in [0, 1).')
+  if not 0 <= config.label_smoothing < 1:
+    _fail(config, 'label_smoothing', 'must be in [0, 1).')
+  _check_sizes(config)
+  _check_schedule(config)
+  if device_count is not None:
+    for field in ('batch_size', 'eval_batch_size'):
+      check_divisible(config[field], device_count, field)
+
+
+def _check_sizes(config) -> None:
+  min_size = models.min_image_size(config.model, **steps.model_options(config))
+  if config.image_size < min_size:
+    _fail(
+      config,
+      'image_size',
+      f'is too small for {config.model}: its downsamplings need at least '
+      f'{min_size}x{min_size} images; use --config.image_size={min_size} or more.',
+    )
+  if config.cutout_size < 0 or config.cutout_size > config.image_size:
+    _fail(
+      config,
+      'cutout_size',
+      f'must be between 0 (off) and config.image_size={config.image_size}.',
+    )
+
+
+def _check_schedule(config) -> None:
+  if config.schedule == 'onecycle':
+    if not 0 < config.onecycle_pct_start < 1:
+      _fail(
+        config,
+        'onecycle_pct_start',
+        'must be in (0, 1): the fraction of training spent warming up.',
+      )
+    for field in ('onecycle_div_factor', 'onecycle_final_div_factor'):
+      if not config[field] > 0:
+        _fail(config, field, 'must be positive.')
+  if config.warmup_epochs < 0 or (
+    config.schedule != 'onecycle' and config.warmup_epochs >= config.num_epochs
+  ):
+    _fail(config, 'warmup_epochs', f'must be in [0, num_epochs={config.num_epochs}).')
+  if config.schedule == 'multistep':
+    at = list(config.decay_at)
+    if not all(0 < a < 1 for a in at) or at != sorted(at):
+      _fail(config, 'decay_at', 'must be increasing fractions of training in (0, 1).')
+  if not 0 <= config.final_learning_rate_fraction <= 1:
+    _fail(config, 'final_learning_rate_fraction', 'must be in [0, 1].')
+
+
+def check_divisible(global_batch_size: int, device_count: int, field: str) -> None:
+  """A global batch must split evenly over the devices; the error suggests a size."""
+  import jax
+
+  if global_batch_size <= 0 or global_batch_size % device_count:
+    suggestion = max(1, round(global_batch_size / device_count)) * device_count
+    raise ConfigError(
+      f'config.{field}={global_batch_size} must be a positive multiple of the device '
+      f'count {device_count} ({jax.process_count()} process(es) x '
+      f'{jax.local_device_count()} local devices). Try --config.{field}={suggestion}.'
+    )
+
+
+def check_dataset_name(name: str) -> None:
+  if name in data_common.EMBEDDED_DATASETS or name == data_common.FOLDER:
+    return
+  import tensorflow_datasets as tfds  # only for a tfds name
+
+  try:
+    tfds.builder_cls(name)
+  except Exception:  # tfds raises DatasetNotFoundError with a long list
+    raise ConfigError(
+      f'Unknown dataset {name!r}. Valid: {", ".join(data_common.EMBEDDED_DATASETS)}, '
+      f'{data_common.FOLDER} (class sub-folders of JPEG/PNG images in config.train_dir/'
+      'config.eval_dir), or any tensorflow-datasets name such as cifar10, cifar100, '
+      'imagenet2012.'
+    ) from None
+
+
+def check_resumable(saved: Mapping, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume under a config that changes the model, optimizer or data."""
+  current = json.loads(config.to_json_best_effort())
+  # Fields only one side knows (added or retired by a newer version) are not compared.
+  differing = sorted(
+    k for k in set(saved) & set(current) if k not in RESUME_SAFE_FIELDS and saved[k] != current[k]
+  )
+  if differing:
+    details = '; '.join(f'{k}: checkpoint {saved[k]!r}, now {current[k]!r}' for k in differing)
+    raise TrainingError(
+      f'The checkpoint was written with a different config ({details}). These fields '
+      'change the model, optimizer or data and cannot change on resume; use a new '
+      f'--workdir, or restore them. Safe to change: {", ".join(sorted(RESUME_SAFE_FIELDS))}.'
+    )

@@ -1,0 +1,211 @@
+"""The data sources: digits, tensorflow-datasets (mocked) and class folders."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import folder_config, photo_folder
+
+from jax_resnet.data import batching, folder, sources
+from jax_resnet.data.common import CLASS_INDEX_FILE
+
+
+def test_digits_split_is_fixed_and_complete(config):
+  ds = sources.load_dataset(config)
+  info = ds.info
+  assert info.num_train + info.num_eval == 1797
+  assert abs(info.num_eval / 1797 - 0.2) < 0.01
+  assert info.image_shape == (8, 8, 1) and info.num_classes == 10
+  again = sources.load_dataset(config)
+  a = next(iter(tfds.as_numpy(ds.eval.batch(400))))
+  b = next(iter(tfds.as_numpy(again.eval.batch(400))))
+  np.testing.assert_array_equal(a['image'], b['image'])
+
+
+def test_digits_upsampled(config):
+  config.image_size = 16
+  ds = sources.load_dataset(config)
+  batch = next(batching.train_batches(ds, config, 32, 10))
+  assert batch['image'].shape == (32, 16, 16, 1) and batch['image'].dtype == np.uint8
+  assert batch['label'].dtype == np.int32
+
+
+def test_cifar10_through_mock_data(config):
+  config.dataset = 'cifar10'
+  config.image_size = 32
+  config.random_crop_pad = 4
+  config.random_flip = True
+  with tfds.testing.mock_data(num_examples=70):
+    ds = sources.load_dataset(config)
+    assert ds.info.num_classes == 10 and ds.info.image_shape == (32, 32, 3)
+    assert ds.info.num_train == 70
+    batch = next(batching.train_batches(ds, config, 16, 4))
+    assert batch['image'].shape == (16, 32, 32, 3) and batch['image'].dtype == np.uint8
+    assert batch['label'].min() >= 0 and batch['label'].max() < 10
+    steps = batching.num_eval_steps(ds.info, 32)
+    assert sum(b['mask'].sum() for b in batching.eval_batches(ds, 32, steps)) == 70
+  np.testing.assert_allclose(ds.info.mean[0], 0.4914 * 255)
+
+
+def test_missing_dataset_says_how_to_prepare(config, tmp_path):
+  config.dataset = 'cifar10'
+  config.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match='tfds build cifar10'):
+    sources.load_dataset(config)
+
+
+def test_folder_dataset_converts_modes_and_skips_corrupt_files(
+  config, tmp_path, caplog, monkeypatch
+):
+  import json
+
+  train_n, eval_n = folder_config(config, tmp_path)
+  workdir = tmp_path / 'work'
+  ds = sources.load_dataset(config, str(workdir))
+  assert ds.info.num_train == train_n == 16 and ds.info.num_eval == eval_n == 7
+  assert ds.info.num_classes == 3 and ds.info.image_shape == (32, 32, 3)
+  assert ds.num_skipped == {'train': 1, 'eval': 0}
+  assert 'corrupt.jpg' in caplog.text
+  with open(workdir / CLASS_INDEX_FILE) as f:
+    assert json.load(f) == {'class_0': 0, 'class_1': 1, 'class_2': 2}
+  # A restart reuses the verdicts recorded in the workdir instead of reading every file.
+  monkeypatch.setattr(folder, '_check_image', lambda path: pytest.fail(path))
+  caplog.clear()
+  again = sources.load_dataset(config, str(workdir))
+  assert again.num_skipped == {'train': 1, 'eval': 0} and 'corrupt.jpg' in caplog.text
+  # Two epochs of train batches, all decoded (grey, CMYK, RGBA included) to RGB uint8.
+  batches = [b for _, b in zip(range(4), batching.train_batches(ds, config, 8, 2))]
+  for b in batches:
+    assert b['image'].shape == (8, 32, 32, 3) and b['image'].dtype == np.uint8
+    assert b['image'].std() > 5  # real photographs, not blank
+  labels = np.concatenate([b['label'] for b in batches[:2]])
+  assert set(labels.tolist()) <= {0, 1, 2}
+  # Eval: 7 examples in batches of 4, each counted exactly once, centre-cropped.
+  steps = batching.num_eval_steps(ds.info, 4)
+  evals = list(batching.eval_batches(ds, 4, steps))
+  assert steps == 2 and sum(b['mask'].sum() for b in evals) == 7
+  np.testing.assert_array_equal(
+    np.sort(np.concatenate([b['label'][b['mask'] > 0] for b in evals])), [0, 0, 0, 1, 1, 2, 2]
+  )
+
+
+def test_folder_errors_are_clear(config, tmp_path):
+  folder_config(config, tmp_path)
+  (tmp_path / 'eval' / 'class_9').mkdir()
+  (tmp_path / 'eval' / 'class_9' / 'x.jpg').write_bytes(
+    (tmp_path / 'train' / 'class_0' / '0.JPEG').read_bytes()
+  )
+  with pytest.raises(ValueError, match='absent from config.train_dir.*class_9'):
+    sources.load_dataset(config)
+  (tmp_path / 'empty' / 'class_0').mkdir(parents=True)
+  config.train_dir = str(tmp_path / 'empty')
+  with pytest.raises(ValueError, match='no JPEG or PNG images'):
+    sources.load_dataset(config)
+  config.train_dir = ''
+  with pytest.raises(ValueError, match='needs config.train_dir'):
+    sources.load_dataset(config)
+
+
+def test_imagenet_through_mock_data_decodes_jpeg_bytes_and_resumes(config):
+  config.dataset = 'imagenet2012'
+  config.eval_split = 'validation'
+  config.image_size = 24
+  config.random_crop_pad = 0
+  config.random_flip = True
+  config.color_jitter_brightness = config.color_jitter_saturation = 0.4
+  config.color_jitter_prob = 0.5
+  config.cache = False
+  with tfds.testing.mock_data(num_examples=37):
+    ds = sources.load_dataset(config)
+    assert ds.decodes and ds.info.num_classes == 1000
+    assert ds.info.image_shape == (24, 24, 3) and ds.info.num_train == 37
+    assert ds.train.element_spec['image'].dtype.name == 'string'  # undecoded JPEG bytes
+    first = [b for _, b in zip(range(6), batching.train_batches(ds, config, 8, 4))]
+    for b in first:
+      assert b['image'].shape == (8, 24, 24, 3) and b['image'].dtype == np.uint8
+      assert b['label'].min() >= 0 and b['label'].max() < 1000
+    resumed = [b for _, b in zip(range(3), batching.train_batches(ds, config, 8, 4, start_step=3))]
+    for a, b in zip(first[3:], resumed):
+      np.testing.assert_array_equal(a['image'], b['image'])
+      np.testing.assert_array_equal(a['label'], b['label'])
+    steps = batching.num_eval_steps(ds.info, 16)
+    evals = list(batching.eval_batches(ds, 16, steps))
+    assert steps == 3 and sum(b['mask'].sum() for b in evals) == 37
+    with pytest.raises(ValueError, match='data_on_device'):
+      batching.train_arrays(ds)
+
+
+def test_cifar100_through_mock_data_and_in_memory_arrays(config):
+  config.dataset = 'cifar100'
+  config.image_size = 32
+  config.random_crop_pad = 4
+  with tfds.testing.mock_data(num_examples=45):
+    ds = sources.load_dataset(config)
+    assert not ds.decodes and ds.info.num_classes == 100
+    batch = next(batching.train_batches(ds, config, 16, 2))
+    assert batch['image'].shape == (16, 32, 32, 3)
+    images, labels, info = batching.load_arrays(config)
+  assert images.shape == (45, 32, 32, 3) and images.dtype == np.uint8
+  assert labels.shape == (45,) and labels.dtype == np.int32 and info.num_train == 45
+  np.testing.assert_allclose(info.mean[0], 0.5071 * 255)
+
+
+def test_digits_arrays_match_the_tf_data_source(config):
+  images, labels, info = batching.load_arrays(config)
+  ds = sources.load_dataset(config)
+  source = next(iter(tfds.as_numpy(ds.train.batch(10_000))))
+  np.testing.assert_array_equal(images, source['image'])
+  np.testing.assert_array_equal(labels, source['label'])
+  assert len(labels) == info.num_train
+
+
+def test_folder_trains_through_main(tmp_path):
+  from conftest import run_main
+
+  photo_folder(tmp_path / 'train')
+  photo_folder(tmp_path / 'eval', per_class=(3, 2, 2), seed=1, extras=False)
+  workdir = tmp_path / 'run'
+  result = run_main(
+    [
+      '--config=configs/default.py',
+      f'--workdir={workdir}',
+      '--config.dataset=folder',
+      f'--config.train_dir={tmp_path / "train"}',
+      f'--config.eval_dir={tmp_path / "eval"}',
+      '--config.model=resnet18',
+      '--config.image_size=32',
+      '--config.random_crop_pad=0',
+      '--config.batch_size=8',
+      '--config.eval_batch_size=4',
+      '--config.num_train_steps=3',
+      '--config.log_every_steps=1',
+    ]
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'corrupt.jpg' in result.stderr
+  assert (workdir / CLASS_INDEX_FILE).exists()
+  import json
+
+  with open(workdir / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert max(r['step'] for r in records) == 3
+  assert any('eval_top1' in r for r in records)
+
+  # The run's images gone, export needs nothing but the checkpoint: the model and its
+  # classes come from the checkpoint's own config and data description.
+  import shutil
+
+  shutil.rmtree(tmp_path / 'train')
+  shutil.rmtree(tmp_path / 'eval')
+  exported = run_main(
+    [
+      '--config=configs/default.py',
+      f'--workdir={workdir}',
+      '--mode=export',
+      f'--export_path={tmp_path / "model.msgpack"}',
+    ]
+  )
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  from flax import serialization
+
+  variables = serialization.msgpack_restore((tmp_path / 'model.msgpack').read_bytes())
+  assert variables['params']['head']['kernel'].shape == (512, 3)  # resnet18, 3 classes
