@@ -4,6 +4,8 @@ The host ships uint8 images; doing the float conversion, normalisation and Cutou
 here keeps the host-to-device transfer 4x smaller and the host free for decoding.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -63,3 +65,73 @@ def random_flip(keys, images):
   """Mirrors each NHWC image left-right with probability 1/2, one key per image."""
   flips = jax.vmap(lambda k: jax.random.bernoulli(k))(keys)
   return jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
+
+
+def _erasing_box(shape_u, place_u, height: int, width: int, area_range, log_aspect_range, count):
+  """timm's up-to-10 tries at an (h, w) that fits, vectorised: the first fit, placed uniformly.
+
+  ``shape_u`` [2, 10] (area, aspect per try) and ``place_u`` [2] (top, left) are uniforms in
+  [0, 1). Returns (top, h, left, w); h = w = 0 when no try fits. Each of ``count`` boxes gets
+  1/count of the area.
+  """
+  area_u, aspect_u = shape_u
+  target = (area_range[0] + (area_range[1] - area_range[0]) * area_u) * (height * width) / count
+  low, high = log_aspect_range
+  aspect = jnp.exp(low + (high - low) * aspect_u)
+  hs = jnp.round(jnp.sqrt(target * aspect)).astype(jnp.int32)
+  ws = jnp.round(jnp.sqrt(target / aspect)).astype(jnp.int32)
+  fits = (hs < height) & (ws < width)
+  first = jnp.argmax(fits)
+  h, w = jnp.where(fits[first], hs[first], 0), jnp.where(fits[first], ws[first], 0)
+  top = jnp.floor(place_u[0] * (height - h + 1)).astype(jnp.int32)  # uniform in [0, height - h]
+  left = jnp.floor(place_u[1] * (width - w + 1)).astype(jnp.int32)
+  return top, h, left, w
+
+
+def _erasing_mask(key, height: int, width: int, prob, min_area, max_area, min_aspect, max_count):
+  """[height, width] True where one image is erased: 1..max_count boxes, all with prob."""
+  keys = jax.random.split(key, 3)
+  apply_u, count_u = jax.random.uniform(keys[0], (2,))
+  count = jnp.floor(1 + count_u * max_count).astype(jnp.int32)  # uniform in [1, max_count]
+  shape_u = jax.random.uniform(keys[1], (max_count, 2, 10))
+  place_u = jax.random.uniform(keys[2], (max_count, 2))
+  log_aspect_range = (math.log(min_aspect), math.log(1 / min_aspect))
+  box = lambda s, p: _erasing_box(
+    s, p, height, width, (min_area, max_area), log_aspect_range, count
+  )
+  top, h, left, w = jax.vmap(box)(shape_u, place_u)
+  ys = jnp.arange(height)[None, :, None]
+  xs = jnp.arange(width)[None, None, :]
+  inside = (ys >= top[:, None, None]) & (ys < (top + h)[:, None, None])
+  inside &= (xs >= left[:, None, None]) & (xs < (left + w)[:, None, None])
+  inside &= (jnp.arange(max_count) < count)[:, None, None]
+  return jnp.any(inside, axis=0) & (apply_u < prob)
+
+
+def random_erasing(
+  keys,
+  images,
+  prob: float,
+  *,
+  min_area: float = 0.02,
+  max_area: float = 1 / 3,
+  min_aspect: float = 0.3,
+  max_count: int = 1,
+):
+  """timm's RandomErasing, 'pixel' mode, on normalised NHWC images, one key per image.
+
+  With probability ``prob`` an image gets 1..max_count rectangles (area fraction uniform in
+  [min_area, max_area] / count, log-uniform aspect in [min_aspect, 1 / min_aspect]) filled
+  with per-pixel standard normal noise: unit-variance noise matches normalised images.
+  """
+  if prob <= 0:
+    return images
+  _, height, width, _ = images.shape
+
+  def erase(key, image):
+    mask_key, noise_key = jax.random.split(key)
+    mask = _erasing_mask(mask_key, height, width, prob, min_area, max_area, min_aspect, max_count)
+    noise = jax.random.normal(noise_key, image.shape, image.dtype)
+    return jnp.where(mask[..., None], noise, image)
+
+  return jax.vmap(erase)(keys, images)

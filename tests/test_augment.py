@@ -80,3 +80,51 @@ def test_random_flip_mirrors_about_half():
   flipped = (out == [3, 2, 1, 0]).all(1)
   assert ((out == [0, 1, 2, 3]).all(1) | flipped).all()
   assert 0.4 < flipped.mean() < 0.6
+
+
+def _erase(keys, images, prob, **options):
+  return jax.jit(augment.random_erasing, static_argnums=2, static_argnames=tuple(options))(
+    keys, images, prob, **options
+  )
+
+
+def test_random_erasing_prob_zero_is_identity():
+  images = jnp.ones((2, 4, 4, 3))
+  keys = augment.example_keys(jax.random.PRNGKey(0), jnp.arange(2), 2)
+  assert augment.random_erasing(keys, images, 0.0) is images
+
+
+def test_random_erasing_fills_one_rectangle_per_image_with_noise():
+  b, h, w = 64, 32, 24
+  images = jnp.full((b, h, w, 3), 100.0)  # a value the noise never takes
+  keys = augment.example_keys(jax.random.PRNGKey(0), jnp.arange(b), 2)
+  out = np.asarray(_erase(keys, images, 1.0))
+  erased = out != 100.0
+  assert (erased == erased[..., :1]).all()  # every channel of an erased pixel
+  aspects = []
+  for mask in erased[..., 0]:
+    rows, cols = np.nonzero(mask)
+    eh, ew = np.ptp(rows) + 1, np.ptp(cols) + 1
+    assert rows.size == eh * ew  # one filled rectangle
+    slack = (eh + ew) / 2 + 0.25  # h and w are rounded from the sampled area
+    assert 0.02 * h * w - slack <= eh * ew <= h * w / 3 + slack
+    aspects.append(eh / ew)
+  assert min(aspects) < 0.8 and max(aspects) > 1.25
+  noise = out[erased]
+  assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1
+  np.testing.assert_array_equal(out, np.asarray(_erase(keys, images, 1.0)))
+  other = augment.example_keys(jax.random.PRNGKey(1), jnp.arange(b), 2)
+  assert not np.array_equal(out, np.asarray(_erase(other, images, 1.0)))
+
+
+def test_random_erasing_probability_and_count():
+  b = 256
+  images = jnp.zeros((b, 16, 16, 1))
+  keys = augment.example_keys(jax.random.PRNGKey(2), jnp.arange(b), 2)
+  masks = (np.asarray(_erase(keys, images, 0.5, max_count=3)) != 0)[..., 0]
+  areas = masks.sum((1, 2))
+  assert 0.4 < (areas > 0).mean() < 0.6
+  assert areas.max() <= 16 * 16 / 3 + 3 * 9  # the boxes share the area (+ rounding slack)
+  # Several boxes: the erased pixels no longer fill their bounding box.
+  boxes = [m.any(1).sum() * m.any(0).sum() for m in masks[areas > 0]]
+  assert (np.asarray(boxes) > areas[areas > 0]).sum() > 10
