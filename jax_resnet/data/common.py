@@ -44,6 +44,10 @@ class DatasetInfo:
   mean: tuple[float, ...]  # per channel, in uint8 units
   std: tuple[float, ...]
   class_names: tuple[str, ...] = ()  # label i's name; empty when the source has none
+  # How eval (and predict) preprocess: 'pad' sets resize the image to image_shape;
+  # 'random_resized' sets take a centre crop of eval_crop_fraction of the shorter side.
+  crop_style: str = 'pad'
+  eval_crop_fraction: float = 0.875
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)

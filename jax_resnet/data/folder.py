@@ -174,6 +174,8 @@ def load(config, workdir, splits, class_names) -> Dataset:
     mean=mean,
     std=std,
     class_names=tuple(classes),
+    crop_style='random_resized',
+    eval_crop_fraction=config.eval_crop_fraction,
   )
   source = lambda paths, labels: tf.data.Dataset.from_tensor_slices(
     {'path': tf.constant(paths, tf.string), 'label': tf.constant(labels, tf.int32)}

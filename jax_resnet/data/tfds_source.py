@@ -65,6 +65,8 @@ def load(config, workdir, splits, class_names) -> Dataset:
     mean=mean,
     std=std,
     class_names=tuple(label.names),
+    crop_style=style,
+    eval_crop_fraction=config.eval_crop_fraction,
   )
   as_int = lambda x: {'image': x['image'], 'label': tf.cast(x['label'], tf.int32)}
   if style == 'pad':
