@@ -232,57 +232,17 @@ def benchmark_step(
   lowered = step_fn.lower(state, args_at(0))
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-
-  # FLOPs of one step, from XLA's cost analysis of the compiled (per-device, SPMD
-  # partitioned) program; a scan's body may be counted once, so for k > 1 the single
-  # step is compiled for this. With remat, the step without it: the recomputed forward
-  # is not model work, and MFU counts model FLOPs. Falls back to the unpartitioned,
-  # unoptimised HLO.
-  remat = config.remat
-  if k == 1 and not remat:
-    single = (lowered, compiled)
-  else:
-    flops_state = state
-    if remat:
-      plain = config.copy_and_resolve_references()
-      plain.remat = False
-      flops_state = state.replace(apply_fn=train_steps.create_model(plain, num_classes).apply)
-    lowered_single = single_fn.lower(flops_state, batch_at(0))
-    single = (lowered_single, lowered_single.compile())
-  flops, flops_source = summary.xla_flops(single[1]), 'compiled'
-  if flops is not None:
-    flops *= len(devices)
-  else:
-    flops, flops_source = summary.xla_flops(single[0]), 'lowered'
-  if flops is None:
-    flops_source = 'unavailable'
-  del single
+  single = (lowered, compiled) if k == 1 and not config.remat else None
+  flops, flops_source = _step_flops(config, state, single_fn, batch_at(0), single, len(devices))
 
   for i in range(warmup_dispatches):
     state, metrics = compiled(state, args_at(i))
   jax.block_until_ready(metrics.merge(metrics).compute())  # warms the merge ops too
-
-  # Blocking: one dispatch at a time, waited for: per-step median and p90.
-  times = []
-  for i in range(dispatches):
-    args = args_at(warmup_dispatches + i)
-    start = time.perf_counter()
-    state, metrics = compiled(state, args)
-    jax.block_until_ready((state, metrics))
-    times.append((time.perf_counter() - start) / k)
-
-  # Pipelined: as the training loop runs, dispatched back to back, metrics merged on
-  # the device, one sync at the end (includes fetching batches for data_on_device).
-  offset = warmup_dispatches + dispatches
-  start = time.perf_counter()
-  totals = None
-  for i in range(dispatches):
-    state, metrics = compiled(state, args_at(offset + i))
-    totals = metrics if totals is None else totals.merge(metrics)
-  jax.block_until_ready((state, totals))
-  pipelined_s = time.perf_counter() - start
-  loss = float(totals.compute()['train_loss'])
-  del state, totals
+  state, times = _time_blocking(compiled, state, args_at, warmup_dispatches, dispatches, k)
+  state, pipelined_s, loss = _time_pipelined(
+    compiled, state, args_at, warmup_dispatches + dispatches, dispatches
+  )
+  del state
 
   global_batch = config.batch_size
   images_per_s = dispatches * k * global_batch / pipelined_s
@@ -305,7 +265,7 @@ def benchmark_step(
     'image_size': int(config.image_size),
     'global_batch': int(global_batch),
     'dtype': jnp.dtype(train_steps.compute_dtype(config)).name,
-    'remat': remat,
+    'remat': config.remat,
     'steps_per_dispatch': k,
     'data_on_device': config.data_on_device,
     'warmup_steps': warmup_dispatches * k,
@@ -325,25 +285,80 @@ def benchmark_step(
     'mfu': mfu,
     'train_loss': loss,
   }
+  _log_step_result(result)
+  return result
+
+
+def _step_flops(config, state, single_fn, batch, single, device_count: int):
+  """(FLOPs of one global train step, where they came from).
+
+  From XLA's cost analysis of the compiled (per-device, SPMD partitioned) program, times
+  the device count. A scan's body may be counted once, so with several steps per
+  dispatch (``single`` None) the single step is compiled for this; with remat, the step
+  without it: the recomputed forward is not model work, and MFU counts model FLOPs.
+  Falls back to the unpartitioned, unoptimised HLO.
+  """
+  if single is None:
+    if config.remat:
+      plain = config.copy_and_resolve_references()
+      plain.remat = False
+      num_classes = state.params['head']['bias'].shape[0]
+      state = state.replace(apply_fn=train_steps.create_model(plain, num_classes).apply)
+    lowered = single_fn.lower(state, batch)
+    single = (lowered, lowered.compile())
+  flops = summary.xla_flops(single[1])
+  if flops is not None:
+    return flops * device_count, 'compiled'
+  flops = summary.xla_flops(single[0])
+  return flops, 'lowered' if flops is not None else 'unavailable'
+
+
+def _time_blocking(compiled, state, args_at, first: int, dispatches: int, k: int):
+  """One dispatch at a time, each waited for: seconds per step of each dispatch."""
+  times = []
+  for i in range(dispatches):
+    args = args_at(first + i)
+    start = time.perf_counter()
+    state, metrics = compiled(state, args)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - start) / k)
+  return state, times
+
+
+def _time_pipelined(compiled, state, args_at, first: int, dispatches: int):
+  """As the training loop runs: dispatched back to back, metrics merged on the device,
+  one sync at the end (includes fetching batches for data_on_device). Returns (state,
+  seconds, the mean train loss)."""
+  start = time.perf_counter()
+  totals = None
+  for i in range(dispatches):
+    state, metrics = compiled(state, args_at(first + i))
+    totals = metrics if totals is None else totals.merge(metrics)
+  jax.block_until_ready((state, totals))
+  seconds = time.perf_counter() - start
+  return state, seconds, float(totals.compute()['train_loss'])
+
+
+def _log_step_result(result: dict) -> None:
+  flops, mfu = result['flops_per_image'], result['mfu']
   logging.info(
     '%s %dx%d batch %d %s, %d step(s)/dispatch on %d x %s: %.1f img/s '
     '(median step %.4f s, p90 %.4f s), compile %.1f s, %s GFLOP/image, MFU %s',
-    config.model,
-    config.image_size,
-    config.image_size,
-    global_batch,
+    result['model'],
+    result['image_size'],
+    result['image_size'],
+    result['global_batch'],
     result['dtype'],
-    k,
-    len(devices),
+    result['steps_per_dispatch'],
+    result['device_count'],
     result['device_kind'],
-    images_per_s,
+    result['images_per_s'],
     result['step_s_median'],
     result['step_s_p90'],
-    compile_s,
-    f'{flops_per_image / 1e9:.3f}' if flops_per_image else 'n/a',
+    result['compile_s'],
+    f'{flops / 1e9:.3f}' if flops else 'n/a',
     f'{mfu:.1%}' if mfu is not None else 'n/a',
   )
-  return result
 
 
 def benchmark_pipeline(

@@ -37,7 +37,7 @@ from jax_resnet.data.common import shuffle_seed
 from jax_resnet.data.sources import Dataset, load_dataset
 from jax_resnet.errors import TrainingError
 from jax_resnet.evaluation import Evaluator
-from jax_resnet.timeline import Timeline
+from jax_resnet.timeline import Every, Timeline
 
 
 @dataclasses.dataclass
@@ -165,20 +165,11 @@ def _loop(run: _Run, stop: preemption.StopRequest) -> dict:
   config, timeline, state = run.config, run.timeline, run.state
   writer = reporting.create_writer(run.workdir)
   _log_start(run, writer)
-  info = run.dataset.info
   batches = batching.global_train_batches(
     run.dataset, config, run.mesh, timeline.steps_per_epoch, run.start_step
   )
-  log_now = timeline.every(steps=config.log_every_steps)
-  eval_now = timeline.every(epochs=config.eval_every_epochs)  # 0: at the end only
-  save_now = timeline.every(
-    steps=config.checkpoint_every_steps, epochs=config.checkpoint_every_epochs
-  )
-  epoch_end = timeline.every(epochs=1)
-  # Steps at which the loop must look at the state: a multi-step dispatch ends there.
-  periods = log_now.periods + eval_now.periods + save_now.periods + epoch_end.periods
-  step_options = (config, run.learning_rate_fn, info.num_classes, info.mean, info.std, run.mesh)
-  train_fn, multi_fn, compiled = steps.make_train_step(*step_options), None, False
+  events = _Events.of(config, timeline)
+  run_steps = _Stepper(run)
   train_metrics, eval_metrics, last_finite = None, {}, None
   bar = progress.Progress(
     timeline.total_steps, timeline.steps_per_epoch, config.batch_size, run.start_step
@@ -186,32 +177,24 @@ def _loop(run: _Run, stop: preemption.StopRequest) -> dict:
   step = run.start_step
   try:
     while step < timeline.total_steps:
-      k = dispatch_size(step, config.steps_per_dispatch, timeline.total_steps, periods)
-      if k == 1:
-        batch = next(batches)
-        if not compiled:
-          train_fn = _compile_and_log_flops(train_fn, state, batch, config.batch_size)
-          compiled = True
-        state, step_metrics = train_fn(state, batch)
-      else:
-        multi_fn = multi_fn or steps.make_multi_train_step(*step_options)
-        state, step_metrics = multi_fn(state, [next(batches) for _ in range(k)])
+      k = dispatch_size(step, config.steps_per_dispatch, timeline.total_steps, events.periods)
+      state, step_metrics = run_steps(state, [next(batches) for _ in range(k)])
       step += k
       bar.tick(step)
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       is_last = step == timeline.total_steps
-      save = is_last or save_now(step) or epoch_end(step)
+      save = is_last or events.checkpoint(step) or events.epoch_end(step)
       stopping = stop.requested(step, config.log_every_steps)
 
-      if log_now(step) or is_last or save or stopping:
+      if events.log(step) or is_last or save or stopping:
         scalars = {k: float(v) for k, v in train_metrics.compute().items()}
         _check_finite(scalars, step, last_finite, run.workdir)
         last_finite = (step, scalars['train_loss'])
-      if log_now(step) or is_last:
+      if events.log(step) or is_last:
         writer.write_scalars(step, scalars)
         bar.log(step, scalars)
         train_metrics = None
-      if eval_now(step) or is_last:
+      if events.evaluate(step) or is_last:
         eval_metrics = _evaluate(run, state, step, writer)
       if save or stopping:
         if not bool(_all_finite((state.params, state.batch_stats))):  # the update blew up
@@ -259,13 +242,68 @@ def _evaluate(run: _Run, state, step: int, writer, save_best: bool = True) -> di
   return metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class _Events:
+  """The steps at which the loop looks at the state."""
+
+  log: Every
+  evaluate: Every  # eval_every_epochs=0: at the end only
+  checkpoint: Every
+  epoch_end: Every
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict, timeline: Timeline) -> '_Events':
+    return cls(
+      log=timeline.every(steps=config.log_every_steps),
+      evaluate=timeline.every(epochs=config.eval_every_epochs),
+      checkpoint=timeline.every(
+        steps=config.checkpoint_every_steps, epochs=config.checkpoint_every_epochs
+      ),
+      epoch_end=timeline.every(epochs=1),
+    )
+
+  @property
+  def periods(self) -> tuple[int, ...]:
+    """A multi-step dispatch ends at each of these."""
+    return (
+      self.log.periods + self.evaluate.periods + self.checkpoint.periods + (self.epoch_end.periods)
+    )
+
+
+class _Stepper:
+  """Runs one dispatch of k train steps: the single step (compiled ahead of time on first
+  use, logging its FLOPs) or the multi-step function (``config.steps_per_dispatch``)."""
+
+  def __init__(self, run: _Run):
+    info = run.dataset.info
+    self._options = (
+      run.config,
+      run.learning_rate_fn,
+      info.num_classes,
+      info.mean,
+      info.std,
+      run.mesh,
+    )
+    self._single = steps.make_train_step(*self._options)
+    self._compiled = None
+    self._multi = None
+
+  def __call__(self, state, batches: list):
+    if len(batches) > 1:
+      self._multi = self._multi or steps.make_multi_train_step(*self._options)
+      return self._multi(state, batches)
+    if self._compiled is None:
+      self._compiled = _compile_and_log_flops(self._single, state, batches[0])
+    return self._compiled(state, batches[0])
+
+
 def dispatch_size(step: int, steps_per_dispatch: int, total_steps: int, periods) -> int:
   """How many steps the next dispatch runs: at most ``steps_per_dispatch``, ending no
   later than the next multiple of any period (log, eval, checkpoint, epoch) or the end."""
   return min([steps_per_dispatch, total_steps - step] + [p - step % p for p in periods])
 
 
-def _compile_and_log_flops(train_fn, state, batch, batch_size: int):
+def _compile_and_log_flops(train_fn, state, batch):
   """Compiles the train step ahead of time, logging XLA's FLOPs per training image."""
   compiled = train_fn.lower(state, batch).compile()
   flops = summary.xla_flops(compiled)
@@ -274,7 +312,7 @@ def _compile_and_log_flops(train_fn, state, batch, batch_size: int):
     devices = batch['label'].sharding.num_devices
     logging.info(
       'Training FLOPs per image: %.3f G (XLA cost analysis of the train step).',
-      flops * devices / batch_size / 1e9,
+      flops * devices / batch['label'].shape[0] / 1e9,
     )
   return compiled
 
