@@ -46,6 +46,7 @@ def _in_torchvision_layout(arch: dict) -> bool:
     and arch['residual']
     and not arch['preact']
     and arch['shortcut'] == 'projection'
+    and not arch.get('se_ratio')  # torchvision's ResNets have no squeeze-and-excitation
   )
 
 

@@ -1,3 +1,6 @@
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,21 @@ TORCHVISION_PARAMS = {
   'resnet101': 44_549_160,
   'resnet152': 60_192_808,
 }
+# timm's counts (1000 classes): SE with rd_ratio 1/16 rounded by make_divisible(..., 8);
+# ResNet-D's deep stem (32, 32, 64) and average-pool shortcuts.
+TIMM_PARAMS = {
+  'seresnet50': 28_088_024,
+  'resnet50d': 25_576_264,
+}
+# Our widths (models._SMALL_CIFAR), 10 classes; the study reports 4.2-4.8 M parameters.
+SMALL_CIFAR_PARAMS = {
+  'resnet26_small': 4_643_114,
+  'resnet34_small': 4_593_578,
+  'resnet50_small': 4_382_250,
+}
+NEW_NAMES = tuple(
+  n for n in models.MODEL_NAMES if n.startswith('seresnet') or n.endswith(('d', '_small'))
+)
 PAPER_PARAMS = {
   'resnet20': 0.27e6,
   'resnet32': 0.46e6,
@@ -147,3 +165,212 @@ def test_remat_same_gradients_fewer_saved_activations():
     for m in (plain_model, remat_model)
   ]
   assert saved[1] < 0.5 * saved[0], saved
+
+
+def random_variables(model, size):
+  """Variables as an init would give them, from numpy: no init to compile or run."""
+  return numpy_variables(abstract_variables(model, size))
+
+
+def numpy_variables(abstract):
+  """He-scaled random kernels, BatchNorm at identity, zero biases, shaped as ``abstract``."""
+  rng = np.random.default_rng(0)
+
+  def leaf(path, x):
+    name = path[-1].key
+    if name == 'kernel':
+      return rng.standard_normal(x.shape, np.float32) / np.sqrt(np.prod(x.shape[:-1]))
+    return (np.ones if name in ('scale', 'var') else np.zeros)(x.shape, np.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def test_new_names_are_registered():
+  assert len(NEW_NAMES) == 13
+  assert {'seresnet18', 'seresnet152', 'resnet18d', 'resnet152d', 'resnet50_small'} <= set(
+    NEW_NAMES
+  )
+
+
+@pytest.mark.parametrize('name', NEW_NAMES)
+def test_new_models_run_with_finite_outputs(name):
+  model = models.create_model(name, 7)
+  size = models.min_image_size(name)
+  out = model.apply(random_variables(model, size), jnp.ones((1, size, size, 3)), train=False)
+  assert out.shape == (1, 7) and bool(jnp.isfinite(out).all())
+
+
+@pytest.mark.parametrize('name,expected', sorted(TIMM_PARAMS.items()))
+def test_se_and_resnet_d_parameter_counts_equal_timm(name, expected):
+  variables = abstract_variables(models.create_model(name, 1000), 64)
+  assert count(variables['params']) == expected
+
+
+@pytest.mark.parametrize('name,expected', sorted(SMALL_CIFAR_PARAMS.items()))
+def test_small_cifar_models_fit_the_studys_budget(name, expected):
+  model = models.create_model(name, 10)
+  params = abstract_variables(model, 32)['params']
+  assert 4.2e6 <= count(params) <= 4.8e6 and count(params) == expected
+  assert params['stem_conv']['kernel'].shape[:2] == (3, 3)
+  assert models.min_image_size(name) == 8  # no stem downsampling: three strided stages
+
+
+def test_se_width_rounds_like_timm():
+  # make_divisible(channels / 16, 8, round_limit=0): the nearest multiple of 8, at least 8.
+  widths = [models.se_channels(c, 1 / 16) for c in (64, 120, 200, 256, 2048)]
+  assert widths == [8, 8, 16, 16, 128]
+
+
+def test_se_module_in_every_block():
+  params = abstract_variables(models.create_model('seresnet18', 10), 32)['params']
+  blocks = [k for k in params if k.startswith('stage')]
+  assert len(blocks) == 8 and all(set(params[k]['se']) == {'fc1', 'fc2'} for k in blocks)
+  assert params['stage1_block1']['se']['fc1']['kernel'].shape == (1, 1, 64, 8)
+  assert params['stage4_block2']['se']['fc2']['kernel'].shape == (1, 1, 32, 512)
+  assert (
+    'se'
+    not in abstract_variables(models.create_model('resnet18', 10), 32)['params']['stage1_block1']
+  )
+
+
+def test_se_gate_scales_the_branch_before_the_residual_add():
+  """With fc2 zeroed the gate is sigmoid(0) = 1/2 everywhere, so the SE net must equal its
+  twin without SE whose last BN in every block is halved (scale and bias): true only if SE
+  scales the branch after its last BN and before the add."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+  small = dict(stage_sizes=(1, 1), widths=(16, 32))  # two blocks, the second strided
+  se = models.create_model('resnet20', 10, se_ratio=0.25, **small)
+  plain = models.create_model('resnet20', 10, **small)
+  v = random_variables(se, 8)
+  se_params, halved = dict(v['params']), dict(v['params'])
+  for name, block in v['params'].items():
+    if 'se' in block:
+      zeros = jax.tree.map(jnp.zeros_like, block['se']['fc2'])
+      se_params[name] = {**block, 'se': {**block['se'], 'fc2': zeros}}
+      last_bn = sorted(k for k in block if k.startswith('BatchNorm'))[-1]
+      rest = {k: b for k, b in block.items() if k != 'se'}
+      halved[name] = {**rest, last_bn: jax.tree.map(lambda a: a / 2, block[last_bn])}
+  out_se = se.apply({**v, 'params': se_params}, x, train=False)
+  out_halved = plain.apply({**v, 'params': halved}, x, train=False)
+  np.testing.assert_allclose(out_se, out_halved, rtol=1e-5, atol=1e-6)
+  assert not jnp.allclose(out_se, se.apply(v, x, train=False))  # a learned gate is not 1/2
+
+
+def test_resnet_d_has_a_deep_stem_that_downsamples_by_four():
+  model = models.create_model('resnet50d', 1000)
+  _, variables = jax.eval_shape(
+    lambda: model.init_with_output(
+      jax.random.PRNGKey(0), jnp.zeros((2, 64, 64, 3)), train=False, capture_intermediates=True
+    )
+  )
+  params = variables['params']
+  stem = [params[f'stem_conv{k}']['kernel'].shape for k in (1, 2, 3)]
+  assert stem == [(3, 3, 3, 32), (3, 3, 32, 32), (3, 3, 32, 64)]
+  assert 'stem_conv' not in params and 'stem_bn3' in params
+  stage1 = variables['intermediates']['stage1_block1']['__call__'][0]
+  assert stage1.shape == (2, 16, 16, 256)
+  assert params['stage2_block1']['proj_conv']['kernel'].shape == (1, 1, 256, 512)
+  assert models.min_image_size('resnet50d') == models.min_image_size('resnet50') == 32
+
+
+def test_resnet_d_shortcut_average_pools_then_projects_at_stride_1():
+  """On a 5x5 input the 2x2/2 pool keeps the odd last row and column, averaged over the
+  pixels that exist (timm's AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False))."""
+  block = models.BasicBlock(
+    filters=4,
+    conv=functools.partial(nn.Conv, use_bias=False),
+    norm=functools.partial(nn.BatchNorm, use_running_average=True),
+    strides=2,
+    shortcut='avg_projection',
+  )
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 5, 5, 4))  # >= 0: the final ReLU keeps it
+  v = numpy_variables(jax.eval_shape(block.init, jax.random.PRNGKey(1), x))
+  # Zero the branch (its last BN) and make the projection the identity.
+  zero_bn = {'scale': jnp.zeros(4), 'bias': jnp.zeros(4)}
+  params = {**v['params'], 'BatchNorm_1': zero_bn, 'proj_conv': {'kernel': jnp.eye(4)[None, None]}}
+  out = block.apply({**v, 'params': params}, x)
+  xs = np.asarray(x)
+  expected = np.zeros((2, 3, 3, 4), np.float32)
+  for i in range(3):
+    for j in range(3):
+      expected[:, i, j] = xs[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean(axis=(1, 2))
+  np.testing.assert_allclose(out, expected / np.sqrt(1 + 1e-5), rtol=1e-5)
+
+
+def test_drop_path_rates_are_linear_from_zero_to_the_rate():
+  assert models.drop_path_rates(0.8, (3, 3, 3)) == pytest.approx([0.1 * b for b in range(9)])
+  assert models.drop_path_rates(0.0, (2, 2)) == [0.0] * 4
+
+
+def test_stochastic_depth_is_the_identity_at_eval():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+  on = models.create_model('resnet20', 10, stochastic_depth_rate=0.5, zero_init_residual=False)
+  off = models.create_model('resnet20', 10, zero_init_residual=False)
+  v = random_variables(off, 8)
+  assert jax.tree.structure(v) == jax.tree.structure(abstract_variables(on, 8))
+  np.testing.assert_array_equal(on.apply(v, x, train=False), off.apply(v, x, train=False))
+
+
+@pytest.fixture(scope='module')
+def branch_contribution():
+  """resnet20 (9 blocks, rate 0.8: block b dropped with probability 0.1 b) with every
+  residual branch zero but block b's, which is the constant 1 (its last BN: scale 0, bias
+  1). Identity and pad shortcuts carry that constant unchanged to the pooled features, and
+  a head of ones sums them, so per example logit(drop) - logit(no drop) =
+  width_b * (m / (1 - p_b) - 1), m = 0 or 1. Returns m / (1 - p_b) per example."""
+  n = 1024
+  x = jax.random.normal(jax.random.PRNGKey(1), (n, 4, 4, 3))
+  drop = models.create_model('resnet20', 1, stochastic_depth_rate=0.8)
+  keep = models.create_model('resnet20', 1)
+  v = random_variables(keep, 4)
+  zero_branch = lambda bn: jax.tree.map(jnp.zeros_like, bn)
+  base = {
+    name: {**p, 'BatchNorm_1': zero_branch(p['BatchNorm_1'])} if name.startswith('stage') else p
+    for name, p in v['params'].items()
+  }
+  base['head'] = {'kernel': jnp.ones_like(base['head']['kernel']), 'bias': jnp.zeros((1,))}
+
+  @jax.jit
+  def logits(params, rng):
+    variables = {**v, 'params': params}
+    out, _ = drop.apply(variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+    ref, _ = keep.apply(variables, x, train=True, mutable=['batch_stats'])  # rate 0: no rng
+    return out[:, 0], ref[:, 0]
+
+  def contribution(block, width, rng):
+    constant_one = {'scale': jnp.zeros(width), 'bias': jnp.ones(width)}
+    params = {**base, block: {**base[block], 'BatchNorm_1': constant_one}}
+    out, ref = logits(params, rng)
+    return np.asarray((out - ref) / width + 1)
+
+  return contribution
+
+
+@pytest.mark.parametrize(
+  'block,width,rate',
+  [('stage1_block1', 16, 0.0), ('stage2_block2', 32, 0.4), ('stage3_block3', 64, 0.8)],
+)
+def test_stochastic_depth_drops_by_the_linear_schedule_and_rescales(
+  branch_contribution, block, width, rate
+):
+  kept = branch_contribution(block, width, jax.random.PRNGKey(0))
+  dropped = np.isclose(kept, 0.0, atol=1e-3)
+  # Kept branches are scaled by exactly 1 / (1 - p): the expectation is the eval output.
+  np.testing.assert_allclose(kept[~dropped], 1 / (1 - rate), rtol=1e-3)
+  assert abs(dropped.mean() - rate) < 0.05, dropped.mean()
+
+
+def test_stochastic_depth_is_deterministic_for_a_dropout_key(branch_contribution):
+  a, b, c = (branch_contribution('stage3_block3', 64, jax.random.PRNGKey(k)) for k in (0, 0, 1))
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(np.isclose(a, 0, atol=1e-3), np.isclose(c, 0, atol=1e-3))
+
+
+def test_invalid_regularisers_are_refused():
+  with pytest.raises(ValueError, match='residual'):
+    models.create_model('plain20', 10, stochastic_depth_rate=0.1)
+  with pytest.raises(ValueError, match=r'\[0, 1\)'):
+    models.create_model('resnet20', 10, stochastic_depth_rate=1.0)
+  with pytest.raises(ValueError, match='se_ratio'):
+    models.create_model('resnet20', 10, se_ratio=-0.1)
+  models.create_model('plain20', 10, stochastic_depth_rate=0.0, se_ratio=1 / 16)

@@ -18,6 +18,9 @@ def param_count(tree):
     ('plain20', 16, {}),
     ('resnet18', 32, {'stem': 'cifar'}),
     ('resnet50', 64, {}),
+    ('resnet18d', 32, {}),
+    ('seresnet18', 32, {}),
+    ('resnet20', 16, {'stem': 'deep'}),
   ],
 )
 def test_total_equals_the_params_count(name, size, options):
@@ -31,6 +34,12 @@ def test_total_equals_the_params_count(name, size, options):
   assert sum(r.params for r in s.rows) == s.total_params
   assert s.batch_stats == param_count(variables['batch_stats'])
   assert s.rows[-1].output_shape == (10,)
+
+
+def test_deep_stem_row_has_the_last_stem_convs_channels():
+  s = summary.summarize(models.create_model('resnet18d', 10), (32, 32, 3), flops=False)
+  assert s.rows[0].name == 'stem' and s.rows[0].output_shape == (8, 8, 64)
+  assert s.rows[0].params == 28_768  # 3x3 convs of 32, 32, 64 and their BatchNorms
 
 
 def test_resnet20_stages_shapes_params_and_flops():

@@ -330,3 +330,11 @@ def test_imports_neither_torch_nor_tensorflow():
     [sys.executable, '-c', code], cwd=root, capture_output=True, text=True, check=True
   )
   assert result.stdout.strip() == '[]'
+
+
+@pytest.mark.parametrize('name', ['seresnet50', 'resnet50d'])
+def test_variants_outside_torchvision_layout_are_refused(name):
+  """Squeeze-and-excitation and ResNet-D have no place in torchvision's state dict."""
+  assert tw.SUPPORTED_MODELS == tuple(SUPPORTED.split(', '))
+  with pytest.raises(ValueError, match=SUPPORTED):
+    tw.from_torchvision({}, name)
