@@ -54,7 +54,7 @@ class ModelSummary:
         f'Training FLOPs per image: {self.train_flops / 1e9:.3f} G '
         f'(forward {self.forward_flops / 1e9:.3f} G; {self.flops_method})'
       )
-    else:
+    elif self.flops_method != 'not computed':
       lines.append(f'Training FLOPs per image: unknown ({self.flops_method})')
     return '\n'.join(lines)
 
@@ -92,9 +92,11 @@ def summarize(model, image_shape: Sequence[int], flops: bool = True) -> ModelSum
   stem_params = params_of('stem_')
   if stages:
     # The first stage keeps the stem's resolution (stride 1), so its height and width
-    # are the stem's, and the stem convolution's filters its channels.
+    # are the stem's, and the stem's last convolution's filters its channels (a deep stem
+    # has stem_conv1 ... stem_conv3, the others one stem_conv).
     h, w, _ = stages[min(stages)][1]
-    rows.append(Row('stem', (h, w, int(params['stem_conv']['kernel'].shape[-1])), stem_params))
+    last_conv = max(k for k in params if k.startswith('stem_conv'))
+    rows.append(Row('stem', (h, w, int(params[last_conv]['kernel'].shape[-1])), stem_params))
   for i in sorted(stages):
     rows.append(Row(f'stage{i} ({stages[i][0]} blocks)', stages[i][1], params_of(f'stage{i}_')))
   if 'final_bn' in params:
@@ -167,11 +169,13 @@ def _flops(model, variables, x):
 
 
 def _define_flags():
+  from jax_resnet import models
+
   flags.DEFINE_string('model', 'resnet50', 'A model name (see jax_resnet.models.MODEL_NAMES).')
   flags.DEFINE_integer('image_size', 224, 'Side of the square input.')
   flags.DEFINE_integer('channels', 3, 'Input channels.')
   flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
-  flags.DEFINE_enum('stem', None, ['imagenet', 'cifar'], "The stem; default: the model's own.")
+  flags.DEFINE_enum('stem', None, list(models.STEMS), "The stem; default: the model's own.")
   flags.DEFINE_integer(
     'depth',
     0,
