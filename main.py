@@ -1,29 +1,86 @@
-"""Trains, evaluates or exports a ResNet.
+"""Trains, evaluates, exports or predicts with a ResNet.
 
   python main.py --config=configs/default.py --workdir=DIR [--config.FIELD=VALUE ...]
   python main.py --config=... --workdir=DIR --mode=eval [--checkpoint=best|latest|STEP]
-  python main.py --config=... --workdir=DIR --mode=export [--export_path=FILE]
+  python main.py --workdir=DIR --mode=export [--export_format=msgpack|safetensors|torchvision]
+      [--export_path=FILE]
+  python main.py --workdir=DIR --mode=predict --predict_input=FILE|DIR|GLOB [...]
+      [--predict_output=predictions.csv] [--top_k=5] [--predict_flip]
 
 Rerunning a training command resumes from the newest checkpoint in DIR/checkpoints.
 Several processes (hosts): see --coordinator_address; SLURM and TPU pods are detected.
 """
 
-import os
-import sys
+# Before anything slow: a SIGTERM or Ctrl-C while starting up is remembered, not fatal.
+from jax_resnet import preemption  # noqa: E402, I001  (imports nothing heavy)
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+preemption.catch_early()
+
+import difflib  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+# TensorFlow's C++ start-up notices (oneDNN, absl::InitializeLog) say nothing to a user.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'predict'], 'What to do.')
 flags.DEFINE_string(
   'checkpoint',
   None,
-  "For eval/export: 'best', 'latest' or a step (default: best for eval, latest for export).",
+  "For eval/export/predict: 'best', 'latest' or a step (default: best for eval and predict, "
+  'latest for export).',
+)
+flags.DEFINE_enum(
+  'export_format',
+  'msgpack',
+  ['msgpack', 'safetensors', 'torchvision'],
+  'For export: msgpack (metadata beside it in FILE.json), safetensors (Flax variable names) '
+  "or torchvision (torchvision's ResNet state_dict; resnet18 ... resnet152). Each carries "
+  'the model, classes and preprocessing that inference needs.',
 )
 flags.DEFINE_string(
-  'export_path', None, 'For export: output file (default: WORKDIR/export/variables.msgpack).'
+  'export_path',
+  None,
+  'For export: output file (default: WORKDIR/export/variables.msgpack, model.safetensors '
+  'or model_torchvision.safetensors).',
+)
+flags.DEFINE_multi_string(
+  'predict_input',
+  None,
+  'For predict: image files, folders (searched recursively for JPEG/PNG) or glob patterns; '
+  'repeat the flag for several.',
+)
+flags.DEFINE_string(
+  'predict_output',
+  'predictions.csv',
+  'For predict: the CSV to write: path, then class_i and prob_i for i in 1..top_k.',
+)
+flags.DEFINE_integer('top_k', 5, 'For predict: classes per image in the CSV.', lower_bound=1)
+flags.DEFINE_bool(
+  'predict_flip', False, 'For predict: average with the mirror image (test-time augmentation).'
+)
+flags.register_validator(
+  'predict_input',
+  lambda inputs: bool(inputs) or FLAGS.mode != 'predict',
+  '--mode=predict needs --predict_input: image files, folders or glob patterns.',
+)
+flags.DEFINE_enum(
+  'resume_from',
+  'latest',
+  ['latest', 'best'],
+  'For training: resume from the newest checkpoint, or from checkpoints_best/ when every '
+  'latest checkpoint is lost.',
+)
+flags.DEFINE_bool(
+  'start_over',
+  False,
+  'For training: move an earlier run in --workdir (checkpoints, metrics, curves) to '
+  'WORKDIR/previous-N/ and start at step 0.',
 )
 flags.DEFINE_string(
   'coordinator_address',
@@ -37,16 +94,21 @@ flags.DEFINE_integer(
   'process_id', None, 'This process in a multi-process run (also JAX_PROCESS_ID).'
 )
 flags.mark_flags_as_required(['workdir'])
-config_flags.DEFINE_config_file(
-  'config', 'configs/default.py', 'Training configuration (a Python file).', lock_config=True
-)
+try:  # config_flags reads --config.FIELD overrides from sys.argv right here
+  config_flags.DEFINE_config_file(
+    'config', 'configs/default.py', 'Training configuration (a Python file).', lock_config=True
+  )
+except Exception as e:  # an unknown field, or an error in the config file
+  _CONFIG_ERROR = e
+else:
+  _CONFIG_ERROR = None
 
 
-class _QuietLibraries:
-  """Drops the INFO chatter of orbax's checkpoint writes; warnings still pass."""
-
-  def filter(self, record):
-    return record.levelno >= 30 or '/orbax/' not in record.pathname
+EXPORT_NAMES = {
+  'msgpack': 'variables.msgpack',
+  'safetensors': 'model.safetensors',
+  'torchvision': 'model_torchvision.safetensors',
+}
 
 
 def initialize_distributed():
@@ -86,33 +148,132 @@ def initialize_distributed():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from jax_resnet import logs  # after flag parsing: keeps --help fast
+
+  logs.setup_console()
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  initialize_distributed()
-  # After flag parsing: keeps --help fast.
-  from jax_resnet import evaluation, export, training
+  if FLAGS.mode != 'train':
+    preemption.release_early()
   from jax_resnet.errors import UserError
 
   try:
-    if FLAGS.mode == 'train':
-      metrics = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == 'eval':
-      overrides = config_flags.get_override_values(FLAGS['config'])
-      metrics = evaluation.evaluate_checkpoint(
-        FLAGS.workdir, _which(FLAGS.checkpoint or 'best'), overrides
-      )
-    else:
-      path = FLAGS.export_path or os.path.join(FLAGS.workdir, 'export', 'variables.msgpack')
-      export.export_checkpoint(FLAGS.workdir, path, _which(FLAGS.checkpoint or 'latest'))
-      print(f'exported {path}')
-      return
-  except UserError as e:  # anything else is a bug and keeps its traceback
-    print(f'error: {e}', file=sys.stderr)
+    logs.attach_file(_log_dir())
+    initialize_distributed()
+    metrics = _run_mode()
+  except UserError as e:  # what the user can fix: one line, the detail in the log file
+    print(f'error: {e} (log: {logs.log_path()})', file=logs.console())
+    logs.to_file(e)
     sys.exit(1)
+  except Exception as e:  # a bug: its traceback, on the console and in the log
+    logs.report_bug(e)
+    sys.exit(1)
+  if metrics is None:
+    return
   if 'stopped_at_step' in metrics:
     print(f'stopped at step {metrics["stopped_at_step"]}; rerun the same command to resume')
     return
   print('final ' + '  '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items())))
+
+
+def _run_mode():
+  from jax_resnet import evaluation, export, training
+
+  if FLAGS.mode == 'train':
+    return training.train_and_evaluate(
+      FLAGS.config, FLAGS.workdir, FLAGS.resume_from, FLAGS.start_over
+    )
+  if FLAGS.mode == 'eval':
+    overrides = config_flags.get_override_values(FLAGS['config'])
+    return evaluation.evaluate_checkpoint(
+      FLAGS.workdir, _which(FLAGS.checkpoint or 'best'), overrides
+    )
+  if FLAGS.mode == 'predict':
+    return _predict()
+  path = FLAGS.export_path or os.path.join(
+    FLAGS.workdir, 'export', EXPORT_NAMES[FLAGS.export_format]
+  )
+  export.export_checkpoint(
+    FLAGS.workdir, path, _which(FLAGS.checkpoint or 'latest'), FLAGS.export_format
+  )
+  print(f'exported {path}')
+  return None
+
+
+def _predict():
+  """The CSV of the top-k classes of every --predict_input image; the workdir is only read."""
+  from jax_resnet import predict
+
+  predictor = predict.Predictor.from_workdir(FLAGS.workdir, _which(FLAGS.checkpoint or 'best'))
+  summary = predict.predict_files(
+    predictor, FLAGS.predict_input, FLAGS.predict_output, FLAGS.top_k, flip=FLAGS.predict_flip
+  )
+  skipped = summary['num_skipped']
+  note = f'; skipped {skipped} that cannot be decoded (named above)' if skipped else ''
+  print(f'predicted {summary["num_images"]} images into {summary["output_csv"]}{note}')
+  return None
+
+
+def _log_dir() -> str | None:
+  """The log file's folder: the workdir, except for predict, which writes only its CSV,
+  and where the workdir is read-only (then the temp directory)."""
+  if FLAGS.mode == 'train':
+    return FLAGS.workdir
+  return None if FLAGS.mode == 'predict' else _writable(FLAGS.workdir)
+
+
+def _writable(workdir: str) -> str | None:
+  """``workdir`` when a log file can go there (a finished run may be on a read-only
+  mount: eval and export then log to the temp directory)."""
+  return workdir if os.access(workdir, os.W_OK) else None
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag or config (an unknown field, a missing or
+  broken config file) reported in one line instead of a traceback."""
+  try:
+    if _CONFIG_ERROR is not None:
+      raise _CONFIG_ERROR
+    remaining = FLAGS(argv)
+    FLAGS.config.keys()  # loads the config file now, so its errors land here
+    return remaining
+  except flags.Error as e:
+    _usage_error(str(e))
+  except Exception as e:
+    _usage_error(_config_problem(e, argv))
+
+
+def _config_problem(error: Exception, argv) -> str:
+  """What is wrong with --config or a --config.FIELD override, in one line."""
+  root = error
+  while root.__cause__ is not None:
+    root = root.__cause__
+  if isinstance(root, FileNotFoundError) or 'Failed loading config file' in str(error):
+    path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+    return f'--config={path}: no such config file (a Python file with get_config()).'
+  if isinstance(error, (AttributeError, KeyError)):
+    from configs import default
+
+    names = sorted(_field_names(default.get_config()))
+    overridden = [a[len('--config.') :].split('=')[0] for a in argv if a.startswith('--config.')]
+    unknown = [name for name in overridden if name not in names] or ['?']
+    close = difflib.get_close_matches(unknown[0], names, n=1)
+    hint = f' Did you mean --config.{close[0]}?' if close else ''
+    return (
+      f'--config.{unknown[0]}: no such config field.{hint} The fields are in configs/default.py.'
+    )
+  return f'--config: {type(root).__name__}: {root}'
+
+
+def _field_names(config, prefix=''):
+  for key, value in config.items():
+    yield prefix + key
+    if hasattr(value, 'items'):
+      yield from _field_names(value, f'{prefix}{key}.')
+
+
+def _usage_error(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
 
 
 def _which(value: str):
@@ -120,4 +281,4 @@ def _which(value: str):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

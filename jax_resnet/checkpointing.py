@@ -10,13 +10,15 @@ newest few, ``checkpoints_best/`` the best one by eval top-1.
 
 import functools
 import os
+import re
 from collections.abc import Callable
 
+import flax.serialization
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jax_resnet.errors import NotFoundError
+from jax_resnet.errors import NotFoundError, UserError
 
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'checkpoints_best'
@@ -39,6 +41,27 @@ def _manager(
   return ocp.CheckpointManager(directory, options=options)
 
 
+def failure_reason(error: BaseException) -> str:
+  """Why a write failed, in a few words: the OS's reason (TensorStore reports it as
+  os_error_code) where there is one, else the error's first line."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  for e in chain:
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+      return os.strerror(int(code.group(1)))
+    if isinstance(e, OSError) and e.strerror:
+      return e.strerror + (f': {e.filename}' if e.filename else '')
+  first = chain[0]
+  return f'{type(first).__name__}: {str(first).splitlines()[0][:200]}'
+
+
+class IncompatibleCheckpointError(UserError):
+  """An intact checkpoint whose arrays do not fit the state the current config builds."""
+
+
 class CheckpointSaveError(OSError):
   """A checkpoint could not be written (full disk, lost permissions, ...)."""
 
@@ -52,7 +75,7 @@ def _reporting_save_errors(method):
       return method(self, *args, **kwargs)
     except Exception as e:
       raise CheckpointSaveError(
-        f'Saving a checkpoint in {self.directory} failed: {type(e).__name__}: {str(e)[:300]}'
+        f'Saving a checkpoint in {self.directory} failed: {failure_reason(e)}'
       ) from e
 
   return wrapper
@@ -69,8 +92,9 @@ class Checkpoints:
     workdir = os.path.abspath(workdir)
     self.read_only = read_only
     self.directory = os.path.join(workdir, LATEST_DIR)
+    self.best_directory = os.path.join(workdir, BEST_DIR)
     self.latest = _manager(self.directory, keep, read_only=read_only)
-    self.best = _manager(os.path.join(workdir, BEST_DIR), 1, best=True, read_only=read_only)
+    self.best = _manager(self.best_directory, 1, best=True, read_only=read_only)
 
   @_reporting_save_errors
   def save(self, step: int, state, meta: dict) -> None:
@@ -123,11 +147,29 @@ class Checkpoints:
         )
         return restored['state'], meta
       except Exception as e:
+        differences = _differences(manager, step, target)
+        if differences:  # intact, but not the model this config builds: not damage
+          raise IncompatibleCheckpointError(
+            f'The checkpoint at step {step} in {manager.directory} does not fit the model and '
+            f'optimizer this config builds ({"; ".join(differences[:5])}'
+            f'{" ..." if len(differences) > 5 else ""}). It is intact and left as it is: '
+            'use the config it was written with (saved in the checkpoint), or a new --workdir.'
+          ) from e
         self._set_aside(manager, step, which, e)
     return None, None
 
   def best_step(self) -> int | None:
     return self.best.best_step()
+
+  def set_aside(self) -> list[str]:
+    """The damaged checkpoints renamed STEP.corrupt-N so far (by any run), newest first."""
+    if not os.path.isdir(self.directory):
+      return []
+    names = [n for n in os.listdir(self.directory) if '.corrupt-' in n]
+    return [
+      os.path.join(self.directory, n)
+      for n in sorted(names, key=lambda n: int(n.split('.')[0]), reverse=True)
+    ]
 
   def _set_aside(self, manager, step, which, error):
     """Renames a damaged checkpoint to STEP.corrupt-N (nothing is deleted); a reader
@@ -170,6 +212,36 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def _shapes(tree, prefix=()) -> dict:
+  """{'params/stage1_block1/Conv_0/kernel': shape, ...} of a nested dict/list tree."""
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _shapes(sub, (*prefix, str(key))).items()}
+  if isinstance(tree, (list, tuple)):
+    return {k: v for i, sub in enumerate(tree) for k, v in _shapes(sub, (*prefix, str(i))).items()}
+  shape = getattr(tree, 'shape', None)
+  return {'/'.join(prefix): tuple(shape)} if shape is not None else {}
+
+
+def _differences(manager, step: int, target) -> list[str]:
+  """How a checkpoint's saved tree differs from ``target`` (keys and shapes); empty when
+  they agree or the saved tree cannot be read (then the checkpoint is damaged)."""
+  try:
+    saved = _shapes(manager.item_metadata(step)['state'].tree)
+  except Exception:  # unreadable metadata: damage, not a mismatch
+    return []
+  wanted = _shapes(flax.serialization.to_state_dict(target))
+  if not saved:
+    return []
+  out = [f'{k}: only in the checkpoint' for k in sorted(set(saved) - set(wanted))]
+  out += [f'{k}: not in the checkpoint' for k in sorted(set(wanted) - set(saved))]
+  out += [
+    f'{k}: checkpoint {saved[k]}, now {wanted[k]}'
+    for k in sorted(set(saved) & set(wanted))
+    if saved[k] != wanted[k]
+  ]
+  return out
 
 
 def _save_args(state, meta):

@@ -23,5 +23,9 @@ class NotFoundError(UserError, FileNotFoundError):
   prepared)."""
 
 
+class OutputError(UserError, OSError):
+  """An output the user asked for (an export, a predictions CSV) cannot be written there."""
+
+
 class TrainingError(UserError, RuntimeError):
   """Training cannot go on (divergence, an incompatible checkpoint, an unwritable workdir)."""

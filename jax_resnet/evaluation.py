@@ -5,6 +5,7 @@ counted once (batches padded and masked); the loop runs every evaluator in its l
 so a second eval set (or another set of weights) is one more entry.
 """
 
+import os
 from collections.abc import Mapping
 
 from absl import logging
@@ -65,9 +66,12 @@ def evaluate_checkpoint(workdir: str, which: str | int = 'best', overrides: Mapp
   dataset = load_dataset(config, workdir, splits=('eval',), class_names=run.info.class_names)
   eval_fn = steps.make_eval_step(config, run.info.num_classes, run.info.mean, run.info.std, mesh)
   metrics = Evaluator(dataset, eval_fn, mesh, config.eval_batch_size)(run.state)
-  writer = reporting.create_writer(workdir)
-  writer.write_scalars(run.step, metrics)
-  writer.flush()
+  if os.access(workdir, os.W_OK):
+    writer = reporting.create_writer(workdir)
+    writer.write_scalars(run.step, metrics)
+    writer.flush()
+  else:  # a finished run on a read-only mount: report, write nothing there
+    logging.warning('%s is read-only: the metrics are not appended to its metrics.jsonl.', workdir)
   logging.info('Evaluated the %s checkpoint (step %d): %s', which, run.step, metrics)
   return {**metrics, 'step': run.step}
 

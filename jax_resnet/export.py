@@ -1,27 +1,230 @@
-"""Export mode: a checkpoint's weights as one file other code can load."""
+"""Export mode: a checkpoint's weights, with what inference needs to use them, as one file
+other code loads.
 
+Three formats, one metadata record (``inference_metadata``: the model, its classes and the
+eval preprocessing) in each:
+
+- ``msgpack``: flax serialization of ``{'params', 'batch_stats'}``; the metadata goes to a
+  JSON sidecar named ``PATH.json`` (``variables.msgpack`` -> ``variables.msgpack.json``),
+  since msgpack has no header.
+- ``safetensors``: the Flax variables flattened to keys like
+  ``params/stage1_block1/Conv_0/kernel``, the metadata as JSON in the header.
+- ``torchvision``: safetensors in torchvision's ResNet ``state_dict`` layout (ImageNet-family
+  models only), the same header: ``resnet50(num_classes=N).load_state_dict(load_file(PATH))``.
+
+``read_export`` reads any of them back, bit for bit. Nothing here imports TensorFlow.
+"""
+
+import json
 import os
 
 import flax.serialization
 import jax
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
-from jax_resnet import runs
+from jax_resnet import runs, steps
+from jax_resnet import torchvision_weights as tw
+from jax_resnet.errors import ConfigError, DataError, NotFoundError, OutputError
+
+EXPORT_FORMATS = ('msgpack', 'safetensors', 'torchvision')
+# Bumped when a field changes meaning or goes away; new fields keep the version.
+FORMAT_VERSION = 1
+SIDECAR_SUFFIX = '.json'
+_KEY_SEPARATOR = '/'
+_COLLECTIONS = ('params', 'batch_stats')
 
 
-def export_checkpoint(workdir: str, path: str, which: str | int = 'latest') -> str:
-  """Writes the ``which`` checkpoint's params and batch statistics to ``path`` (msgpack)."""
+def export_checkpoint(
+  workdir: str, path: str, which: str | int = 'latest', export_format: str = 'msgpack'
+) -> str:
+  """Writes the ``which`` checkpoint's params, batch statistics and inference metadata to
+  ``path`` in ``export_format``; returns ``path``. The workdir is only read."""
+  if export_format not in EXPORT_FORMATS:
+    raise ConfigError(
+      f'Unknown export format {export_format!r}. Valid: {", ".join(EXPORT_FORMATS)}.'
+    )
+  # Before the checkpoint is read: a wrong path fails in a second, not after the restore.
+  ensure_writable(path, 'the export')
   run = runs.load(workdir, which)
+  metadata = inference_metadata(run, export_format)
+  variables = jax.tree.map(np.asarray, run.variables)
+  if export_format == 'torchvision':
+    check_torchvision_layout(metadata)
+    if run.info.image_shape[-1] != 3:
+      logging.warning(
+        "%s takes %d-channel images: torchvision's conv1 must be rebuilt for them before "
+        'load_state_dict.',
+        path,
+        run.info.image_shape[-1],
+      )
   if jax.process_index() == 0:
-    write_msgpack(run.variables, path)
-  logging.info('Exported step %d to %s.', run.step, path)
+    WRITERS[export_format](variables, path, metadata)
+  logging.info('Exported step %d to %s (%s).', run.step, path, export_format)
   return path
 
 
-def write_msgpack(variables: dict, path: str) -> None:
-  """``variables`` as one msgpack file (flax serialization)."""
+def inference_metadata(run: runs.SavedRun, export_format: str | None = None) -> dict:
+  """What a predictor needs besides the weights, JSON-ready (tuples as lists); the
+  ``export_format`` is None for a run read straight from its workdir.
+
+  ``model_options`` are the keywords ``steps.create_model`` passes, less ``dtype``:
+  inference runs in float32 whatever the training compute dtype.
+  """
+  config, info = run.config, run.info
+  return {
+    'format_version': FORMAT_VERSION,
+    'export_format': export_format,
+    'model': config.model,
+    'model_options': steps.model_kwargs(config),
+    'num_classes': info.num_classes,
+    'image_shape': list(info.image_shape),
+    'mean': [float(m) for m in info.mean],
+    'std': [float(s) for s in info.std],
+    'class_names': list(info.class_names),
+    'crop_style': info.crop_style,
+    'eval_crop_fraction': float(info.eval_crop_fraction),
+    'resize_antialias': info.resize_antialias,
+    'step': run.step,
+    'config': json.loads(config.to_json_best_effort()),
+  }
+
+
+def check_torchvision_layout(metadata: dict) -> None:
+  """Refuses, as a UserError, a model torchvision has no ResNet for (CIFAR, preact, plain)."""
+  model, stem = metadata['model'], metadata['model_options'].get('stem', 'imagenet')
+  if model not in tw.SUPPORTED_MODELS or stem != 'imagenet':
+    described = f'{model!r}' + (f' with stem={stem!r}' if stem != 'imagenet' else '')
+    raise ConfigError(
+      f"export_format='torchvision' needs one of {', '.join(tw.SUPPORTED_MODELS)} with the "
+      f"default stem='imagenet'; this run's model is {described}, which torchvision has no "
+      "layout for. Use export_format='safetensors' or 'msgpack'."
+    )
+
+
+def ensure_writable(path: str, what: str) -> None:
+  """Creates ``path``'s folder; an OutputError naming ``path`` if it cannot be written."""
+  if os.path.isdir(path):
+    raise OutputError(f'Cannot write {what} to {path}: it is a directory.')
+  folder = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise OutputError(f'Cannot write {what} to {path}: {e.strerror or e}.') from None
+  if not os.access(folder, os.W_OK):
+    raise OutputError(f'Cannot write {what} to {path}: {folder} is not writable.')
+
+
+def sidecar_path(path: str) -> str:
+  """Where a msgpack export keeps its metadata: ``PATH.json``."""
+  return path + SIDECAR_SUFFIX
+
+
+def write_msgpack(variables: dict, path: str, metadata: dict | None = None) -> None:
+  """``variables`` as one msgpack file (flax serialization), ``metadata`` in ``PATH.json``."""
   data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, variables))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  _write_atomically(path, lambda tmp: _write_bytes(tmp, data))
+  if metadata is not None:
+    text = json.dumps(metadata, indent=2, sort_keys=True).encode()
+    _write_atomically(sidecar_path(path), lambda tmp: _write_bytes(tmp, text))
+
+
+def write_safetensors(variables: dict, path: str, metadata: dict) -> None:
+  """The flat Flax variables (``params/.../kernel``), ``metadata`` in the header."""
+  flat = traverse_util.flatten_dict(_weights_only(variables), sep=_KEY_SEPARATOR)
+  tensors = {key: np.asarray(value) for key, value in flat.items()}
+  _write_atomically(path, lambda tmp: tw.save_safetensors(tmp, tensors, metadata))
+
+
+def write_torchvision(variables: dict, path: str, metadata: dict) -> None:
+  """torchvision's ``state_dict`` keys and layouts, ``metadata`` in the header."""
+  try:
+    tensors = tw.to_torchvision(variables, metadata['model'])
+  except ValueError as e:  # a layout torchvision_weights knows but these variables lack
+    raise ConfigError(f"export_format='torchvision' cannot export {path}: {e}") from None
+  _write_atomically(path, lambda tmp: tw.save_safetensors(tmp, tensors, metadata))
+
+
+WRITERS = {
+  'msgpack': write_msgpack,
+  'safetensors': write_safetensors,
+  'torchvision': write_torchvision,
+}
+
+
+def read_export(path: str) -> tuple[dict, dict]:
+  """(variables, metadata) of a file ``export_checkpoint`` wrote, in any format.
+
+  ``variables`` is ``{'params', 'batch_stats'}`` of numpy arrays, exactly the exported
+  ones; ``metadata`` the ``inference_metadata`` record.
+  """
+  if not os.path.isfile(path):
+    raise NotFoundError(f'No export at {path}.')
+  if _is_safetensors(path):
+    return _read_safetensors(path)
+  return _read_msgpack(path)
+
+
+def _read_safetensors(path: str) -> tuple[dict, dict]:
+  tensors, metadata = tw.load_safetensors(path)
+  if metadata is None:
+    raise DataError(
+      f'{path} is a safetensors file without the {tw.METADATA_KEY!r} metadata of a '
+      'jax_resnet export; its model and preprocessing are unknown.'
+    )
+  if metadata.get('export_format') == 'torchvision':
+    variables = tw.from_torchvision(tensors, metadata['model'], metadata['num_classes'])
+    return variables, metadata
+  return traverse_util.unflatten_dict(tensors, sep=_KEY_SEPARATOR), metadata
+
+
+def _read_msgpack(path: str) -> tuple[dict, dict]:
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    variables = flax.serialization.msgpack_restore(data)
+  except Exception:  # msgpack raises several kinds for a file that is not msgpack
+    variables = None
+  if not isinstance(variables, dict) or 'params' not in variables:
+    raise DataError(f'{path} is neither a safetensors nor a msgpack export.')
+  sidecar = sidecar_path(path)
+  if not os.path.isfile(sidecar):
+    raise NotFoundError(
+      f'{path} has no metadata sidecar {sidecar}: re-export the checkpoint with '
+      '--mode=export, which writes both.'
+    )
+  with open(sidecar) as f:
+    return variables, json.load(f)
+
+
+def _is_safetensors(path: str) -> bool:
+  """safetensors files start with the header's length (8 bytes, little-endian), then '{'."""
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  if len(head) < 9 or head[8:9] != b'{':
+    return False
+  return int.from_bytes(head[:8], 'little') <= os.path.getsize(path) - 8
+
+
+def _weights_only(variables: dict) -> dict:
+  return {key: variables[key] for key in _COLLECTIONS if key in variables}
+
+
+def _write_bytes(path: str, data: bytes) -> None:
   with open(path, 'wb') as f:
     f.write(data)
+
+
+def _write_atomically(path: str, write) -> None:
+  """``write(tmp)`` then a rename: a failed export leaves no half-written file at ``path``."""
+  ensure_writable(path, 'the export')
+  tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise OutputError(f'Cannot write the export to {path}: {e.strerror or e}.') from None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

@@ -1,26 +1,45 @@
 """Preemption: a SIGTERM (a scheduler's notice) or Ctrl-C becomes a checkpoint and a
-clean exit between two steps, on every process at the same step."""
+clean exit between two steps, on every process at the same step.
 
+``catch_early`` runs as main.py's first statement, so a signal that arrives while the
+program is still starting (imports, data, compilation) is remembered, not fatal;
+``StopRequest`` takes the remembered signal over. Modes that do not train give the
+signals back their default behaviour with ``release_early``.
+"""
+
+import os
 import signal
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_early: list[int] = []  # signals received before a StopRequest took over
+
+
+def catch_early() -> None:
+  for sig in SIGNALS:
+    signal.signal(sig, lambda signum, frame: _early.append(signum))
+
+
+def release_early() -> None:
+  """Default handlers again; a signal caught early is delivered now."""
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  for signum in _early:
+    os.kill(os.getpid(), signum)
 
 
 class StopRequest:
   """Remembers a SIGTERM/SIGINT so the loop can checkpoint and exit between steps.
 
-  Use as a context manager around the whole run, so a signal during start-up is kept
-  too; the previous handlers come back on exit.
+  Use as a context manager around the whole run; the previous handlers come back on
+  exit.
   """
 
   def __init__(self):
-    self.signum = None
+    self.signum = _early[-1] if _early else None
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in SIGNALS:
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -38,6 +57,10 @@ class StopRequest:
   def requested(self, step: int, every: int) -> bool:
     """Whether to stop; across processes only at multiples of ``every`` (log steps), so
     that all processes agree on one step."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
     if jax.process_count() == 1:
       return self.signum is not None
     if step % every:

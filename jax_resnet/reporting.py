@@ -68,3 +68,20 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
       JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
     ]
   )
+
+
+def last_record(workdir: str, key: str) -> dict | None:
+  """The last record of ``workdir/metrics.jsonl`` that has ``key``, or None."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() > 0 or not os.path.exists(path):
+    return None
+  found = None
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a line cut short by a crash
+        continue
+      if key in record:
+        found = record
+  return found

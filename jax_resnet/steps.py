@@ -62,19 +62,23 @@ def model_options(config: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in config.model_options.items() if v is not None}
 
 
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+  """Every ``models.create_model`` keyword the config sets, except the compute dtype (an
+  export records these; inference runs in float32)."""
+  return {
+    'dropout_rate': config.dropout_rate,
+    'bn_momentum': config.bn_momentum,
+    'bn_epsilon': config.bn_epsilon,
+    'zero_init_residual': config.zero_init_residual,
+    'remat': config.remat,
+    **model_options(config),
+  }
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
   """The config's model with a ``num_classes``-way head."""
-  options = model_options(config)
   return models.create_model(
-    config.model,
-    num_classes,
-    dtype=compute_dtype(config),
-    dropout_rate=config.dropout_rate,
-    bn_momentum=config.bn_momentum,
-    bn_epsilon=config.bn_epsilon,
-    zero_init_residual=config.zero_init_residual,
-    remat=config.remat,
-    **options,
+    config.model, num_classes, dtype=compute_dtype(config), **model_kwargs(config)
   )
 
 

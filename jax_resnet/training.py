@@ -7,9 +7,11 @@ steps and metric accumulation are dispatched asynchronously. Every "every N step
 epochs" decision is a ``timeline.Every``.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -56,24 +58,45 @@ class _Run:
   evaluators: list
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  resume_from: str = 'latest',
+  start_over: bool = False,
+) -> dict:
   """Trains (resuming from workdir's latest checkpoint) and returns final eval metrics,
-  or ``{'stopped_at_step': N}`` after a SIGTERM or Ctrl-C."""
+  or ``{'stopped_at_step': N}`` after a SIGTERM or Ctrl-C.
+
+  ``resume_from='best'`` continues from ``checkpoints_best/`` when every latest
+  checkpoint is lost; ``start_over`` moves an earlier run's checkpoints and metrics to
+  ``WORKDIR/previous-N/`` and starts at step 0. Without either, a workdir whose
+  checkpoints cannot be restored is an error, never a silent restart.
+  """
   with preemption.StopRequest() as stop:
-    run = _build(config, workdir)
-    try:
-      return _loop(run, stop)
-    finally:
+    mesh = sharding.create_mesh()
+    validation.validate(config, mesh.devices.size)
+    workdir_lib.ensure_writable(workdir)
+    with _lock(workdir):
+      if start_over and jax.process_index() == 0 and workdir_lib.has_history(workdir):
+        logging.warning(
+          'Starting over: moved the earlier run to %s.', workdir_lib.move_history_aside(workdir)
+        )
+      run = _build(config, workdir, mesh, resume_from)
       try:
-        run.checkpoints.close()
-      except Exception:  # a failed save has been reported already
-        pass
+        return _loop(run, stop)
+      finally:
+        try:
+          run.checkpoints.close()
+        except Exception:  # a failed save has been reported already
+          pass
 
 
-def _build(config: ml_collections.ConfigDict, workdir: str) -> _Run:
-  mesh = sharding.create_mesh()
-  validation.validate(config, mesh.devices.size)
-  workdir_lib.ensure_writable(workdir)
+def _lock(workdir: str):
+  """The workdir's training lock, held by process 0 for the whole run."""
+  return workdir_lib.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+
+
+def _build(config: ml_collections.ConfigDict, workdir: str, mesh, resume_from: str) -> _Run:
   dataset = load_dataset(config, workdir)
   info = dataset.info
   timeline = Timeline.from_config(config, info.num_train)
@@ -83,22 +106,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     jax.random.PRNGKey(config.seed), config, model, info.image_shape, learning_rate_fn, mesh
   )
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-
-  def resumable(meta):
-    validation.check_resumable(meta['config'], config)
-    return state
-
-  restored, meta = checkpoints.restore('latest', resumable)
-  start_step = 0
-  if meta:
-    state, start_step = restored, int(meta['step'])
-    logging.info(
-      'Resumed from %s at step %d (epoch %d, batch %d).',
-      checkpoints.directory,
-      start_step,
-      meta['epoch'],
-      meta['batch_in_epoch'],
-    )
+  state, start_step = _resume(checkpoints, config, state, resume_from)
   eval_fn = steps.make_eval_step(config, info.num_classes, info.mean, info.std, mesh)
   evaluators = [Evaluator(dataset, eval_fn, mesh, config.eval_batch_size)]
   return _Run(
@@ -112,6 +120,60 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     start_step,
     checkpoints,
     evaluators,
+  )
+
+
+def _resume(checkpoints: Checkpoints, config, state, resume_from: str):
+  """(state, step) to start from: the newest restorable checkpoint (or the best one,
+  when asked), else step 0 in a workdir that never held a checkpoint."""
+
+  def resumable(meta):
+    validation.check_resumable(meta['config'], config)
+    return state
+
+  if resume_from == 'best' and checkpoints.latest.all_steps():
+    raise TrainingError(
+      f'{checkpoints.directory} still holds checkpoints (steps '
+      f'{sorted(checkpoints.latest.all_steps())}): rerun without --resume_from=best to '
+      'resume from the newest; --resume_from=best is for a run whose latest checkpoints '
+      'are lost.'
+    )
+  restored, meta = checkpoints.restore(resume_from, resumable)
+  if meta is None:
+    if resume_from == 'best':
+      raise TrainingError(f'No best checkpoint to resume from in {checkpoints.best_directory}.')
+    if checkpoints.set_aside() or checkpoints.best_step() is not None:
+      raise TrainingError(_nothing_restorable(checkpoints, resumable))
+    return state, 0
+  start_step = int(meta['step'])
+  logging.info(
+    'Resumed from %s at step %d (epoch %d, batch %d).',
+    checkpoints.best_directory if resume_from == 'best' else checkpoints.directory,
+    start_step,
+    meta['epoch'],
+    meta['batch_in_epoch'],
+  )
+  return restored, start_step
+
+
+def _nothing_restorable(checkpoints: Checkpoints, resumable) -> str:
+  """The error for a workdir that had checkpoints of which none restores."""
+  moved = ', '.join(os.path.basename(p) for p in checkpoints.set_aside()) or 'none'
+  try:
+    _, meta = checkpoints.restore('best', resumable)
+  except Exception:  # a damaged best checkpoint
+    meta = None
+  if meta:
+    best = (
+      f'The best checkpoint (step {meta["step"]}) in {checkpoints.best_directory} is intact: '
+      'rerun with --resume_from=best to continue training from it. '
+    )
+  else:
+    best = f'There is no intact best checkpoint in {checkpoints.best_directory}. '
+  return (
+    f'No checkpoint in {checkpoints.directory} can be restored; the damaged ones were '
+    f'renamed, not deleted ({moved}). {best}To start over from step 0 instead, rerun with '
+    '--start_over: the earlier checkpoints, metrics and curves move to WORKDIR/previous-N/.'
   )
 
 
@@ -163,6 +225,16 @@ def _log_start(run: _Run, writer) -> None:
 
 def _loop(run: _Run, stop: preemption.StopRequest) -> dict:
   config, timeline, state = run.config, run.timeline, run.state
+  if run.start_step >= timeline.total_steps:
+    return _finished(run)
+  if stop.requested(run.start_step, 1):  # a signal while starting up
+    logging.warning(
+      'Received %s before the first step: stopped with nothing new to save. Rerun the same '
+      'command to %s.',
+      stop.name,
+      'resume' if run.start_step else 'start',
+    )
+    return {'stopped_at_step': run.start_step}
   writer = reporting.create_writer(run.workdir)
   _log_start(run, writer)
   batches = batching.global_train_batches(
@@ -194,11 +266,11 @@ def _loop(run: _Run, stop: preemption.StopRequest) -> dict:
         writer.write_scalars(step, scalars)
         bar.log(step, scalars)
         train_metrics = None
+      if events.evaluate(step) or is_last or save or stopping:
+        _check_state_finite(state, step, last_finite, run.workdir)  # before anything is kept
       if events.evaluate(step) or is_last:
         eval_metrics = _evaluate(run, state, step, writer)
       if save or stopping:
-        if not bool(_all_finite((state.params, state.batch_stats))):  # the update blew up
-          _check_finite({'train_loss': float('nan')}, step, last_finite, run.workdir)
         run.checkpoints.save(step, state, _meta(run, step))
       if stopping and not is_last:
         run.checkpoints.wait()
@@ -210,8 +282,6 @@ def _loop(run: _Run, stop: preemption.StopRequest) -> dict:
           run.checkpoints.directory,
         )
         return {'stopped_at_step': step}
-    if not eval_metrics:  # resumed a finished run: report it again
-      eval_metrics = _evaluate(run, state, timeline.total_steps, writer, save_best=False)
     run.checkpoints.wait()
     writer.flush()
     if jax.process_index() == 0:
@@ -239,6 +309,25 @@ def _evaluate(run: _Run, state, step: int, writer, save_best: bool = True) -> di
   )
   if save_best:
     run.checkpoints.save_best(step, state, _meta(run, step), metrics['eval_top1'])
+  return metrics
+
+
+def _finished(run: _Run) -> dict:
+  """A rerun of a finished run: says so and reports its last evaluation, adding nothing
+  to its history (evaluating only when none was recorded)."""
+  logging.info(
+    'The run in %s is finished (step %d of %d): nothing to train. Raise --config.num_epochs '
+    '(or num_train_steps) to train longer; --mode=eval evaluates a checkpoint again.',
+    run.workdir,
+    run.start_step,
+    run.timeline.total_steps,
+  )
+  recorded = reporting.last_record(run.workdir, 'eval_top1')
+  if recorded:
+    return {k: v for k, v in recorded.items() if k.startswith('eval_')}
+  writer = reporting.create_writer(run.workdir)
+  metrics = _evaluate(run, run.state, run.start_step, writer, save_best=False)
+  writer.flush()
   return metrics
 
 
@@ -323,11 +412,21 @@ def _all_finite(tree):
 
 
 def _check_finite(scalars: dict, step: int, last_finite, workdir: str):
-  loss = scalars['train_loss']
-  if not math.isfinite(loss):
-    last = f'{last_finite[1]:.4f} at step {last_finite[0]}' if last_finite else 'none yet'
-    raise TrainingError(
-      f'Training diverged: the loss is {loss} by step {step} (last finite loss: {last}). '
-      'Lower --config.learning_rate or add warm-up (--config.warmup_epochs). The '
-      f'checkpoints in {workdir}/checkpoints hold only finite states.'
-    )
+  if not math.isfinite(scalars['train_loss']):
+    _diverged(scalars['train_loss'], step, last_finite, workdir)
+
+
+def _check_state_finite(state, step: int, last_finite, workdir: str):
+  """A finite loss can hide an update that blew up: nothing non-finite is evaluated for
+  the best checkpoint or saved."""
+  if not bool(_all_finite((state.params, state.batch_stats))):
+    _diverged(float('nan'), step, last_finite, workdir)
+
+
+def _diverged(loss: float, step: int, last_finite, workdir: str):
+  last = f'{last_finite[1]:.4f} at step {last_finite[0]}' if last_finite else 'none yet'
+  raise TrainingError(
+    f'Training diverged: the loss is {loss} by step {step} (last finite loss: {last}). '
+    'Lower --config.learning_rate or add warm-up (--config.warmup_epochs). The '
+    f'checkpoints in {workdir}/checkpoints and checkpoints_best hold only finite states.'
+  )

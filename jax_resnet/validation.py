@@ -101,6 +101,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     _fail(config, 'dropout_rate', 'must be in [0, 1).')
   if not 0 <= config.label_smoothing < 1:
     _fail(config, 'label_smoothing', 'must be in [0, 1).')
+  for field in ('momentum', 'adam_b1', 'adam_b2'):
+    if not 0 <= config[field] < 1:
+      _fail(config, field, 'must be in [0, 1): a decay rate (0.9 is usual).')
   _check_sizes(config)
   _check_schedule(config)
   if device_count is not None:
@@ -136,6 +139,14 @@ def _check_schedule(config) -> None:
     for field in ('onecycle_div_factor', 'onecycle_final_div_factor'):
       if not config[field] > 0:
         _fail(config, field, 'must be positive.')
+    if config.warmup_epochs:
+      _fail(
+        config,
+        'warmup_epochs',
+        'the onecycle schedule warms up over its first onecycle_pct_start of training and '
+        'has no separate warm-up: set --config.warmup_epochs=0, or set '
+        '--config.onecycle_pct_start, or use --config.schedule=cosine.',
+      )
   if config.warmup_epochs < 0 or (
     config.schedule != 'onecycle' and config.warmup_epochs >= config.num_epochs
   ):

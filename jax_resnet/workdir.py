@@ -1,12 +1,47 @@
-"""The run directory: checked before anything is computed."""
+"""The run directory: checked before anything is computed, locked while a run trains.
 
+A training run holds an OS-level lock (``fcntl.flock``) on ``WORKDIR/.lock`` for as long
+as its process lives: the kernel drops it when the process ends, however it ends
+(SIGKILL included), so no stale lock survives. A second training command on the same
+workdir stops at start, naming the holder's host and PID. Eval, export and predict take
+no lock: they only read.
+"""
+
+import contextlib
+import fcntl
+import json
 import os
+import socket
+import sys
+import time
 
 from jax_resnet.errors import TrainingError
 
+LOCK_FILE = '.lock'
+# What a run leaves in its workdir, moved aside together by --start_over.
+HISTORY = (
+  'checkpoints',
+  'checkpoints_best',
+  'metrics.jsonl',
+  'run.json',
+  'curves.png',
+  'class_index.json',
+  'export',
+)
+HISTORY_PREFIXES = ('events.out.tfevents.', 'verified_')
+
 
 def ensure_writable(workdir: str) -> None:
-  """Creates ``workdir`` if needed and proves it takes a file, or raises TrainingError."""
+  """Creates ``workdir`` if needed and proves it takes a file, or raises TrainingError
+  saying what is in the way."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise TrainingError(f'--workdir={workdir} is a file, not a directory: choose another path.')
+  for sub in ('checkpoints', 'checkpoints_best'):
+    path = os.path.join(workdir, sub)
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise TrainingError(
+        f'{path} is a file, but the checkpoints go there: move it away or choose another --workdir.'
+      )
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, '.write_test')
@@ -17,3 +52,65 @@ def ensure_writable(workdir: str) -> None:
     raise TrainingError(
       f'Cannot write to --workdir={workdir}: {e}. Choose a writable directory.'
     ) from None
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds the workdir's training lock, or raises TrainingError naming its holder."""
+  path = os.path.join(workdir, LOCK_FILE)
+  handle = open(path, 'a+')
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.seek(0)
+    holder = _describe(handle.read())
+    handle.close()
+    raise TrainingError(
+      f'--workdir={workdir} is in use by another training run ({holder}). Wait for it to '
+      'finish, stop it, or train in another --workdir.'
+    ) from None
+  handle.seek(0)
+  handle.truncate()
+  handle.write(
+    json.dumps(
+      {
+        'host': socket.gethostname(),
+        'pid': os.getpid(),
+        'started': time.strftime('%Y-%m-%d %H:%M:%S'),
+        'command': ' '.join(sys.argv),
+      }
+    )
+  )
+  handle.flush()
+  try:
+    yield
+  finally:
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()
+
+
+def _describe(text: str) -> str:
+  try:
+    holder = json.loads(text)
+    return f'PID {holder["pid"]} on host {holder["host"]}, started {holder["started"]}'
+  except (ValueError, KeyError, TypeError):
+    return 'holder unknown'
+
+
+def has_history(workdir: str) -> bool:
+  """Whether a run has trained here before (checkpoints, set aside or not, or metrics)."""
+  return any(os.path.exists(os.path.join(workdir, name)) for name in HISTORY[:3])
+
+
+def move_history_aside(workdir: str) -> str:
+  """Moves what an earlier run left (checkpoints, metrics, curves, TensorBoard events)
+  into ``WORKDIR/previous-N/``; nothing is deleted. Returns that directory."""
+  n = 0
+  while os.path.exists(os.path.join(workdir, f'previous-{n}')):
+    n += 1
+  target = os.path.join(workdir, f'previous-{n}')
+  os.makedirs(target)
+  for name in sorted(os.listdir(workdir)):
+    if name in HISTORY or name.startswith(HISTORY_PREFIXES):
+      os.rename(os.path.join(workdir, name), os.path.join(target, name))
+  return target

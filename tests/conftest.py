@@ -89,3 +89,27 @@ def folder_config(config, tmp_path):
   config.random_crop_pad = 0
   config.random_flip = True
   return train_n, eval_n
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+  """read_only_mount(source) -> a read-only bind mount of ``source`` (unmounted after the
+  test); the test is skipped where bind mounts are not permitted (they need root, and
+  root is also who chmod cannot stop)."""
+  import subprocess
+
+  mounts = []
+
+  def mount(source):
+    target = tmp_path / f'read_only_{len(mounts)}'
+    target.mkdir()
+    done = subprocess.run(['mount', '--bind', str(source), str(target)], capture_output=True)
+    if done.returncode:
+      pytest.skip('a read-only bind mount needs root: ' + done.stderr.decode()[:200])
+    mounts.append(target)
+    subprocess.run(['mount', '-o', 'remount,bind,ro', str(target)], check=True)
+    return str(target)
+
+  yield mount
+  for target in mounts:
+    subprocess.run(['umount', str(target)])

@@ -1,5 +1,8 @@
 """The data sources: digits, tensorflow-datasets (mocked) and class folders."""
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -209,3 +212,70 @@ def test_folder_trains_through_main(tmp_path):
 
   variables = serialization.msgpack_restore((tmp_path / 'model.msgpack').read_bytes())
   assert variables['params']['head']['kernel'].shape == (512, 3)  # resnet18, 3 classes
+
+
+def test_folder_symlink_loop_is_not_followed(config, tmp_path, caplog):
+  """train/class_0/loop -> train once turned 16 images into hundreds, mislabelled."""
+  train_n, _ = folder_config(config, tmp_path)
+  os.symlink(tmp_path / 'train', tmp_path / 'train' / 'class_0' / 'loop')
+  elsewhere = tmp_path / 'more'  # a directory symlink to images kept elsewhere is followed
+  elsewhere.mkdir()
+  shutil.copy(tmp_path / 'train' / 'class_1' / '0.JPEG', elsewhere / 'extra.jpg')
+  os.symlink(elsewhere, tmp_path / 'train' / 'class_1' / 'more')
+  ds = sources.load_dataset(config)
+  assert ds.info.num_train == train_n + 1
+  assert 'Not following' in caplog.text and 'loop' in caplog.text
+
+
+def test_folder_with_one_class_is_refused(config, tmp_path):
+  folder_config(config, tmp_path)
+  shutil.rmtree(tmp_path / 'train' / 'class_1')
+  shutil.rmtree(tmp_path / 'train' / 'class_2')
+  with pytest.raises(ValueError, match='one class sub-folder .class_0.: a classifier needs'):
+    sources.load_dataset(config)
+
+
+def test_file_corrupted_after_the_first_run_is_named(config, tmp_path, caplog):
+  """The verdicts are keyed on each file's size and modification time, not the list."""
+  folder_config(config, tmp_path)
+  workdir = str(tmp_path / 'work')
+  assert sources.load_dataset(config, workdir).num_skipped['train'] == 1
+  victim = tmp_path / 'train' / 'class_2' / '1.JPEG'
+  victim.write_bytes(victim.read_bytes()[:200])  # truncated in place
+  caplog.clear()
+  again = sources.load_dataset(config, workdir)
+  assert again.num_skipped['train'] == 2
+  assert '1.JPEG' in caplog.text and 'corrupt.jpg' in caplog.text
+
+
+def test_undecodable_file_is_named_without_verification(config, tmp_path, caplog):
+  config.verify_images = False
+  train_n, _ = folder_config(config, tmp_path)
+  ds = sources.load_dataset(config)
+  assert ds.info.num_train == train_n + 1  # not checked at start: corrupt.jpg is listed
+  batches = [b for _, b in zip(range(3), batching.train_batches(ds, config, 8, 2))]
+  assert all(b['image'].shape == (8, 32, 32, 3) for b in batches)
+  assert 'Skipping' in caplog.text and 'corrupt.jpg' in caplog.text
+
+
+def test_each_process_reads_a_disjoint_share_of_the_files(config, tmp_path, monkeypatch):
+  """Two processes on a folder set: their shares do not overlap and together hold every
+  decodable file (the share is decided before any file is read)."""
+  import jax
+
+  folder_config(config, tmp_path)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(folder, '_global_sum', lambda n: n)
+  shares = []
+  for index in range(2):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    ds = sources.load_dataset(config)
+    for split in (ds.train, ds.eval):
+      assert split is not None
+    paths = [p.decode() for p in tfds.as_numpy(ds.train.map(lambda x: x['path']))]
+    shares.append(set(paths))
+  everything = {
+    str(p) for p in (tmp_path / 'train').rglob('*') if p.is_file() and p.name != 'corrupt.jpg'
+  }
+  assert shares[0] and shares[1] and not shares[0] & shares[1]
+  assert shares[0] | shares[1] == everything

@@ -77,15 +77,52 @@ def train_losses(workdir):
     return {r['step']: r['train_loss'] for r in map(json.loads, f) if 'train_loss' in r}
 
 
-def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path):
-  workdir = str(tmp_path / 'run')
-  first = run_main([*ARGS, f'--workdir={workdir}', '--config.num_epochs=1'], env=devices_env(8))
-  assert first.returncode == 0, first.stderr[-3000:]
-  assert 'on 8 devices' in first.stderr
-  second = run_main([*ARGS, f'--workdir={workdir}', '--config.num_epochs=2'], env=devices_env(1))
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert 'on 1 devices' in second.stderr and 'at step 22' in second.stderr
-  assert max(train_losses(workdir)) == 44
+def _flops_per_image(stderr: str) -> float:
+  return float(stderr.split('Training FLOPs per image: ')[1].split(' G')[0])
+
+
+def _final_params(workdir):
+  """(step, every parameter as one vector) of the newest checkpoint, read onto this
+  process's one device whatever device count wrote it."""
+  import jax
+
+  from jax_resnet import runs
+
+  run = runs.load(workdir, 'latest')
+  return run.step, np.concatenate([np.ravel(x) for x in jax.tree.leaves(run.state.params)])
+
+
+# Resuming on another device count changes the order of the gradient and BatchNorm
+# reductions, so the run ends close to, not equal to, one that kept its device count:
+# after 24 steps (8 on 8 devices, 8 on 1, 8 on 8) the largest parameter difference was
+# 0.0036 (2026-11-23); the bound leaves about 3x room.
+RESUME_RTOL, RESUME_ATOL = 2e-2, 1e-2
+
+
+def test_eight_devices_resume_on_one_and_back_close_to_an_uninterrupted_run(tmp_path):
+  # A constant rate: extending a run by num_train_steps then leaves its schedule as it was.
+  common = [*ARGS, '--config.schedule=constant', '--config.learning_rate=0.1']
+  workdir, reference = str(tmp_path / 'run'), str(tmp_path / 'reference')
+  stages = []
+  for steps, devices in ((8, 8), (16, 1), (24, 8)):
+    result = run_main(
+      [*common, f'--workdir={workdir}', f'--config.num_train_steps={steps}'],
+      env=devices_env(devices),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'on {devices} devices' in result.stderr
+    stages.append(result.stderr)
+  assert 'at step 8' in stages[1] and 'at step 16' in stages[2]
+  assert max(train_losses(workdir)) == 24
+  # The trainer's FLOPs per image count every device's share: equal on 8 and on 1.
+  assert _flops_per_image(stages[0]) == pytest.approx(_flops_per_image(stages[1]), rel=0.02)
+  uninterrupted = run_main(
+    [*common, f'--workdir={reference}', '--config.num_train_steps=24'], env=devices_env(8)
+  )
+  assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+  (step, resumed), (ref_step, expected) = _final_params(workdir), _final_params(reference)
+  assert step == ref_step == 24
+  np.testing.assert_allclose(resumed, expected, rtol=RESUME_RTOL, atol=RESUME_ATOL)
 
 
 def free_port():

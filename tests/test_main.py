@@ -74,3 +74,68 @@ def test_batch_not_divisible_by_devices_names_the_numbers(tmp_path):
   )
   assert result.returncode != 0
   assert 'config.batch_size=30 must be a positive multiple of the device count 4' in result.stderr
+
+
+def _console_lines(result):
+  return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_misspelt_field_is_one_line_naming_the_fix(tmp_path):
+  result = run_main(
+    ['--config=configs/default.py', f'--workdir={tmp_path}', '--config.learnng_rate=0.1']
+  )
+  assert result.returncode == 1
+  assert _console_lines(result) == [
+    'error: --config.learnng_rate: no such config field. Did you mean '
+    '--config.learning_rate? The fields are in configs/default.py.'
+  ]
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  result = run_main(['--config=configs/nope.py', f'--workdir={tmp_path}'])
+  assert result.returncode == 1
+  assert _console_lines(result) == [
+    'error: --config=configs/nope.py: no such config file (a Python file with get_config()).'
+  ]
+
+
+def test_a_user_error_is_one_line_with_the_detail_in_the_log_file(tmp_path):
+  result = run_main(
+    ['--config=configs/default.py', f'--workdir={tmp_path}', '--config.momentum=1.5']
+  )
+  assert result.returncode == 1
+  lines = _console_lines(result)
+  assert len(lines) == 1 and lines[0].startswith('error: config.momentum=1.5: must be in [0, 1)')
+  log = tmp_path / 'jax_resnet.log'
+  assert f'(log: {log})' in lines[0]
+  assert 'Traceback' in log.read_text() and 'ConfigError' in log.read_text()
+
+
+BUG = """
+import runpy, sys
+from jax_resnet import training
+def broken(*args, **kwargs):
+  raise RuntimeError('a bug in the trainer')
+training.train_and_evaluate = broken
+sys.argv = ['main.py'] + sys.argv[1:]
+runpy.run_path('main.py', run_name='__main__')
+"""
+
+
+def test_a_bug_keeps_its_traceback_on_the_console(tmp_path):
+  import subprocess
+  import sys
+
+  from conftest import ROOT
+
+  result = subprocess.run(
+    [sys.executable, '-c', BUG, '--config=configs/default.py', f'--workdir={tmp_path}'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 1
+  assert 'Traceback (most recent call last)' in result.stderr
+  assert 'RuntimeError: a bug in the trainer' in result.stderr
+  assert 'RuntimeError: a bug in the trainer' in (tmp_path / 'jax_resnet.log').read_text()

@@ -90,6 +90,28 @@ def test_plain_twin_has_same_parameters_but_different_function():
   assert not jnp.allclose(out, out_plain)
 
 
+@pytest.mark.parametrize('depth', [20, 18])
+def test_plain_twin_has_no_skip_connection(depth):
+  """With the ResNet's parameters (every block's last BN scale zero), a block's branch
+  outputs zero: the ResNet still sees its input through the skips, a plain net cannot,
+  so its logits no longer depend on the image."""
+  size = 16 if depth == 20 else 32
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, size, size, 3))
+  res = models.create_model(f'resnet{depth}', 10)
+  plain = models.create_model(f'plain{depth}', 10)
+  with jax.threefry_partitionable(False):
+    variables = jax.jit(lambda x: res.init(jax.random.PRNGKey(0), x, train=False))(x)
+  variables = jax.tree.map(
+    lambda p: p + 0.1 if p.ndim == 1 and p.shape[0] == 10 else p, variables
+  )  # a non-zero head bias
+  out = res.apply(variables, x, train=False)
+  out_plain = plain.apply(variables, x, train=False)
+  assert float(jnp.std(out, axis=0).max()) > 1e-3  # the ResNet's logits follow the input
+  np.testing.assert_allclose(
+    out_plain, jnp.broadcast_to(out_plain[:1], out_plain.shape), atol=1e-6
+  )  # the plain net's cannot
+
+
 def test_bf16_compute_keeps_fp32_params():
   model = models.create_model('resnet20', 10, dtype=jnp.bfloat16)
   x = jnp.ones((2, 16, 16, 3))

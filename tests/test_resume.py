@@ -1,4 +1,5 @@
-"""Never lose a run: exact resume after SIGKILL, SIGTERM, damaged checkpoints, NaN."""
+"""Never lose a run: exact resume after SIGKILL, SIGTERM or Ctrl-C; damaged, lost or
+incompatible checkpoints; two runs on one workdir; divergence; read-only finished runs."""
 
 import json
 import os
@@ -19,8 +20,8 @@ ARGS = [
   '--config.num_epochs=1',
   '--config.checkpoint_every_steps=3',
   '--config.log_every_steps=1',
-  '--config.eval_every_epochs=1',
-]  # 22 steps
+  '--config.eval_every_epochs=0.5',
+]  # 22 steps, evaluated at 11 and 22
 
 
 def export(workdir, which='latest'):
@@ -40,14 +41,14 @@ def export(workdir, which='latest'):
     return f.read()
 
 
-def final_state(workdir):
+def final_state(workdir, directory='checkpoints'):
   """The newest checkpoint's whole train state as numpy arrays (read in this process)."""
   import warnings
 
   import jax
   import orbax.checkpoint as ocp
 
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = os.path.join(workdir, directory)
   step = max(int(s) for s in os.listdir(directory) if s.isdigit())
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
@@ -112,12 +113,16 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(reference, tmp_path, 
   assert_same_state(workdir, expected)
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(reference, tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_and_exits_cleanly_then_resumes_exactly(
+  reference, tmp_path, signum
+):
   _, expected = reference
   workdir = str(tmp_path / 'run')
-  code, out, err = start_and_signal(workdir, 7, signal.SIGTERM)
+  code, out, err = start_and_signal(workdir, 7, signum)
   assert code == 0, err[-3000:]
-  assert 'Received SIGTERM' in err and 'Rerun the same command to resume' in err
+  assert f'Received {signal.Signals(signum).name}' in err
+  assert 'Rerun the same command to resume' in err
   stopped = int(out.split('stopped at step ')[1].split(';')[0])
   assert 7 <= stopped < 22
   assert str(stopped) in os.listdir(os.path.join(workdir, 'checkpoints'))
@@ -140,10 +145,14 @@ def test_damaged_latest_checkpoint_is_skipped(reference, tmp_path):
     for name in files:
       with open(os.path.join(root, name), 'r+b') as f:
         f.truncate(max(0, os.path.getsize(f.name) // 3))
+  before = sorted(os.listdir(os.path.join(ckpt, '22', 'state')))
   result = run_main([*ARGS, f'--workdir={workdir}'])
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'incomplete or corrupt' in result.stderr
   assert f'at step {steps[-2]}' in result.stderr
+  # Renamed, not deleted; and the console says so without a library's traceback.
+  assert sorted(os.listdir(os.path.join(ckpt, '22.corrupt-0', 'state'))) == before
+  assert 'Traceback' not in result.stderr and len(result.stderr.splitlines()) < 40
   assert_same_state(workdir, expected)
 
 
@@ -170,6 +179,8 @@ def test_incompatible_config_is_refused_naming_fields(reference, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
+  """Neither checkpoints/ nor checkpoints_best/ ever holds a non-finite state (the best
+  checkpoint used to be written before the finiteness check)."""
   workdir = str(tmp_path / 'run')
   result = run_main(
     [
@@ -179,14 +190,18 @@ def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
       '--config.learning_rate=1e12',
       '--config.warmup_epochs=0.5',
       '--config.checkpoint_every_steps=1',
+      '--config.eval_every_epochs=0.14',
     ]
   )
   assert result.returncode == 1
   assert 'Training diverged' in result.stderr and 'last finite loss' in result.stderr
   steps = [s for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()]
   assert steps, 'the finite early steps should have been checkpointed'
-  _, leaves = final_state(workdir)
-  assert all(np.isfinite(x).all() for x in leaves if x.dtype.kind == 'f')
+  for directory in ('checkpoints', 'checkpoints_best'):
+    path = os.path.join(workdir, directory)
+    if os.path.isdir(path) and any(s.isdigit() for s in os.listdir(path)):
+      _, leaves = final_state(workdir, directory)
+      assert all(np.isfinite(x).all() for x in leaves if x.dtype.kind == 'f'), directory
 
 
 def test_eval_mode_reports_a_saved_run(reference, tmp_path):
@@ -205,7 +220,8 @@ def test_eval_mode_reports_a_saved_run(reference, tmp_path):
   assert 'eval_top5' in new and 'eval_loss' in new
 
 
-def test_exported_variables_load_into_create_model(reference):
+def test_exported_variables_are_the_trained_ones(reference):
+  import jax
   import jax.numpy as jnp
   from flax import serialization
 
@@ -215,6 +231,16 @@ def test_exported_variables_load_into_create_model(reference):
   model = models.create_model('resnet20', 10)
   logits = model.apply(variables, jnp.zeros((3, 8, 8, 1)), train=False)
   assert logits.shape == (3, 10) and np.isfinite(np.asarray(logits)).all()
+  # The checkpoint's parameters, bit for bit, not a fresh initialisation.
+  import orbax.checkpoint as ocp
+
+  saved = ocp.PyTreeCheckpointer().restore(os.path.join(reference[0], 'checkpoints', '22', 'state'))
+  for a, b in zip(jax.tree.leaves(variables['params']), jax.tree.leaves(saved['params'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  fresh = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  assert not np.array_equal(
+    variables['params']['head']['kernel'], np.asarray(fresh['params']['head']['kernel'])
+  )
 
 
 def test_unwritable_workdir_is_reported(tmp_path):
@@ -254,3 +280,166 @@ def test_full_disk_while_saving_is_reported_and_earlier_checkpoint_survives(smal
   assert f'error: Writing to {workdir} failed' in result.stderr
   assert 'No space left' in result.stderr and 'are intact' in result.stderr
   assert '11' in os.listdir(os.path.join(workdir, 'checkpoints'))
+
+
+def _copy(reference, tmp_path):
+  import shutil
+
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference[0], workdir)
+  return workdir
+
+
+def _files(path):
+  """{relative path: bytes} of every file under ``path``."""
+  out = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      with open(full, 'rb') as f:
+        out[os.path.relpath(full, path)] = f.read()
+  return out
+
+
+def test_mismatched_flags_in_eval_and_export_rename_nothing(reference, tmp_path):
+  """Eval and export build the model from the checkpoint's own config: a different
+  --config.model neither fails nor damages the run, and training it again says it is
+  finished instead of adding to its history."""
+  workdir = _copy(reference, tmp_path)
+  before = _files(os.path.join(workdir, 'checkpoints'))
+  path = str(tmp_path / 'x.msgpack')
+  exported = run_main(
+    [
+      *ARGS,
+      f'--workdir={workdir}',
+      '--mode=export',
+      '--config.model=resnet32',
+      f'--export_path={path}',
+    ]
+  )
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  evaluated = run_main(
+    [*ARGS, f'--workdir={workdir}', '--mode=eval', '--checkpoint=latest', '--config.model=resnet32']
+  )
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert _files(os.path.join(workdir, 'checkpoints')) == before
+  history = open(os.path.join(workdir, 'metrics.jsonl')).read()
+  rerun = run_main([*ARGS, f'--workdir={workdir}'])
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert 'is finished (step 22 of 22): nothing to train' in rerun.stderr
+  assert open(os.path.join(workdir, 'metrics.jsonl')).read() == history  # nothing appended
+  last = [json.loads(line) for line in history.splitlines() if 'eval_top1' in line][-1]
+  assert f'eval_top1 {last["eval_top1"]:.4f}' in rerun.stdout
+
+
+def test_no_restorable_checkpoint_stops_and_names_the_intact_best(reference, tmp_path):
+  """Every latest checkpoint overwritten: an error naming what was renamed, the intact
+  best checkpoint and the two ways on; never a silent restart over the run's history."""
+  workdir = _copy(reference, tmp_path)
+  rng = np.random.default_rng(0)
+  for root, _, names in os.walk(os.path.join(workdir, 'checkpoints')):
+    for name in names:
+      path = os.path.join(root, name)
+      size = os.path.getsize(path)
+      with open(path, 'wb') as f:
+        f.write(rng.integers(0, 256, max(size, 16), dtype=np.uint8).tobytes())
+  best = _files(os.path.join(workdir, 'checkpoints_best'))
+  (best_step,) = os.listdir(os.path.join(workdir, 'checkpoints_best'))
+  history = open(os.path.join(workdir, 'metrics.jsonl')).read()
+  for _ in range(2):  # and again: still no silent restart
+    result = run_main([*ARGS, f'--workdir={workdir}'])
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert 'can be restored; the damaged ones were renamed, not deleted' in result.stderr
+    assert f'The best checkpoint (step {best_step})' in result.stderr
+    assert '--resume_from=best' in result.stderr
+    assert '--start_over' in result.stderr and 'Traceback' not in result.stderr
+    assert _files(os.path.join(workdir, 'checkpoints_best')) == best
+    assert open(os.path.join(workdir, 'metrics.jsonl')).read() == history
+  assert '22.corrupt-0' in result.stderr
+  assert len(result.stderr.splitlines()) < 40
+
+  resumed = run_main([*ARGS, f'--workdir={workdir}', '--resume_from=best'])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'checkpoints_best at step {best_step}' in resumed.stderr
+
+  best = _files(os.path.join(workdir, 'checkpoints_best'))
+  history = open(os.path.join(workdir, 'metrics.jsonl')).read()
+  restarted = run_main([*ARGS, f'--workdir={workdir}', '--start_over'])
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  assert 'moved the earlier run to' in restarted.stderr
+  assert _files(os.path.join(workdir, 'previous-0', 'checkpoints_best')) == best
+  assert open(os.path.join(workdir, 'previous-0', 'metrics.jsonl')).read() == history
+  assert_same_state(workdir, reference[1])  # the same run again, from step 0
+
+
+def test_a_second_training_on_a_busy_workdir_stops_at_start(reference, tmp_path):
+  workdir = str(tmp_path / 'run')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  first = subprocess.Popen(
+    [sys.executable, os.path.join(ROOT, 'main.py'), *ARGS, f'--workdir={workdir}'],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  lock = os.path.join(workdir, '.lock')
+  deadline = time.time() + 120
+  while not (os.path.exists(lock) and str(first.pid) in open(lock).read()):
+    assert time.time() < deadline and first.poll() is None
+    time.sleep(0.05)
+  second = run_main([*ARGS, f'--workdir={workdir}', '--config.learning_rate=0.1'])
+  out, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err[-3000:]
+  assert second.returncode == 1
+  assert f'is in use by another training run (PID {first.pid} on host' in second.stderr
+  assert_same_state(workdir, reference[1])  # the first run, untouched by the second
+
+
+def test_sigterm_while_starting_up_exits_cleanly(tmp_path):
+  """The handler is installed first: a preemption notice during imports is not a 143."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  proc = subprocess.Popen(
+    [sys.executable, os.path.join(ROOT, 'main.py'), *ARGS, f'--workdir={tmp_path / "run"}'],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'Received SIGTERM before the first step' in err
+  assert 'stopped at step 0' in out
+
+
+def test_best_checkpoint_is_the_highest_eval_top1_and_eval_reports_it(reference, tmp_path):
+  workdir = _copy(reference, tmp_path)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = [r for r in map(json.loads, f) if 'eval_top1' in r]
+  assert [r['step'] for r in evals] == [11, 22]
+  best = max(evals, key=lambda r: r['eval_top1'])
+  assert os.listdir(os.path.join(workdir, 'checkpoints_best')) == [str(best['step'])]
+  result = run_main([*ARGS, f'--workdir={workdir}', '--mode=eval'])  # default: best
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    new = json.loads(f.read().splitlines()[-1])
+  assert new['step'] == best['step']
+  assert new['eval_top1'] == pytest.approx(best['eval_top1'], abs=1e-6)
+
+
+def test_eval_and_export_of_a_read_only_run(reference, read_only_mount, tmp_path):
+  read_only_copy = read_only_mount(reference[0])
+  with pytest.raises(OSError):
+    open(os.path.join(read_only_copy, 'probe'), 'w')
+  result = run_main([*ARGS, f'--workdir={read_only_copy}', '--mode=eval'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'final eval_loss' in result.stdout and 'read-only' in result.stderr
+  path = tmp_path / 'out' / 'model.msgpack'
+  exported = run_main(
+    [*ARGS, f'--workdir={read_only_copy}', '--mode=export', f'--export_path={path}']
+  )
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  assert path.stat().st_size > 100_000

@@ -114,3 +114,23 @@ def test_fp16_with_dynamic_loss_scaling(config):
   assert losses[-1] < losses[0], losses
   assert state.dynamic_scale is not None
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+
+
+def test_fp16_overflow_skips_the_update_and_lowers_the_scale(config):
+  """A step whose scaled gradients overflow leaves params, BN statistics and optimizer
+  state exactly as they were and halves the loss scale (flax's DynamicScale)."""
+  config.half_precision = True
+  config.half_precision_dtype = 'float16'
+  config.schedule = 'constant'
+  config.learning_rate = 0.1
+  state, train_fn, _ = setup(config)
+  huge = state.dynamic_scale.replace(scale=jnp.asarray(2.0**120, jnp.float32))
+  state = state.replace(dynamic_scale=huge)  # the scaled loss overflows float16
+  before = jax.tree.map(np.array, (state.params, state.batch_stats, state.opt_state))  # copies
+  after, _ = train_fn(state, fixed_batch())
+  for a, b in zip(
+    jax.tree.leaves(before), jax.tree.leaves((after.params, after.batch_stats, after.opt_state))
+  ):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  assert float(after.dynamic_scale.scale) == 2.0**119
+  assert int(after.step) == 1  # the step is counted, its update skipped

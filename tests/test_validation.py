@@ -144,3 +144,22 @@ def test_plateau_and_stem_overrides_parse_on_every_config(config_file):
 def test_misspelt_field_is_refused_at_parse():
   with pytest.raises(Exception, match='learnng_rate'):
     _parse('default.py', '--config.learnng_rate=0.1')
+
+
+@pytest.mark.parametrize(
+  'field,value,message',
+  [
+    ('momentum', 1.5, r'config.momentum=1.5: must be in \[0, 1\)'),
+    ('adam_b2', 1.0, r'config.adam_b2=1.0: must be in \[0, 1\)'),
+    ('warmup_epochs', 2.0, 'onecycle schedule warms up over its first onecycle_pct_start'),
+  ],
+)
+def test_values_that_would_be_silently_wrong_are_refused(field, value, message):
+  """momentum 1.5 diverges; warmup_epochs did nothing under onecycle: both now refused."""
+  from configs import default
+
+  config = default.get_config()
+  assert config.schedule == 'onecycle'
+  config[field] = value
+  with pytest.raises(ValueError, match=message):
+    validation.validate(config)

@@ -48,6 +48,9 @@ class DatasetInfo:
   # 'random_resized' sets take a centre crop of eval_crop_fraction of the shorter side.
   crop_style: str = 'pad'
   eval_crop_fraction: float = 0.875
+  # Which of TensorFlow's two bilinear resizes eval used (antialiased or not): predict
+  # repeats it exactly; even when enlarging they round .5 ties differently.
+  resize_antialias: bool = False
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)

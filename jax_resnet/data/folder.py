@@ -9,7 +9,6 @@ Each process keeps every ``process_count``-th file of each split.
 """
 
 import concurrent.futures
-import hashlib
 import io
 import json
 import os
@@ -47,10 +46,9 @@ def list_class_folders(root: str, field: str) -> tuple[list[str], list[str], lis
       f'config.{field}={root!r} has no class sub-folders; expected {root}/<class name>/<image>.jpg.'
     )
   paths, labels, empty = [], [], []
+  class_dirs = [os.path.join(root, name) for name in classes]
   for label, name in enumerate(classes):
-    found = []
-    for dirpath, _, files in tf.io.gfile.walk(os.path.join(root, name)):
-      found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    found = _image_files(class_dirs[label], [root] + class_dirs)
     if not found:
       empty.append(name)
     paths += sorted(found)
@@ -65,7 +63,44 @@ def list_class_folders(root: str, field: str) -> tuple[list[str], list[str], lis
       f'config.{field}={root!r}: class folder(s) with no JPEG or PNG '
       f'images: {", ".join(empty[:10])}{" ..." if len(empty) > 10 else ""}.'
     )
+  if field == 'train_dir' and len(classes) < 2:
+    raise DataError(
+      f'config.{field}={root!r} has one class sub-folder ({classes[0]}): a classifier needs '
+      'at least two classes (one folder per class).'
+    )
   return classes, paths, labels
+
+
+def _image_files(class_dir: str, data_set_dirs: Sequence[str]) -> list[str]:
+  """The JPEG/PNG files under ``class_dir``, recursively.
+
+  Directory symlinks are followed (a class folder may gather images kept elsewhere),
+  but never into a directory already walked or into the data set's root or another
+  class folder: a symlink loop (``train/cat/loop -> train``) is skipped with a warning
+  instead of repeating, and mislabelling, every image under it.
+  """
+  if '://' in class_dir:  # a remote file system (gs://, ...): no symlinks
+    return [
+      os.path.join(d, f)
+      for d, _, files in tf.io.gfile.walk(class_dir)
+      for f in files
+      if f.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+  forbidden = {os.path.realpath(d) for d in data_set_dirs} - {os.path.realpath(class_dir)}
+  seen, found = set(), []
+  for dirpath, dirnames, files in os.walk(class_dir, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen or real in forbidden:
+      logging.warning(
+        'Not following %s: it leads back to %s (a symlink loop, or another class folder).',
+        dirpath,
+        real,
+      )
+      dirnames[:] = []
+      continue
+    seen.add(real)
+    found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+  return found
 
 
 def _check_image(path: str) -> str | None:
@@ -91,29 +126,31 @@ def _drop_undecodable(
 ):
   """Drops (and names) the files that do not decode.
 
-  ``record`` (a file in the workdir) remembers the verdict for this exact list of
-  files, so a resumed run does not read them all again.
+  ``record`` (a file in the workdir) keeps each file's verdict with its size and
+  modification time, so a resumed run reads again only the files that changed: one
+  corrupted in place after the first run is checked again, and named.
   """
-  digest = hashlib.sha1('\n'.join(paths).encode()).hexdigest()
-  problems = None
-  if record and tf.io.gfile.exists(record):
-    try:
-      with tf.io.gfile.GFile(record) as f:
-        saved = json.load(f)
-      if saved.get('digest') == digest:
-        bad = dict(saved['bad'])
-        problems = [bad.get(p) for p in paths]
-    except (ValueError, KeyError, TypeError, tf.errors.OpError):
-      problems = None
-  if problems is None:
-    with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
-      problems = list(pool.map(_check_image, paths))
-    if record:
-      tf.io.gfile.makedirs(os.path.dirname(record))
-      with tf.io.gfile.GFile(record, 'w') as f:
-        json.dump(
-          {'digest': digest, 'bad': [[p, why] for p, why in zip(paths, problems) if why]}, f
-        )
+  with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
+    stats = list(pool.map(_stat, paths))
+    saved = _read_record(record)
+    problems = [None] * len(paths)
+    todo = []
+    for i, (path, stat) in enumerate(zip(paths, stats)):
+      previous = saved.get(path)
+      if stat is None:
+        problems[i] = 'it cannot be read'
+      elif previous is not None and previous[:2] == list(stat):
+        problems[i] = previous[2]
+      else:
+        todo.append(i)
+    for i, why in zip(todo, pool.map(_check_image, [paths[i] for i in todo])):
+      problems[i] = why
+  if record and todo:
+    tf.io.gfile.makedirs(os.path.dirname(record))
+    with tf.io.gfile.GFile(record, 'w') as f:
+      json.dump(
+        {p: [*stat, why] for p, stat, why in zip(paths, stats, problems) if stat is not None}, f
+      )
   bad = [(p, why) for p, why in zip(paths, problems) if why]
   for path, why in bad:
     logging.warning('Skipping %s: it cannot be decoded (%s).', path, why)
@@ -128,6 +165,30 @@ def _drop_undecodable(
   return [paths[i] for i in keep], [labels[i] for i in keep], len(bad)
 
 
+def _stat(path: str) -> tuple[int, int] | None:
+  """(size, modification time in ns) of a file, or None when it cannot be read."""
+  try:
+    if '://' in path:
+      stat = tf.io.gfile.stat(path)
+      return int(stat.length), int(stat.mtime_nsec)
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+  except (OSError, tf.errors.OpError):
+    return None
+
+
+def _read_record(record: str | None) -> dict:
+  """{path: [size, mtime_ns, problem or None]} of an earlier verification, if any."""
+  if not record or not tf.io.gfile.exists(record):
+    return {}
+  try:
+    with tf.io.gfile.GFile(record) as f:
+      saved = json.load(f)
+    return saved if isinstance(saved, dict) and 'digest' not in saved else {}
+  except (ValueError, tf.errors.OpError):
+    return {}
+
+
 def _global_sum(n: int) -> int:
   if jax.process_count() == 1:
     return n
@@ -137,7 +198,8 @@ def _global_sum(n: int) -> int:
 
 
 def _read(example):
-  return {'image': tf.io.read_file(example['path']), 'label': example['label']}
+  """The file's bytes, keeping its path to name it if it does not decode."""
+  return {**example, 'image': tf.io.read_file(example['path'])}
 
 
 def load(config, workdir, splits, class_names) -> Dataset:
@@ -176,6 +238,7 @@ def load(config, workdir, splits, class_names) -> Dataset:
     class_names=tuple(classes),
     crop_style='random_resized',
     eval_crop_fraction=config.eval_crop_fraction,
+    resize_antialias=config.resize_antialias,
   )
   source = lambda paths, labels: tf.data.Dataset.from_tensor_slices(
     {'path': tf.constant(paths, tf.string), 'label': tf.constant(labels, tf.int32)}

@@ -67,8 +67,16 @@ def load(config, workdir, splits, class_names) -> Dataset:
     class_names=tuple(label.names),
     crop_style=style,
     eval_crop_fraction=config.eval_crop_fraction,
+    # Fixed-size sets go through resize_if_needed (antialiased); the others, eval_transform.
+    resize_antialias=True if style == 'pad' else config.resize_antialias,
   )
-  as_int = lambda x: {'image': x['image'], 'label': tf.cast(x['label'], tf.int32)}
+  # Encoded examples keep their file name (ImageNet has one) to name a file that does not
+  # decode.
+  as_int = lambda x: {
+    'image': x['image'],
+    'label': tf.cast(x['label'], tf.int32),
+    **({'file_name': x['file_name']} if 'file_name' in x else {}),
+  }
   if style == 'pad':
     resize = lambda x: {
       'image': resize_if_needed(x['image'], config.image_size),

@@ -171,7 +171,48 @@ def inception_color(image, seed):
 
 
 def _encoded(example):
-  return tf.io.read_file(example['path']) if 'path' in example else example['image']
+  """The example's encoded image bytes (read from its file when only the path is kept),
+  checked so that an undecodable file is named in a warning before tf.data drops it."""
+  data = example['image'] if 'image' in example else tf.io.read_file(example['path'])
+  name = example.get('path', example.get('file_name'))
+  return data if name is None else _named_if_undecodable(data, name)
+
+
+def _named_if_undecodable(data, name):
+  """``data``, or b'' (which fails to decode, so ``ignore_errors`` drops it) after a
+  warning naming the file, when it is not a whole JPEG or PNG.
+
+  A cheap check in the graph (a JPEG ends with its EOI marker, a PNG with its IEND
+  chunk) sends only the suspicious files to Pillow, which decides; the start-up
+  verification (``config.verify_images``) stays the thorough one.
+  """
+  tail = tf.strings.substr(tf.strings.join([b'\0' * 8, data]), -8, 8)  # any length
+  jpeg_complete = tf.strings.substr(tail, 6, 2) == b'\xff\xd9'
+  png_complete = tail == b'IEND\xaeB`\x82'
+  is_png = tf.strings.substr(data, 0, 4) == b'\x89PNG'
+  complete = tf.where(tf.io.is_jpeg(data), jpeg_complete, tf.where(is_png, png_complete, True))
+
+  def check():
+    checked = tf.py_function(_pillow_check, [data, name], tf.string)
+    checked.set_shape([])
+    return checked
+
+  return tf.cond(complete & (tf.strings.length(data) > 0), lambda: data, check)
+
+
+def _pillow_check(data, name):
+  import io
+
+  from absl import logging
+  from PIL import Image
+
+  try:
+    with Image.open(io.BytesIO(data.numpy())) as image:
+      image.load()
+  except Exception as e:  # what Pillow cannot read, TensorFlow cannot decode either
+    logging.warning('Skipping %s: it cannot be decoded (%s).', name.numpy().decode(), e)
+    return b''
+  return data
 
 
 def random_resized_transform(config: ml_collections.ConfigDict, channels: int):

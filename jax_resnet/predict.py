@@ -1,0 +1,386 @@
+"""Predict: class probabilities for images, from a run's workdir or from an export.
+
+``Predictor`` applies the run's own eval preprocessing, so callers pass plain uint8
+images of any size. It is reimplemented here in numpy and Pillow, because prediction
+must run where TensorFlow is absent: 'random_resized' sets take a centred square of
+``eval_crop_fraction`` of the shorter side, then a bilinear resize to the model's input;
+'pad' sets (digits, CIFAR) are resized whole. The resize repeats TensorFlow's float32
+arithmetic, so from the same decoded pixels the model sees exactly what eval showed it.
+(JPEGs are the one difference: Pillow decodes them with libjpeg's accurate DCT,
+TensorFlow with its fast one, a few levels apart.) ``predict_files`` runs a predictor
+over image files into a CSV.
+"""
+
+import concurrent.futures
+import csv
+import functools
+import glob
+import os
+from collections.abc import Iterable, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from jax_resnet import augment, export, models, runs
+from jax_resnet.errors import NotFoundError, OutputError
+
+DEFAULT_BATCH_SIZE = 256
+# What a folder is searched for; files named explicitly or by a glob are tried whatever
+# their extension.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# ITU-R 601-2 luma, as Pillow's convert('L'): RGB to one channel.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# Pillow modes of 16-bit (or wider) grey pixels; TensorFlow keeps their high byte.
+_WIDE_GREY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+_GREY_MODES = ('1', 'L', 'LA', 'La')
+_DECODE_THREADS = 8
+
+
+class Predictor:
+  """A trained model with its eval preprocessing: uint8 images in, probabilities out."""
+
+  def __init__(self, variables: dict, metadata: dict, batch_size: int = DEFAULT_BATCH_SIZE):
+    """``variables``/``metadata`` as ``export.read_export`` returns them."""
+    self.metadata = metadata
+    self.num_classes = int(metadata['num_classes'])
+    self.image_shape = tuple(metadata['image_shape'])
+    self.class_names = tuple(metadata['class_names']) or tuple(
+      str(i) for i in range(self.num_classes)
+    )
+    self.batch_size = batch_size
+    model = models.create_model(metadata['model'], self.num_classes, **metadata['model_options'])
+    self._variables = jax.device_put(jax.tree.map(np.asarray, variables))
+    self._forward = jax.jit(
+      functools.partial(
+        _probabilities, model.apply, mean=tuple(metadata['mean']), std=tuple(metadata['std'])
+      ),
+      static_argnames='flip',
+    )
+
+  @classmethod
+  def from_workdir(
+    cls, workdir: str, which: str | int = 'best', batch_size: int = DEFAULT_BATCH_SIZE
+  ) -> 'Predictor':
+    """The ``which`` checkpoint ('best', 'latest' or a step) of a run; only reads ``workdir``."""
+    run = runs.load(workdir, which)
+    return cls(run.variables, export.inference_metadata(run), batch_size)
+
+  @classmethod
+  def from_export(cls, path: str, batch_size: int = DEFAULT_BATCH_SIZE) -> 'Predictor':
+    """A file ``export.export_checkpoint`` wrote, in any of its formats."""
+    return cls(*export.read_export(path), batch_size)
+
+  def prepare(self, image: np.ndarray) -> np.ndarray:
+    """One uint8 image (HW or HWC, any size) as the model takes it: eval's crop and resize."""
+    metadata = self.metadata
+    image = to_channels(image, self.image_shape[2])
+    if metadata['crop_style'] == 'random_resized':
+      image = center_crop(image, metadata['eval_crop_fraction'])
+    return resize_bilinear(image, self.image_shape[:2], metadata['resize_antialias'])
+
+  def __call__(self, images, batch_size: int | None = None, flip: bool = False) -> np.ndarray:
+    """float32 [N, num_classes] probabilities of a list of uint8 images or an NHWC array.
+
+    ``flip`` averages the probabilities of each image and its mirror image.
+    """
+    prepared = [self.prepare(image) for image in _as_image_list(images)]
+    if not prepared:
+      return np.zeros((0, self.num_classes), np.float32)
+    return self.predict_prepared(np.stack(prepared), batch_size, flip)
+
+  def predict_prepared(
+    self, batch: np.ndarray, batch_size: int | None = None, flip: bool = False
+  ) -> np.ndarray:
+    """Probabilities of images ``prepare`` has made ready: uint8 [N, *image_shape]."""
+    batch_size = batch_size or self.batch_size
+    dispatched = []  # every chunk is queued before the first result is awaited
+    for start in range(0, len(batch), batch_size):
+      chunk = batch[start : start + batch_size]
+      # Few shapes, few compilations: a short last chunk is padded to a power of two.
+      padded = _pad_to(chunk, min(batch_size, _next_power_of_two(len(chunk))))
+      dispatched.append((self._forward(self._variables, padded, flip=flip), len(chunk)))
+    return np.concatenate([np.asarray(output)[:count] for output, count in dispatched])
+
+  def top_k(
+    self, images, k: int = 5, batch_size: int | None = None, flip: bool = False
+  ) -> list[list[tuple[str, float]]]:
+    """For each image, the ``k`` likeliest (class name, probability), likeliest first."""
+    return self.named_top_k(self(images, batch_size, flip), k)
+
+  def named_top_k(self, probabilities: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    """The ``k`` largest of each row of ``probabilities``, with class names."""
+    k = min(k, self.num_classes)
+    order = np.argsort(-probabilities, axis=1, kind='stable')[:, :k]
+    return [
+      [(self.class_names[i], float(row[i])) for i in best]
+      for row, best in zip(probabilities, order)
+    ]
+
+
+def _probabilities(apply_fn, variables, images, mean, std, flip: bool):
+  """Softmax of the eval-mode logits, averaged with the mirror image's when ``flip`` (the
+  prepared image mirrored, as a train-time flip mirrors the resized one)."""
+  x = augment.normalize(images, mean, std)
+  probabilities = jax.nn.softmax(apply_fn(variables, x, train=False))
+  if flip:
+    mirrored = jax.nn.softmax(apply_fn(variables, x[:, :, ::-1], train=False))
+    probabilities = (probabilities + mirrored) / 2
+  return probabilities
+
+
+def _as_image_list(images) -> list:
+  if isinstance(images, np.ndarray) or hasattr(images, 'shape'):
+    if np.ndim(images) != 4:
+      raise ValueError(
+        f'An array of images must be NHWC; got shape {np.shape(images)}. Pass a list for '
+        'images of different sizes or a single image.'
+      )
+  return list(images)
+
+
+def _pad_to(batch: np.ndarray, size: int) -> np.ndarray:
+  if len(batch) == size:
+    return batch
+  return np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
+
+
+def _next_power_of_two(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+def to_channels(image, channels: int) -> np.ndarray:
+  """uint8 HW or HWC (grey, grey+alpha, RGB, RGBA) as HWC with ``channels`` channels.
+
+  Alpha is dropped (as TensorFlow's decoders do), grey is repeated, RGB becomes luma.
+  """
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f'Images must be uint8 (0-255); got {image.dtype}.')
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
+    raise ValueError(f'An image must be HW or HWC with 1-4 channels; got {image.shape}.')
+  image = image[..., :1] if image.shape[2] == 2 else image[..., :3]
+  if image.shape[2] == channels:
+    return image
+  if image.shape[2] == 1:
+    return np.repeat(image, channels, axis=2)
+  if channels == 1:
+    return np.round(image.astype(np.float32) @ LUMA)[..., None].astype(np.uint8)
+  raise ValueError(f'Cannot make {channels}-channel images of {image.shape[2]}-channel ones.')
+
+
+def center_crop(image: np.ndarray, fraction: float) -> np.ndarray:
+  """A centred square of ``fraction`` of the shorter side, as eval's crop window (float32
+  arithmetic, ties to even, at least one pixel)."""
+  height, width = image.shape[:2]
+  side = int(max(np.round(np.float32(min(height, width)) * np.float32(fraction)), 1))
+  y, x = (height - side) // 2, (width - side) // 2
+  return image[y : y + side, x : x + side]
+
+
+def resize_bilinear(image: np.ndarray, size: Sequence[int], antialias: bool) -> np.ndarray:
+  """uint8 HWC to uint8 ``size`` as ``tf.image.resize(method='bilinear')`` then rounding.
+
+  Half-pixel centres, float32 arithmetic in TensorFlow's order, so that even the many
+  exact .5 ties of upsampled digits round as they did in training. Without ``antialias``
+  each output pixel mixes its 2x2 nearest (TF's ResizeBilinear: width, then height); with
+  it a shrink widens the triangle filter to the scale (TF's ScaleAndTranslate: height,
+  then width).
+  """
+  height, width = size
+  if image.shape[:2] == (height, width):
+    return image
+  x = image.astype(np.float32)
+  if antialias:
+    x = _antialiased_axis(_antialiased_axis(x, 0, height), 1, width)
+  else:
+    x = _bilinear_axis(_bilinear_axis(x, 1, width), 0, height)
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def _along(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+  shape = [1] * ndim
+  shape[axis] = -1
+  return vector.reshape(shape)
+
+
+def _bilinear_axis(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+  """TF's ResizeBilinear along ``axis``: lower + (upper - lower) * lerp."""
+  if x.shape[axis] == out_size:
+    return x
+  lower, upper, lerp = _bilinear_taps(x.shape[axis], out_size)
+  low = np.take(x, lower, axis=axis)
+  return low + (np.take(x, upper, axis=axis) - low) * _along(lerp, axis, x.ndim)
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_taps(in_size: int, out_size: int):
+  """(lower index, upper index, lerp) per output pixel, in float32 as TF computes them."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  position = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+  floor = np.floor(position)
+  lower = np.maximum(floor.astype(np.int64), 0)
+  upper = np.minimum(np.ceil(position).astype(np.int64), in_size - 1)
+  return lower, upper, (position - floor).astype(np.float32)
+
+
+def _antialiased_axis(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+  """TF's ScaleAndTranslate (triangle kernel, antialiased) along ``axis``."""
+  if x.shape[axis] == out_size:
+    return x
+  indices, weights = _antialiased_taps(x.shape[axis], out_size)
+  out = np.zeros(x.shape[:axis] + (out_size,) + x.shape[axis + 1 :], np.float32)
+  for tap in range(indices.shape[1]):  # zero-weight padding taps add exact zeros
+    out += np.take(x, indices[:, tap], axis=axis) * _along(weights[:, tap], axis, x.ndim)
+  return out
+
+
+@functools.lru_cache(maxsize=64)
+def _antialiased_taps(in_size: int, out_size: int):
+  """(input index, weight) [out_size, taps] of each output pixel, as TF's span weights:
+  a triangle of radius max(in/out, 1) around (o + 0.5) * in/out, normalised to sum 1."""
+  f32 = np.float32
+  inverse_scale = f32(1.0 / float(f32(out_size) / f32(in_size)))
+  kernel_scale = max(inverse_scale, f32(1.0))
+  spans = []
+  for o in range(out_size):
+    centre = (f32(o) + f32(0.5)) * inverse_scale
+    start = int(np.clip(np.ceil(centre - kernel_scale - f32(0.5)), 0, in_size - 1))
+    end = int(np.clip(np.floor(centre + kernel_scale - f32(0.5)), 0, in_size - 1)) + 1
+    sources = np.arange(start, end)
+    distance = np.abs((sources.astype(f32) + f32(0.5) - centre) * (f32(1.0) / kernel_scale))
+    weights = np.where(distance < 1, f32(1.0) - distance, f32(0.0)).astype(f32)
+    total = f32(0.0)
+    for weight in weights:  # in order, as TF sums them
+      total = f32(total + weight)
+    spans.append((sources, weights * (f32(1.0) / total)))
+  taps = max(len(sources) for sources, _ in spans)
+  indices = np.zeros((out_size, taps), np.int64)
+  weights = np.zeros((out_size, taps), np.float32)
+  for o, (sources, span_weights) in enumerate(spans):
+    indices[o, : len(sources)], weights[o, : len(sources)] = sources, span_weights
+  return indices, weights
+
+
+def read_image(path: str) -> np.ndarray:
+  """A JPEG or PNG (or anything Pillow decodes) as uint8 HW (grey) or HWC (RGB).
+
+  CMYK, palette and RGBA files become RGB; 16-bit grey keeps its high byte.
+  """
+  from PIL import Image
+
+  with Image.open(path) as image:
+    image.load()
+    if image.mode in _WIDE_GREY_MODES:
+      return (np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+    return np.asarray(image.convert('L' if image.mode in _GREY_MODES else 'RGB'))
+
+
+def find_images(inputs: Iterable[str]) -> list[str]:
+  """The image files of ``inputs`` (files, folders searched recursively, glob patterns), in
+  order, each once; a NotFoundError naming every input that matched nothing."""
+  found, missing = [], []
+  for pattern in inputs:
+    pattern = os.path.expanduser(pattern)
+    matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+    files = []
+    for match in matches:
+      if os.path.isdir(match):
+        files += _images_under(match)
+      elif os.path.isfile(match):
+        files.append(match)
+    if not files:
+      missing.append(pattern)
+    found += files
+  if missing:
+    raise NotFoundError(
+      f'No image files at {", ".join(map(repr, missing))} (expected files, folders of '
+      f'{"/".join(IMAGE_EXTENSIONS)} images, or glob patterns).'
+    )
+  return list(dict.fromkeys(found))
+
+
+def _images_under(folder: str) -> list[str]:
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(folder):
+    dirnames.sort()
+    paths += [
+      os.path.join(dirpath, name)
+      for name in sorted(filenames)
+      if name.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+  return paths
+
+
+def predict_files(
+  predictor: Predictor,
+  inputs: Sequence[str],
+  output_csv: str,
+  top_k: int = 5,
+  batch_size: int | None = None,
+  flip: bool = False,
+) -> dict:
+  """Writes the ``top_k`` classes of each image in ``inputs`` to ``output_csv``.
+
+  Columns: ``path``, then ``class_i``, ``prob_i`` for i in 1..k. A file that does not
+  decode is named in a warning and skipped. Returns a summary: ``output_csv``,
+  ``num_images`` (rows written), ``num_skipped`` and ``skipped`` (their paths).
+  """
+  paths = find_images([inputs] if isinstance(inputs, str) else inputs)
+  batch_size = batch_size or predictor.batch_size
+  k = min(top_k, predictor.num_classes)
+  num_images, skipped = 0, []
+  with _open_csv(output_csv) as f, concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
+    writer = csv.writer(f)
+    writer.writerow(
+      ['path'] + [f'{name}_{i}' for i in range(1, k + 1) for name in ('class', 'prob')]
+    )
+    for start in range(0, len(paths), batch_size):
+      chunk = paths[start : start + batch_size]
+      # Decoded and prepared in threads: Pillow and numpy release the GIL.
+      prepared = dict(zip(chunk, pool.map(functools.partial(_prepare_file, predictor), chunk)))
+      skipped += [path for path, image in prepared.items() if image is None]
+      decoded = {path: image for path, image in prepared.items() if image is not None}
+      rows = _top_k_rows(predictor, decoded, k, batch_size, flip)
+      writer.writerows(rows)
+      num_images += len(rows)
+  if skipped:
+    logging.warning('Skipped %d of %d files that cannot be decoded.', len(skipped), len(paths))
+  logging.info('Wrote the top-%d classes of %d images to %s.', k, num_images, output_csv)
+  return {
+    'output_csv': output_csv,
+    'num_images': num_images,
+    'num_skipped': len(skipped),
+    'skipped': skipped,
+  }
+
+
+def _open_csv(path: str):
+  export.ensure_writable(path, 'the predictions')
+  try:
+    return open(path, 'w', newline='')
+  except OSError as e:
+    raise OutputError(f'Cannot write the predictions to {path}: {e.strerror or e}.') from None
+
+
+def _top_k_rows(predictor: Predictor, prepared: dict, k: int, batch_size: int, flip: bool):
+  """CSV rows (path, class_1, prob_1, ...) of prepared images keyed by their paths."""
+  if not prepared:
+    return []
+  probabilities = predictor.predict_prepared(np.stack(list(prepared.values())), batch_size, flip)
+  return [
+    [path] + [value for name, p in best for value in (name, f'{p:.6g}')]
+    for path, best in zip(prepared, predictor.named_top_k(probabilities, k))
+  ]
+
+
+def _prepare_file(predictor: Predictor, path: str) -> np.ndarray | None:
+  """The model-ready image of ``path``; None (with a warning naming it) if it cannot be read."""
+  try:
+    image = read_image(path)
+  except Exception as e:  # anything Pillow cannot read is skipped, never a crash
+    logging.warning('Skipping %s: it cannot be decoded (%s: %s).', path, type(e).__name__, e)
+    return None
+  return predictor.prepare(image)

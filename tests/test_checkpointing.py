@@ -1,0 +1,99 @@
+"""Checkpoints: an incompatible checkpoint is refused and left alone; only a damaged one
+is set aside, renamed and never deleted."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jax_resnet import optim, sharding, steps
+from jax_resnet.checkpointing import Checkpoints, IncompatibleCheckpointError, failure_reason
+from jax_resnet.timeline import Timeline
+
+
+def _state(config, model_name):
+  config.model = model_name
+  model = steps.create_model(config, 10)
+  lr = optim.create_learning_rate_fn(config, Timeline(10, 100))
+  return steps.create_train_state(
+    jax.random.PRNGKey(0), config, model, (8, 8, 1), lr, sharding.create_mesh()
+  )
+
+
+@pytest.fixture(scope='module')
+def states():
+  from configs import default
+
+  config = default.get_config()
+  config.image_size = 8
+  return _state(config, 'resnet20'), _state(config.copy_and_resolve_references(), 'resnet32')
+
+
+def _saved(tmp_path, state, step=5):
+  checkpoints = Checkpoints(str(tmp_path))
+  checkpoints.save(step, state, {'step': step})
+  checkpoints.wait()
+  return checkpoints
+
+
+def _listing(path):
+  return sorted(
+    os.path.relpath(os.path.join(root, f), path) for root, _, files in os.walk(path) for f in files
+  )
+
+
+def test_restore_round_trip(tmp_path, states):
+  checkpoints = _saved(tmp_path, states[0])
+  restored, meta = checkpoints.restore('latest', lambda meta: states[0])
+  assert meta == {'step': 5}
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(states[0])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_incompatible_checkpoint_is_reported_and_left_as_it_is(tmp_path, states):
+  checkpoints = _saved(tmp_path, states[0])
+  before = _listing(tmp_path)
+  with pytest.raises(IncompatibleCheckpointError) as error:
+    checkpoints.restore('latest', lambda meta: states[1])  # resnet32 into resnet20's
+  message = str(error.value)
+  assert 'does not fit the model' in message and 'It is intact and left as it is' in message
+  assert 'stage1_block4' in message and 'not in the checkpoint' in message
+  assert _listing(tmp_path) == before  # nothing renamed or deleted
+  checkpoints.close()
+
+
+def test_damaged_checkpoint_is_renamed_not_deleted_and_readers_only_skip(tmp_path, states):
+  checkpoints = _saved(tmp_path, states[0])
+  checkpoints.close()
+  state_dir = tmp_path / 'checkpoints' / '5' / 'state'
+  files = [os.path.join(root, f) for root, _, names in os.walk(state_dir) for f in names]
+  for path in files:
+    if '/d/' in path:  # the array data, not the tree's metadata
+      os.truncate(path, os.path.getsize(path) // 3)
+  before = _listing(tmp_path / 'checkpoints' / '5')
+
+  reader = Checkpoints(str(tmp_path), read_only=True)
+  assert reader.restore('latest', lambda meta: states[0]) == (None, None)
+  assert (tmp_path / 'checkpoints' / '5').is_dir()  # a reader renames nothing
+  reader.close()
+
+  writer = Checkpoints(str(tmp_path))
+  assert writer.restore('latest', lambda meta: states[0]) == (None, None)
+  assert not (tmp_path / 'checkpoints' / '5').exists()
+  assert _listing(tmp_path / 'checkpoints' / '5.corrupt-0') == before  # every file kept
+  assert writer.set_aside() == [str(tmp_path / 'checkpoints' / '5.corrupt-0')]
+  writer.close()
+
+
+def test_failure_reason_names_the_os_error_in_a_few_words():
+  orbax_like = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "x/0" in OCDBT database at local file "/a/very/long/'
+    'path": Failed to write 566124 bytes to file 5: No space left on device '
+    "[os_error_code='28']"
+  )
+  assert failure_reason(orbax_like) == 'No space left on device'
+  wrapped = RuntimeError('save failed')
+  wrapped.__cause__ = PermissionError(13, 'Permission denied', '/ro/checkpoints/3')
+  assert failure_reason(wrapped) == 'Permission denied: /ro/checkpoints/3'
+  assert failure_reason(KeyError('odd')) == "KeyError: 'odd'"
