@@ -1,0 +1,317 @@
+"""Faster XLA:CPU formulations of the convolutions (and the max-pool) the ResNets use.
+
+Drop-in replacements, chosen at trace time by shape and lowered only for CPU (through
+``lax.platform_dependent``: a GPU or TPU lowering of the same code gets the plain op)::
+
+  conv = functools.partial(nn.Conv, ..., conv_general_dilated=conv.routed_conv)
+  x = conv.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+Parameter names and shapes do not change; values and gradients equal the plain ops' to
+float rounding (tests/test_conv.py).
+
+Numbers below: jax 0.10.2 on the development container (2-core Xeon, AVX-512), fp32,
+forward / input gradient / kernel gradient of one conv, each the fastest of 7 rounds
+interleaved with the other implementation (the machine was shared, load 1.5-3.5):
+``python benchmarks/conv_shapes.py --zoo --impls=plain,routed --rounds=7``.
+
+Routing (CPU; NHWC input, HWIO kernel, no dilation, no groups; anything else is plain):
+
+* **Kernel window larger than the output map** (``kh * kw > Ho * Wo``: 3x3 convs on 2x2
+  or 1x1 maps, a strided 3x3 from 4x4 to 2x2, the 7x7 stem on images under 14x14) ->
+  im2col: the kh * kw shifted strided slices concatenated on the channel axis, one
+  matmul; jax differentiates that into two more matmuls and pads. Why: XLA's
+  ConvOperandSwapper swaps the operands of a conv whose window outnumbers its input map
+  (the forward conv when kh * kw > H * W; the input-gradient conv, whose input is the
+  Ho x Wo cotangent, when kh * kw > Ho * Wo), giving ``dim_labels=01fb_o01i->f01b`` with
+  a reversed window, which XLA:CPU runs as a generic loop at 1-3 GFLOP/s against 100-200
+  for its other convs. ResNet-18 at 64x64 (stage 4 on 2x2 maps): 16x2x2x512 3x3 ->
+  512: 299 / 223 / 3.4 ms plain, 2.6 / 2.5 / 1.9 ms routed (76x for the three);
+  16x4x4x256 3x3/2 -> 512: 2.4 / 80 / 2.3 ms plain, 1.8 / 1.6 / 1.6 ms routed (17x).
+  benchmarks/repro_swapped_conv.py shows it with jax and numpy only.
+* **1x1 convs** (strided: a strided slice first) -> one 2D matmul. Why: with the
+  default flags XLA:CPU gives a 1x1 conv's kernel gradient to YNNPACK, which runs it at
+  6-12 GFLOP/s for ResNet-50's large maps; as the matmul ``x^T g`` it runs at 27-187.
+  Forward and input gradient gain 1.1-1.6x too. Per conv (fwd + both gradients): 1.5x
+  to 4.7x, e.g. ResNet-50 224 batch 8: 8x56x56x256 1x1/2 -> 512: 207 ms plain, 44 ms
+  routed; 8x28x28x512 1x1 -> 128: 69 vs 21 ms. With YNNPACK's convs off
+  (``CPU_COMPILER_OPTIONS``) Eigen's 1x1 convs come close to the matmuls (whole
+  ResNet-50 224 steps: the same speed with or without this route), so the route wins
+  with the default flags and costs nothing without them.
+* Everything else (3x3 and 7x7 convs on maps at least as large as the window): the plain
+  op. There im2col is 2-10x slower in the forward and the kernel gradient (the patches
+  are 9x or 49x the input, and memory bandwidth is this machine's limit), and a kernel
+  gradient written as patches^T @ g is no better. Their input gradient as a matmul (a
+  custom_vjp with a plain forward and kernel gradient) gains 1.1-2x on some strided and
+  7x7x512 convs, a few percent of a step: not done.
+
+Sums over a model (count x (fwd + used gradients), ms per step, plain -> routed):
+ResNet-18 64x64 b16 1758 -> 120 (15x), ResNet-50 64x64 b16 1750 -> 270 (6.5x),
+ResNet-50 128x128 b16 1930 -> 1164 (1.7x), ResNet-50 224x224 b8 4014 -> 2051 (2.0x);
+ResNet-18 at 128 and 224 route only their three 1x1 projections (1.02-1.03x), CIFAR
+ResNet-20 nothing.
+
+``max_pool``: ``flax.linen.max_pool`` (reduce-window) when not differentiated; under
+differentiation the max of the kh * kw shifted strided slices, and the plain op's
+gradient (the cotangent goes to each window's first maximum) as elementwise ops: for
+each window offset, the cotangent where that offset holds the first maximum, padded back
+with interior padding, all summed. XLA:CPU expands the plain gradient
+(select-and-scatter) into a scatter with index arrays as large as the input. The stem's
+3x3/2 pool, forward + gradient: 16x32x32x64 29 vs 4.3 ms, 16x64x64x64 109 vs 23 ms,
+8x112x112x64 180 vs 38 ms (benchmarks/repro_maxpool_grad.py).
+
+``CPU_COMPILER_OPTIONS``: XLA options for the jitted train step on CPU (``jax.jit(...,
+compiler_options=...)``), the same as
+``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``: YNNPACK
+keeps dots and reductions, convolutions go to Eigen, whose kernel-gradient convs are
+1.4-3x faster than YNNPACK's (8x56x56x64 3x3: 49.5 vs 23.5 ms; 8x28x28x128 3x3: 51.6 vs
+17.1 ms; 128x32x32x16 3x3: 28.8 vs 17.6 ms; benchmarks/repro_ynn_conv_grad.py).
+"""
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CPU_COMPILER_OPTIONS = {
+  'xla_cpu_experimental_ynn_fusion_type': (
+    'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
+  )
+}
+
+# Formulations of a forward conv and of its two gradients.
+CONV = 'conv'  # lax.conv_general_dilated; jax's transposes of it for the gradients
+MATMUL = 'matmul'  # patches (shifted strided slices, concatenated) times the kernel matrix
+
+_NHWC = lax.ConvDimensionNumbers(
+  lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
+)
+
+
+def _out_size(size, k, stride, lo, hi):
+  return (size + lo + hi - k) // stride + 1
+
+
+def _windows(xp, window, strides, out):
+  """The kh * kw strided slices of a padded NHWC array, one per window offset."""
+  n, _, _, c = xp.shape
+  (kh, kw), (sh, sw), (ho, wo) = window, strides, out
+  return [
+    lax.slice(
+      xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1)
+    )
+    for i in range(kh)
+    for j in range(kw)
+  ]
+
+
+def patches(x, window, strides, padding):
+  """im2col of NHWC x: (N, Ho, Wo, kh * kw * C), features in (i, j, c) order (HWIO's)."""
+  (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = window, strides, padding
+  out = (_out_size(x.shape[1], kh, sh, pt, pb), _out_size(x.shape[2], kw, sw, pl, pr))
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  cols = _windows(xp, window, strides, out)
+  return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def matmul_conv(x, w, strides, padding, precision=None, preferred_element_type=None):
+  """NHWC x HWIO conv as im2col and one matmul (for a 1x1 kernel: a slice, no copy).
+
+  The matmul is 2D, (N * Ho * Wo, kh * kw * C) @ (kh * kw * C, O): its transpose for the
+  kernel gradient is then a dot contracting the rows of both operands, which XLA:CPU
+  runs as is. Written on the 4D patches instead, the same gradient gets a transposed copy
+  of its cotangent first (``copy_bitcast_fusion f32[O, N * Ho * Wo]``), 3.7x slower for
+  8x56x56x64 1x1 -> 256 with its BatchNorm (45.6 vs 12.3 ms, forward and backward).
+  """
+  kh, kw, c, o = w.shape
+  p = patches(x, (kh, kw), strides, padding)
+  n, ho, wo, k = p.shape
+  y = lax.dot_general(
+    p.reshape(n * ho * wo, k),
+    w.reshape(k, o),
+    (((1,), (0,)), ((), ())),
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+  return y.reshape(n, ho, wo, o)
+
+
+def plain_conv(x, w, strides, padding, precision=None, preferred_element_type=None):
+  return lax.conv_general_dilated(
+    x,
+    w,
+    strides,
+    padding,
+    dimension_numbers=_NHWC,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+
+
+_IMPLS = {CONV: plain_conv, MATMUL: matmul_conv}
+
+
+@functools.cache
+def make_conv(strides, padding, fwd, dx, dw, precision=None, preferred_element_type=None):
+  """conv(x, w) whose forward, input gradient and kernel gradient each use a formulation.
+
+  One formulation for all three is plain function composition (jax differentiates it);
+  a mix is a ``jax.custom_vjp`` keeping (x, w) for the backward pass.
+  """
+  kw = dict(strides=strides, padding=padding, precision=precision)
+  kw['preferred_element_type'] = preferred_element_type
+  if fwd == dx == dw:
+    return functools.partial(_IMPLS[fwd], **kw)
+
+  @jax.custom_vjp
+  def conv(x, w):
+    return _IMPLS[fwd](x, w, **kw)
+
+  def conv_fwd(x, w):
+    return conv(x, w), (x, w)
+
+  def conv_bwd(res, g):
+    x, w = res
+    dx_ = jax.vjp(lambda x: _IMPLS[dx](x, w, **kw), x)[1](g)[0]
+    dw_ = jax.vjp(lambda w: _IMPLS[dw](x, w, **kw), w)[1](g)[0]
+    return dx_, dw_
+
+  conv.defvjp(conv_fwd, conv_bwd)
+  return conv
+
+
+def route(x_shape, w_shape, strides, padding):
+  """(fwd, dx, dw) formulations for an NHWC x HWIO conv on CPU, or None for the plain op.
+
+  ``padding``: ((top, bottom), (left, right)). The rule and its numbers: module docstring.
+  """
+  kh, kw = w_shape[:2]
+  (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+  ho, wo = _out_size(x_shape[1], kh, sh, pt, pb), _out_size(x_shape[2], kw, sw, pl, pr)
+  if kh * kw > ho * wo or kh == kw == 1:
+    return (MATMUL, MATMUL, MATMUL)
+  return None
+
+
+def _routable(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, groups):
+  return (
+    lhs.ndim == 4
+    and rhs.ndim == 4
+    and groups == (1, 1)
+    and all(d == 1 for d in (lhs_dilation or (1, 1)))
+    and all(d == 1 for d in (rhs_dilation or (1, 1)))
+    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
+  )
+
+
+def routed_conv(
+  lhs,
+  rhs,
+  window_strides: Sequence[int],
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision=None,
+  preferred_element_type=None,
+):
+  """``lax.conv_general_dilated`` with the CPU routing of the module docstring.
+
+  Same signature and results; for flax: ``nn.Conv(..., conv_general_dilated=routed_conv)``.
+  """
+  plain = functools.partial(
+    lax.conv_general_dilated,
+    window_strides=window_strides,
+    padding=padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+  groups = (feature_group_count, batch_group_count)
+  if not _routable(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, groups):
+    return plain(lhs, rhs)
+  strides = tuple(window_strides)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  modes = route(lhs.shape, rhs.shape, strides, padding)
+  if modes is None:
+    return plain(lhs, rhs)
+  fast = make_conv(strides, padding, *modes, precision, preferred_element_type)
+  return lax.platform_dependent(lhs, rhs, cpu=fast, default=lambda x, w: plain(x, w))
+
+
+def _max_pool_windows(x, window, strides, padding):
+  (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = window, strides, padding
+  out = (_out_size(x.shape[1], kh, sh, pt, pb), _out_size(x.shape[2], kw, sw, pl, pr))
+  xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  return _windows(xp, window, strides, out)
+
+
+@functools.cache
+def _make_max_pool(window, strides, padding):
+  plain = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)
+
+  @jax.custom_vjp
+  def pool(x):
+    return plain(x)
+
+  def pool_fwd(x):
+    # Under differentiation the forward is the max of the shifted slices: XLA fuses them
+    # with the backward pass's (the same slices), 2-3x faster than reduce-window there.
+    y = functools.reduce(jnp.maximum, _max_pool_windows(x, window, strides, padding))
+    return y, (x, y)
+
+  def pool_bwd(res, g):
+    # The cotangent goes to the first maximum of each window in row-major order, as
+    # lax.reduce_window's gradient (select-and-scatter with >=) sends it.
+    x, y = res
+    cols = _max_pool_windows(x, window, strides, padding)
+    (_, kw), (sh, sw), ((pt, pb), (pl, pr)) = window, strides, padding
+    hp, wp = x.shape[1] + pt + pb, x.shape[2] + pl + pr
+    ho, wo = y.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    taken = jnp.zeros(y.shape, bool)
+    dxp = None
+    for k, col in enumerate(cols):
+      i, j = divmod(k, kw)
+      first = (col == y) & ~taken
+      taken = taken | first
+      part = lax.pad(
+        jnp.where(first, g, zero),
+        zero,
+        (
+          (0, 0, 0),
+          (i, hp - i - sh * (ho - 1) - 1, sh - 1),
+          (j, wp - j - sw * (wo - 1) - 1, sw - 1),
+          (0, 0, 0),
+        ),
+      )
+      dxp = part if dxp is None else dxp + part
+    dx = lax.slice(dxp, (0, pt, pl, 0), (x.shape[0], pt + x.shape[1], pl + x.shape[2], x.shape[3]))
+    return (dx,)
+
+  pool.defvjp(pool_fwd, pool_bwd)
+  return pool
+
+
+def max_pool(inputs, window_shape, strides=None, padding='VALID'):
+  """``flax.linen.max_pool`` (same arguments and results), faster gradient on CPU."""
+  plain = lambda x: nn.max_pool(x, window_shape, strides=strides, padding=padding)
+  window = tuple(window_shape)
+  strides = tuple(strides or (1,) * len(window))
+  if inputs.ndim != 4 or len(window) != 2:
+    return plain(inputs)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(inputs.shape[1:3], window, strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  fast = _make_max_pool(window, strides, padding)
+  return lax.platform_dependent(inputs, cpu=fast, default=plain)
