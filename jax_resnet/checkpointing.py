@@ -38,7 +38,10 @@ def _manager(
     best_fn=(lambda metrics: metrics['eval_top1']) if best else None,
     best_mode='max',
   )
-  return ocp.CheckpointManager(directory, options=options)
+  # The handlers named up front, so that a manager that has not saved yet can still read a
+  # checkpoint's tree metadata (to tell an incompatible checkpoint from a damaged one).
+  handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def failure_reason(error: BaseException) -> str:
@@ -140,12 +143,13 @@ class Checkpoints:
       except Exception as e:  # orbax raises many kinds for a damaged directory
         self._set_aside(manager, step, which, e)
         continue
-      target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_for(meta))
+      template = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_for(meta))
+      target = _restore_target(manager, step, template)
       try:
         restored = manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
-        return restored['state'], meta
+        return _from_target(template, restored['state']), meta
       except Exception as e:
         differences = _differences(manager, step, target)
         if differences:  # intact, but not the model this config builds: not damage
@@ -214,14 +218,77 @@ class Checkpoints:
     self.best.close()
 
 
-def _shapes(tree, prefix=()) -> dict:
-  """{'params/stage1_block1/Conv_0/kernel': shape, ...} of a nested dict/list tree."""
+def _restore_target(manager, step: int, template):
+  """The restore target in the checkpoint's own layout: its saved tree (nested dicts and
+  lists) with ``template``'s shapes, dtypes and shardings at each saved path. A field the
+  state gained later (the weight EMA, say) and left None is simply not asked for, so a
+  checkpoint written before it existed restores as it always did. Falls back to the
+  template when the saved tree cannot be read (the restore then says what is wrong)."""
+  try:
+    saved = manager.item_metadata(step)['state'].tree
+  except Exception:
+    return template
+  wanted = _paths(flax.serialization.to_state_dict(template))
+  missing = object()
+
+  def build(tree, prefix):
+    if isinstance(tree, dict):
+      return {k: build(v, (*prefix, str(k))) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+      return [build(v, (*prefix, str(i))) for i, v in enumerate(tree)]
+    return wanted.get('/'.join(prefix), missing if tree is not None else None)
+
+  target = build(saved, ())
+  unsaved = {p for p, leaf in wanted.items() if leaf is not None} - set(_paths(saved))
+  if unsaved or any(leaf is missing for leaf in _leaves(target)):
+    return template  # a real difference: the restore fails and says which
+  return target
+
+
+def _from_target(template, restored):
+  """What the restore returned, as ``template``'s type (a TrainState)."""
+  if not isinstance(restored, dict):
+    return restored  # restored into the template itself
+
+  def fill(wanted, got):
+    """``got`` in ``wanted``'s (state-dict) layout: lists become index-keyed dicts, and
+    what was saved as None (an empty optimizer state, an unused field) comes back as the
+    template has it."""
+    if got is None:
+      return wanted
+    if isinstance(wanted, dict):
+      got = dict(enumerate(got)) if isinstance(got, list) else got
+      return {
+        k: fill(v, got.get(k, got.get(int(k)) if k.isdigit() else None)) for k, v in wanted.items()
+      }
+    return got
+
+  state_dict = fill(flax.serialization.to_state_dict(template), restored)
+  return flax.serialization.from_state_dict(template, state_dict)
+
+
+def _paths(tree, prefix=()) -> dict:
+  """{'opt_state/0/trace/head/bias': leaf, ...} of a nested dict/list tree."""
   if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _shapes(sub, (*prefix, str(key))).items()}
+    return {k: v for key, sub in tree.items() for k, v in _paths(sub, (*prefix, str(key))).items()}
   if isinstance(tree, (list, tuple)):
-    return {k: v for i, sub in enumerate(tree) for k, v in _shapes(sub, (*prefix, str(i))).items()}
-  shape = getattr(tree, 'shape', None)
-  return {'/'.join(prefix): tuple(shape)} if shape is not None else {}
+    return {k: v for i, sub in enumerate(tree) for k, v in _paths(sub, (*prefix, str(i))).items()}
+  return {'/'.join(prefix): tree}
+
+
+def _leaves(tree):
+  if isinstance(tree, dict):
+    return [x for v in tree.values() for x in _leaves(v)]
+  if isinstance(tree, list):
+    return [x for v in tree for x in _leaves(v)]
+  return [tree]
+
+
+def _shapes(tree) -> dict:
+  """{'params/stage1_block1/Conv_0/kernel': shape, ...} of a nested dict/list tree."""
+  return {
+    k: tuple(v.shape) for k, v in _paths(tree).items() if getattr(v, 'shape', None) is not None
+  }
 
 
 def _differences(manager, step: int, target) -> list[str]:

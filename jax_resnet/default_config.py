@@ -1,9 +1,10 @@
-"""The default job: ResNet-20 on scikit-learn's embedded digits, offline, in minutes.
+"""Every config field, declared once with its default and what it means: the default job
+(ResNet-20 on scikit-learn's embedded digits, offline, in minutes).
 
-Every config field is declared here, once, with its default and what it means; the
-experiment configs import this file and change a few fields, so any of them accepts
-any ``--config.FIELD=VALUE`` override. The package reads fields as attributes, never
-with a fallback; ``jax_resnet.validation`` checks them all before any data is read.
+``configs/default.py`` is this config; the experiment configs import it and change a few
+fields, so any of them accepts any ``--config.FIELD=VALUE`` override. The package reads
+fields as attributes, never with a fallback; ``jax_resnet.validation`` checks them all
+before any data is read.
 Durations: ``*_epochs`` fields may be fractional; ``*_steps`` fields count optimizer
 steps; 0 turns a periodic action off.
 """
@@ -30,6 +31,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.bn_epsilon = 1e-5
   config.zero_init_residual = True  # each block's last BN scale starts at 0 (Goyal et al.)
   config.remat = False  # recompute block activations in the backward pass: less memory
+  config.stochastic_depth_rate = 0.0  # drop rate of the last block's branch (linear in depth)
+
+  # Weights in and fine-tuning (see jax_resnet/warm_start.py).
+  config.init_from = ''  # WORKDIR[:latest|:STEP], an export, or torchvision .safetensors
+  config.freeze = ''  # '', 'backbone' (all but the head) or stages: 'stem,stage1,stage2'
+  config.head_learning_rate_multiplier = 1.0  # the head's rate = this x the schedule's
+  config.frozen_batchnorm = False  # BN uses running statistics in training too (small batches)
 
   # Data: source.
   config.dataset = 'digits'  # 'digits' (embedded), 'folder' or a tensorflow-datasets name
@@ -39,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_dir = ''  # dataset='folder': <train_dir>/<class>/*.jpg|png
   config.eval_dir = ''  # dataset='folder': same classes (or a subset) as train_dir
   config.verify_images = True  # folder: drop (and name) undecodable files at start
+  config.digits_classes = ''  # digits: keep these classes, e.g. '01234' (labels renumbered)
   config.image_size = 16  # side of the square images the model sees (digits: 8x8 upsampled)
 
   # Data: input performance (safe to change when resuming).
@@ -63,13 +72,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.color_jitter_hue = 0.0
   config.inception_color = False  # random_resized: Inception-style colour distortion
 
-  # Data: train augmentation on the device, inside the train step.
+  # Data: train augmentation on the device, inside the train step (all off by default).
   config.cutout_size = 0  # side of one zeroed square per image; 0 is off
+  config.randaugment_layers = 0  # RandAugment: ops per image (torchvision's op set); 0 off
+  config.randaugment_magnitude = 9.0  # a bin of randaugment_bins (torchvision: 9 of 31)
+  config.randaugment_magnitude_std = 0.0  # timm's per-op magnitude noise (mstd)
+  config.randaugment_bins = 31  # 31: torchvision's scale; 11: timm's (m out of 10)
+  config.trivial_augment = False  # TrivialAugment-Wide instead (one op, any strength)
+  config.random_erasing_prob = 0.0  # timm's random erasing (noise rectangle), per image
+  config.mixup_alpha = 0.0  # Mixup's Beta(alpha, alpha); 0 off
+  config.cutmix_alpha = 0.0  # CutMix's Beta(alpha, alpha); 0 off
+  config.mix_prob = 1.0  # chance a batch is mixed at all
+  config.mix_switch_prob = 0.5  # with both on: chance of CutMix rather than Mixup
 
   # Optimizer.
   config.batch_size = 128  # global, over all devices of all hosts
   config.eval_batch_size = 256  # global; safe to change when resuming
-  config.optimizer = 'sgd'  # sgd, adam or adamw
+  config.optimizer = 'sgd'  # sgd, adam, adamw, lars or lamb
   config.learning_rate = 0.4  # the peak
   config.scale_learning_rate = False  # multiply by batch_size / base_batch_size
   config.base_batch_size = 256
@@ -80,6 +99,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 5e-4  # coupled L2 for sgd and adam, decoupled for adamw
   config.weight_decay_kernels_only = True  # no decay on BN scales/biases nor the head bias
   config.label_smoothing = 0.0
+  config.lars_trust_coefficient = 0.001  # lars: the layer-wise trust ratio's coefficient
+  config.sam_rho = 0.0  # sharpness-aware minimisation's neighbourhood radius; 0 off
+  config.loss = 'softmax'  # softmax cross-entropy, or 'bce' (binary, timm's RSB recipes)
+  config.ema_decay = 0.0  # weight EMA, evaluated beside the raw weights; 0 off (0.9999 usual)
+
+  # Knowledge distillation: the teacher runs in inference mode inside the train step.
+  config.distill_from = ''  # the teacher: a WORKDIR[:latest|:STEP] or an export; '' off
+  config.distill_weight = 0.5  # loss = (1 - w) * hard-label loss + w * distillation loss
+  config.distill_temperature = 4.0  # softens both distributions; the loss is scaled by T^2
+
+  # Resolution.
+  config.progressive_resizing = ()  # (start_size, end_size, start_epoch, end_epoch); () off
+  config.progressive_resizing_multiple = 32  # sizes in between are rounded to this
+  config.eval_image_size = 0  # evaluate at this size (train low, test high); 0: image_size
+  config.eval_flip = False  # average the logits with the mirrored images' at eval
 
   # Learning-rate schedule.
   config.schedule = 'onecycle'  # onecycle, cosine, multistep, constant or plateau
@@ -106,4 +140,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0  # 0: off (checkpoint_every_epochs still applies)
   config.keep_checkpoints = 3  # newest checkpoints kept in WORKDIR/checkpoints
   config.seed = 0  # initialisation, shuffling and every augmentation
+
+  # Diagnostics: a device trace of a few steps in WORKDIR/profile (TensorBoard's profile
+  # plugin) and a table of the top operations in the log and WORKDIR/profile/top_ops.txt.
+  config.profile_steps = 0  # steps to trace; 0 off
+  config.profile_first_step = 10  # the first traced step (after compilation and warm-up)
+  return config
+
+
+def merged_with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A config written (as JSON) by this or an older version, with the fields it lacks at
+  their defaults; fields this version no longer has are dropped."""
+  return _merge(get_config(), saved)
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> ml_collections.ConfigDict:
+  for key, value in saved.items():
+    if key not in config:
+      continue
+    if isinstance(config[key], ml_collections.ConfigDict):
+      _merge(config[key], value or {})
+    elif isinstance(config[key], tuple) and isinstance(value, list):
+      config[key] = tuple(value)
+    elif isinstance(config[key], float) and isinstance(value, int):
+      config[key] = float(value)
+    else:
+      config[key] = value
   return config

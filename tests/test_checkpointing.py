@@ -97,3 +97,19 @@ def test_failure_reason_names_the_os_error_in_a_few_words():
   wrapped.__cause__ = PermissionError(13, 'Permission denied', '/ro/checkpoints/3')
   assert failure_reason(wrapped) == 'Permission denied: /ro/checkpoints/3'
   assert failure_reason(KeyError('odd')) == "KeyError: 'odd'"
+
+
+def test_a_checkpoint_from_before_a_state_field_existed_restores(tmp_path, states):
+  """A state saved without a field added since (the weight EMA, left None when unused)
+  restores into today's state: the saved tree's own layout is the restore target."""
+  import flax
+
+  state = states[0]
+  assert state.ema is None
+  older = {k: v for k, v in flax.serialization.to_state_dict(state).items() if k != 'ema'}
+  checkpoints = _saved(tmp_path, older)
+  restored, _ = checkpoints.restore('latest', lambda meta: state)
+  assert type(restored) is type(state) and restored.ema is None
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  checkpoints.close()
