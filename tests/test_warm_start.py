@@ -1,0 +1,243 @@
+"""Weights in (config.init_from) and the fine-tuning controls: freezing, the head's
+learning-rate multiplier, BatchNorm in inference mode."""
+
+import jax
+import numpy as np
+import pytest
+from test_predict import digits_config, train_digits
+
+from jax_resnet import export, optim, sharding, steps, warm_start
+from jax_resnet import torchvision_weights as tw
+from jax_resnet.errors import ConfigError
+from jax_resnet.timeline import Timeline
+
+
+def fresh_state(config, num_classes=10, image_shape=(12, 12, 1), seed=1):
+  model = steps.create_model(config, num_classes)
+  lr = optim.create_learning_rate_fn(config, Timeline(10, 100))
+  return steps.create_train_state(
+    jax.random.PRNGKey(seed), config, model, image_shape, lr, sharding.create_mesh()
+  )
+
+
+@pytest.fixture
+def info_logs(caplog):
+  """caplog with absl's INFO records (absl keeps WARNING until an app sets otherwise)."""
+  from absl import logging
+
+  previous = logging.get_verbosity()
+  logging.set_verbosity(logging.INFO)
+  yield caplog
+  logging.set_verbosity(previous)
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def assert_same(a, b):
+  for x, y in zip(leaves(a), leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory):
+  return train_digits(tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def run_variables(digits_run):
+  from jax_resnet import runs
+
+  return jax.tree.map(np.asarray, runs.load(digits_run, 'best').variables)
+
+
+@pytest.mark.parametrize('export_format', ['workdir', 'msgpack', 'safetensors'])
+def test_init_from_a_run_or_its_export_loads_exactly_its_weights(
+  digits_run, run_variables, tmp_path, export_format
+):
+  if export_format == 'workdir':
+    source = digits_run
+  else:
+    source = str(tmp_path / f'model.{export_format}')
+    export.export_checkpoint(digits_run, source, 'best', export_format)
+  loaded = warm_start.load_source(source, 'resnet20')
+  assert_same(loaded.variables, run_variables)  # export then import is the identity
+  assert loaded.class_names == tuple('0123456789')
+  state = warm_start.apply(fresh_state(digits_config()), loaded, loaded.class_names)
+  assert_same({'params': state.params, 'batch_stats': state.batch_stats}, run_variables)
+  assert int(state.step) == 0
+
+
+def test_init_from_workdir_step_and_latest(digits_run):
+  import os
+
+  steps_saved = sorted(int(s) for s in os.listdir(os.path.join(digits_run, 'checkpoints')))
+  for suffix in ('latest', str(steps_saved[0])):
+    loaded = warm_start.load_source(f'{digits_run}:{suffix}', 'resnet20')
+    assert f'{suffix} checkpoint' in loaded.description
+
+
+def test_torchvision_layout_round_trip_through_a_plain_safetensors_file(tmp_path):
+  """timm's or torchvision's own weights: a safetensors file without this project's
+  metadata, read as torchvision's layout for the configured model."""
+  from configs import default
+
+  config = default.get_config()
+  config.model, config.image_size = 'resnet18', 32
+  state = fresh_state(config, 1000, (32, 32, 3), seed=3)
+  variables = jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
+  path = str(tmp_path / 'resnet18.safetensors')
+  tw.save_safetensors(path, tw.to_torchvision(variables, 'resnet18'))
+  loaded = warm_start.load_source(path, 'resnet18')
+  assert 'torchvision layout' in loaded.description and loaded.class_names == ()
+  assert_same(loaded.variables, variables)
+
+
+def test_another_class_count_reinitialises_only_the_head(run_variables, info_logs):
+  config = digits_config()
+  fresh = fresh_state(config, num_classes=5)
+  state = warm_start.apply(fresh, warm_start.Source(run_variables, 'the digits run'))
+  for key in ('kernel', 'bias'):  # the head keeps its fresh, 5-class initialisation
+    np.testing.assert_array_equal(state.params['head'][key], fresh.params['head'][key])
+  body = lambda v: {k: v for k, v in v['params'].items() if k != 'head'}
+  assert_same(body({'params': state.params}), body(run_variables))
+  assert_same(state.batch_stats, run_variables['batch_stats'])
+  assert 'another class count (10 classes in the weights, 5 here)' in info_logs.text
+
+
+def test_other_class_names_reinitialise_the_head(run_variables, info_logs):
+  """Digits 0-4 into a 5-9 run: the same count, other classes: a fresh head."""
+  fresh = fresh_state(digits_config(), num_classes=10)
+  source = warm_start.Source(run_variables, 'the digits run', tuple('0123456789'))
+  kept = warm_start.apply(fresh, source, tuple('0123456789'))
+  np.testing.assert_array_equal(
+    kept.params['head']['kernel'], run_variables['params']['head']['kernel']
+  )
+  renamed = warm_start.apply(fresh, source, tuple('abcdefghij'))
+  np.testing.assert_array_equal(renamed.params['head']['kernel'], fresh.params['head']['kernel'])
+  assert 'the classifier head has other classes' in info_logs.text
+
+
+def test_another_model_is_one_error_listing_keys(run_variables):
+  config = digits_config()
+  config.model = 'resnet32'
+  with pytest.raises(ConfigError) as error:
+    warm_start.apply(fresh_state(config), warm_start.Source(run_variables, 'the digits run'))
+  message = str(error.value)
+  assert 'do not fit this model' in message and 'stage1_block4' in message
+  assert 'keys differ' in message
+
+
+def _train(config, num_steps=3, num_classes=10):
+  """``num_steps`` train steps on one fixed batch: (params and BN statistics before, after)."""
+  from test_steps import fixed_batch
+
+  state = fresh_state(config, num_classes, (8, 8, 3))
+  before = jax.tree.map(np.array, (state.params, state.batch_stats))  # copies: donated
+  train_fn = steps.make_train_step(
+    config,
+    optim.create_learning_rate_fn(config, Timeline(10, 100)),
+    num_classes,
+    (127.0,) * 3,
+    (64.0,) * 3,
+    sharding.create_mesh(),
+  )
+  for _ in range(num_steps):
+    state, _ = train_fn(state, fixed_batch())
+  return before, (state.params, state.batch_stats)
+
+
+def _changed(before, after):
+  return {
+    name: not all(
+      np.array_equal(a, np.asarray(b))
+      for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name]))
+    )
+    for name in before
+  }
+
+
+@pytest.mark.parametrize('freeze', ['backbone', 'stem,stage1'])
+def test_frozen_parameters_get_exactly_zero_updates(config, freeze):
+  config.image_size, config.freeze, config.weight_decay = 8, freeze, 1e-2
+  (params, _), (new_params, _) = _train(config)
+  changed = _changed(params, new_params)
+  if freeze == 'backbone':
+    assert changed == {name: name == 'head' for name in params}
+  else:
+    assert all(not changed[n] for n in params if n.startswith(('stem', 'stage1_')))
+    assert all(changed[n] for n in params if n.startswith(('stage2_', 'stage3_', 'head')))
+
+
+def test_head_learning_rate_multiplier_scales_only_the_head(config):
+  config.image_size, config.schedule, config.momentum = 8, 'constant', 0.0
+  config.weight_decay = 0.0
+  (params, _), (plain, _) = _train(config, num_steps=1)
+  config.head_learning_rate_multiplier = 10.0
+  _, (boosted, _) = _train(config, num_steps=1)
+  delta = lambda new: np.asarray(new['head']['kernel']) - params['head']['kernel']
+  np.testing.assert_allclose(delta(boosted), 10 * delta(plain), rtol=1e-4, atol=1e-7)
+  for a, b in zip(
+    jax.tree.leaves(boosted['stage2_block1']), jax.tree.leaves(plain['stage2_block1'])
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_frozen_batchnorm_keeps_the_running_statistics(config):
+  config.image_size, config.frozen_batchnorm = 8, True
+  (_, stats), (_, new_stats) = _train(config)
+  assert not any(_changed(stats, new_stats).values())
+  config.frozen_batchnorm = False
+  (_, stats), (_, new_stats) = _train(config)
+  assert all(_changed(stats, new_stats).values())
+
+
+def test_init_from_applies_once_then_the_run_resumes_its_own(digits_run, tmp_path, info_logs):
+  from jax_resnet import training
+
+  config = digits_config()
+  config.init_from, config.num_train_steps = digits_run, 5
+  workdir = str(tmp_path / 'finetune')
+  training.train_and_evaluate(config, workdir)
+  assert 'init_from ' in info_logs.text and 'loaded' in info_logs.text
+  info_logs.clear()
+  config.num_train_steps = 8
+  training.train_and_evaluate(config, workdir)
+  assert 'Resumed from' in info_logs.text and 'init_from ' not in info_logs.text
+
+
+def test_fine_tune_torchvision_weights_on_a_class_folder_then_predict(config, tmp_path, info_logs):
+  """The README's fine-tuning workflow: torchvision-layout ResNet-18 weights (1000
+  classes), a 3-class image folder, the backbone's first stages frozen, the head
+  re-initialised and trained faster; then predict on the folder's images."""
+  from conftest import folder_config
+
+  from jax_resnet import predict, training
+
+  folder_config(config, tmp_path)
+  config.model, config.batch_size, config.eval_batch_size = 'resnet18', 8, 8
+  config.num_train_steps, config.log_every_steps = 4, 2
+  imagenet = fresh_state(config, 1000, (32, 32, 3), seed=5)
+  weights = jax.tree.map(
+    np.asarray, {'params': imagenet.params, 'batch_stats': imagenet.batch_stats}
+  )
+  source = str(tmp_path / 'resnet18_torchvision.safetensors')
+  tw.save_safetensors(source, tw.to_torchvision(weights, 'resnet18'))
+  config.init_from, config.freeze = source, 'stem,stage1'
+  config.head_learning_rate_multiplier, config.frozen_batchnorm = 10.0, True
+  workdir = str(tmp_path / 'pets')
+  training.train_and_evaluate(config, workdir)
+  assert 're-initialised params/head/bias, params/head/kernel' in info_logs.text
+  from jax_resnet import runs
+
+  trained = runs.load(workdir, 'latest').state.params
+  kernel = lambda params, block: np.asarray(params[block]['Conv_0']['kernel'])
+  frozen, trainable = 'stage1_block1', 'stage2_block1'
+  np.testing.assert_array_equal(kernel(trained, frozen), kernel(weights['params'], frozen))
+  assert not np.array_equal(kernel(trained, trainable), kernel(weights['params'], trainable))
+  predictor = predict.Predictor.from_workdir(workdir, 'latest')
+  output = str(tmp_path / 'predictions.csv')
+  summary = predict.predict_files(predictor, [str(tmp_path / 'eval')], output, top_k=2)
+  assert summary['num_images'] == 7
+  assert tuple(predictor.class_names) == ('class_0', 'class_1', 'class_2')
