@@ -2,7 +2,8 @@
 
   python -m jax_resnet.benchmark --config=configs/resnet50_imagenet.py \\
       [--config.FIELD=VALUE ...] [--steps=20] [--warmup=3] [--json_out=PATH] \\
-      [--compare=OTHER_CONFIG.py [--compare.FIELD=VALUE ...]] [--mode=synthetic|pipeline]
+      [--compare=OTHER_CONFIG.py [--compare.FIELD=VALUE ...]] [--mode=synthetic|pipeline] \\
+      [--profile=DIR]
 
 ``--mode=synthetic`` (default) builds the model, optimizer and schedule from the config,
 makes uint8 images and labels on the device (a rotating set of ``--num_batches``
@@ -15,6 +16,11 @@ It prints one JSON object (see ``FIELDS``).
 ``--mode=pipeline`` measures, on the config's real data source, the input pipeline alone,
 the step alone (as above) and the whole loop, and names the bottleneck. Only this
 mode imports TensorFlow (through ``jax_resnet.data``).
+
+``--profile=DIR`` then traces a few more steps into DIR (TensorBoard's profile plugin,
+xprof, or Perfetto opens it; see ``jax_resnet.profiling``), prints a table of the top
+operations by device time with their shapes to stderr, writes it to DIR/top_ops.txt and
+adds it to the JSON as ``top_ops``.
 
 ``--compare`` runs a second config in the same process and adds ``ratio``: its images/s
 over the first's. Without TensorFlow installed, synthetic mode still runs: this module
@@ -38,7 +44,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_resnet import optim, sharding, summary, validation
+from jax_resnet import optim, profiling, sharding, summary, validation
 from jax_resnet import steps as train_steps  # `steps` is also a count of steps here
 from jax_resnet.data.common import KNOWN_SIZES, imagenet_stats
 from jax_resnet.timeline import Timeline
@@ -117,6 +123,12 @@ flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 flags.DEFINE_integer('num_batches', 4, 'Synthetic batches on the device, used in turn.')
 flags.DEFINE_integer('num_classes', None, 'Head size; default from config.dataset.')
 flags.DEFINE_string('json_out', None, 'Also write the JSON object to this file.')
+flags.DEFINE_string(
+  'profile',
+  None,
+  'Also trace --profile_steps steps into this directory and print the top operations.',
+)
+flags.DEFINE_integer('profile_steps', 3, 'Steps traced with --profile.')
 
 
 def peak_bf16_tflops(device_kind: str) -> float | None:
@@ -197,8 +209,11 @@ def benchmark_step(
   mean: Sequence[float] = None,
   std: Sequence[float] = None,
   image_shape: Sequence[int] = None,
+  profile_dir: str | None = None,
+  profile_steps: int = 3,
 ) -> dict:
-  """Compiles and times the config's train step on synthetic device data (see FIELDS)."""
+  """Compiles and times the config's train step on synthetic device data (see FIELDS);
+  with ``profile_dir``, then traces ``profile_steps`` more steps there (``top_ops``)."""
   mesh = sharding.create_mesh()
   devices = list(mesh.devices.flat)
   validation.check_divisible(config.batch_size, len(devices), 'batch_size')
@@ -242,6 +257,10 @@ def benchmark_step(
   state, pipelined_s, loss = _time_pipelined(
     compiled, state, args_at, warmup_dispatches + dispatches, dispatches
   )
+  top_ops = None
+  if profile_dir:
+    first = warmup_dispatches + 2 * dispatches
+    state, top_ops = _profile(compiled, state, args_at, first, profile_dir, profile_steps, k)
   del state
 
   global_batch = config.batch_size
@@ -285,6 +304,9 @@ def benchmark_step(
     'mfu': mfu,
     'train_loss': loss,
   }
+  if top_ops is not None:
+    result['profile_dir'] = profile_dir
+    result['top_ops'] = top_ops
   _log_step_result(result)
   return result
 
@@ -337,6 +359,32 @@ def _time_pipelined(compiled, state, args_at, first: int, dispatches: int):
   jax.block_until_ready((state, totals))
   seconds = time.perf_counter() - start
   return state, seconds, float(totals.compute()['train_loss'])
+
+
+def _profile(compiled, state, args_at, first: int, logdir: str, steps: int, k: int):
+  """Traces ``steps`` steps (whole dispatches) into ``logdir``: (state, top-ops rows)."""
+  dispatches = max(1, -(-steps // k))
+  with profiling.trace(logdir):
+    for i in range(dispatches):
+      state, metrics = compiled(state, args_at(first + i))
+    jax.block_until_ready((state, metrics))
+  rows = profiling.top_ops(profiling.latest_xplane(logdir), [compiled.as_text()])
+  table = profiling.format_table(rows, dispatches * k)
+  with open(os.path.join(logdir, profiling.TOP_OPS_FILE), 'w') as f:
+    f.write(table + '\n')
+  print(
+    f'Top operations over {dispatches * k} step(s), traced into {logdir}:\n{table}', file=sys.stderr
+  )
+  return state, [
+    {
+      'op': r.name,
+      'ms_per_step': r.total_ms / (dispatches * k),
+      'share': r.share,
+      'calls_per_step': r.count / (dispatches * k),
+      'shapes': r.shapes,
+    }
+    for r in rows
+  ]
 
 
 def _log_step_result(result: dict) -> None:
@@ -459,8 +507,14 @@ def main(argv):
     num_batches=FLAGS.num_batches,
     num_classes=FLAGS.num_classes,
   )
+  if FLAGS.mode == 'synthetic' and FLAGS.profile:
+    kwargs.update(profile_steps=FLAGS.profile_steps)
+  elif FLAGS.profile:
+    raise app.UsageError('--profile traces the synthetic step: drop --mode=pipeline.')
 
   def measure(flag, config):
+    if FLAGS.profile:  # --compare's trace and table in DIR/compare
+      kwargs['profile_dir'] = FLAGS.profile if flag == 'config' else f'{FLAGS.profile}/compare'
     result = run(config, FLAGS.mode, **kwargs)
     result['config_file'] = config_flags.get_config_filename(FLAGS[flag])
     result['overrides'] = {

@@ -35,24 +35,29 @@ EVAL_DATA_FIELDS = frozenset(
 class Evaluator:
   """Loss, top-1 and top-5 of a train state on one data set's eval split."""
 
-  def __init__(self, dataset: Dataset, eval_fn, mesh, global_batch: int, prefix: str = 'eval_'):
+  def __init__(self, dataset: Dataset, eval_fn, mesh, global_batch: int, use_ema: bool = False):
     self.dataset = dataset
     self.eval_fn = eval_fn
     self.mesh = mesh
-    self.prefix = prefix
+    self.use_ema = use_ema  # the state's EMA weights; metrics named eval_top1_ema, ...
     self.local_batch = sharding.local_batch_size(global_batch, mesh)
     self.num_steps = batching.num_eval_steps(dataset.info, global_batch)
 
   def __call__(self, state) -> dict[str, float]:
+    if self.use_ema:
+      state = steps.ema_state(state)
     batches = batching.eval_batches(self.dataset, self.local_batch, self.num_steps)
     totals = None
     for batch in sharding.prefetch_to_device(batches, self.mesh):
       step_metrics = self.eval_fn(state, batch)
       totals = step_metrics if totals is None else totals.merge(step_metrics)
-    return {self.prefix + k.removeprefix('eval_'): float(v) for k, v in totals.compute().items()}
+    suffix = '_ema' if self.use_ema else ''
+    return {k + suffix: float(v) for k, v in totals.compute().items()}
 
 
-def evaluate_checkpoint(workdir: str, which: str | int = 'best', overrides: Mapping = None) -> dict:
+def evaluate_checkpoint(
+  workdir: str, which: str | int = 'best', overrides: Mapping = None, weights: str = 'raw'
+) -> dict:
   """Eval mode: a checkpoint's loss, top-1 and top-5 on its eval split, logged and
   appended to ``metrics.jsonl``.
 
@@ -61,7 +66,7 @@ def evaluate_checkpoint(workdir: str, which: str | int = 'best', overrides: Mapp
   (``EVAL_DATA_FIELDS``), e.g. to evaluate on a folder of your own images.
   """
   mesh = sharding.create_mesh()
-  run = runs.load(workdir, which, mesh)
+  run = runs.load(workdir, which, mesh, weights)
   config = eval_config(run.config, overrides or {})
   dataset = load_dataset(config, workdir, splits=('eval',), class_names=run.info.class_names)
   eval_fn = steps.make_eval_step(config, run.info.num_classes, run.info.mean, run.info.std, mesh)

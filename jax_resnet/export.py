@@ -37,18 +37,23 @@ _COLLECTIONS = ('params', 'batch_stats')
 
 
 def export_checkpoint(
-  workdir: str, path: str, which: str | int = 'latest', export_format: str = 'msgpack'
+  workdir: str,
+  path: str,
+  which: str | int = 'latest',
+  export_format: str = 'msgpack',
+  weights: str = 'raw',
 ) -> str:
   """Writes the ``which`` checkpoint's params, batch statistics and inference metadata to
-  ``path`` in ``export_format``; returns ``path``. The workdir is only read."""
+  ``path`` in ``export_format``; returns ``path``. The workdir is only read. ``weights``
+  'ema' exports the run's weight average (config.ema_decay)."""
   if export_format not in EXPORT_FORMATS:
     raise ConfigError(
       f'Unknown export format {export_format!r}. Valid: {", ".join(EXPORT_FORMATS)}.'
     )
   # Before the checkpoint is read: a wrong path fails in a second, not after the restore.
   ensure_writable(path, 'the export')
-  run = runs.load(workdir, which)
-  metadata = inference_metadata(run, export_format)
+  run = runs.load(workdir, which, weights=weights)
+  metadata = {**inference_metadata(run, export_format), 'weights': weights}
   variables = jax.tree.map(np.asarray, run.variables)
   if export_format == 'torchvision':
     check_torchvision_layout(metadata)
@@ -161,7 +166,7 @@ def read_export(path: str) -> tuple[dict, dict]:
   """
   if not os.path.isfile(path):
     raise NotFoundError(f'No export at {path}.')
-  if _is_safetensors(path):
+  if is_safetensors(path):
     return _read_safetensors(path)
   return _read_msgpack(path)
 
@@ -198,7 +203,7 @@ def _read_msgpack(path: str) -> tuple[dict, dict]:
     return variables, json.load(f)
 
 
-def _is_safetensors(path: str) -> bool:
+def is_safetensors(path: str) -> bool:
   """safetensors files start with the header's length (8 bytes, little-endian), then '{'."""
   with open(path, 'rb') as f:
     head = f.read(9)

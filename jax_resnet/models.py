@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_resnet import conv as conv_ops
+
 ModuleDef = Any
 
 # He-normal (Kaiming) init with fan-out, as torchvision's ResNets use.
@@ -225,7 +227,7 @@ def _deep_stem(x, width, conv, norm):
   for k, (features, strides) in enumerate(((width // 2, 2), (width // 2, 1), (width, 1))):
     x = conv(features, (3, 3), strides, padding=_pad(3), name=f'stem_conv{k + 1}')(x)
     x = nn.relu(norm(name=f'stem_bn{k + 1}')(x))
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+  return conv_ops.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
 
 
 def drop_path_rates(rate: float, stage_sizes: Sequence[int]) -> list[float]:
@@ -275,6 +277,9 @@ class ResNet(nn.Module):
   # Drop probability of the last block's residual branch in training, the others' linear
   # in depth from 0 (see drop_path_rates); uses the 'dropout' PRNG stream. 0: none.
   stochastic_depth_rate: float = 0.0
+  # BatchNorm normalises with its running statistics in training too and leaves them as
+  # they are (fine-tuning with small batches, whose own statistics are too noisy).
+  frozen_batchnorm: bool = False
 
   def __post_init__(self):
     _check_options(self.residual, self.se_ratio, self.stochastic_depth_rate)
@@ -288,10 +293,14 @@ class ResNet(nn.Module):
       dtype=self.dtype,
       param_dtype=jnp.float32,
       kernel_init=KERNEL_INITS[self.kernel_init],
+      # The same convolution, written as matrix products for the shapes XLA:CPU runs far
+      # below its rate (conv.py; 1x1 convs and kernels larger than their map); plain
+      # everywhere else and on every other platform.
+      conv_general_dilated=conv_ops.routed_conv,
     )
     norm = functools.partial(
       nn.BatchNorm,
-      use_running_average=not train,
+      use_running_average=not train or self.frozen_batchnorm,
       momentum=self.bn_momentum,
       epsilon=self.bn_epsilon,
       dtype=self.dtype,
@@ -301,7 +310,7 @@ class ResNet(nn.Module):
     if self.stem == 'imagenet':
       x = conv(self.widths[0], (7, 7), (2, 2), padding=_pad(7), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+      x = conv_ops.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
     elif self.stem == 'deep':
       x = _deep_stem(x, self.widths[0], conv, norm)
     else:

@@ -60,10 +60,15 @@ class Predictor:
 
   @classmethod
   def from_workdir(
-    cls, workdir: str, which: str | int = 'best', batch_size: int = DEFAULT_BATCH_SIZE
+    cls,
+    workdir: str,
+    which: str | int = 'best',
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    weights: str = 'raw',
   ) -> 'Predictor':
-    """The ``which`` checkpoint ('best', 'latest' or a step) of a run; only reads ``workdir``."""
-    run = runs.load(workdir, which)
+    """The ``which`` checkpoint ('best', 'latest' or a step) of a run, its trained
+    weights or (``weights='ema'``) their average; only reads ``workdir``."""
+    run = runs.load(workdir, which, weights=weights)
     return cls(run.variables, export.inference_metadata(run), batch_size)
 
   @classmethod

@@ -11,10 +11,10 @@ import dataclasses
 import jax
 import ml_collections
 
-from jax_resnet import optim, sharding, steps
+from jax_resnet import default_config, optim, sharding, steps
 from jax_resnet.checkpointing import Checkpoints
 from jax_resnet.data.common import DatasetInfo
-from jax_resnet.errors import TrainingError
+from jax_resnet.errors import ConfigError, TrainingError
 from jax_resnet.timeline import Timeline
 
 
@@ -36,7 +36,8 @@ class SavedRun:
 
 
 def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(meta['config'])
+  """The checkpoint's config, with any field added since it was written at its default."""
+  return default_config.merged_with_defaults(meta['config'])
 
 
 def info_from_meta(meta: dict) -> DatasetInfo | None:
@@ -55,8 +56,13 @@ def abstract_state(config, info: DatasetInfo, mesh):
   return model, state
 
 
-def load(workdir: str, which: str | int = 'best', mesh=None) -> SavedRun:
-  """The run's ``which`` checkpoint ('best' (else the latest), 'latest' or a step)."""
+WEIGHTS = ('raw', 'ema')
+
+
+def load(workdir: str, which: str | int = 'best', mesh=None, weights: str = 'raw') -> SavedRun:
+  """The run's ``which`` checkpoint ('best' (else the latest), 'latest' or a step);
+  ``weights='ema'`` puts its averaged weights and statistics (config.ema_decay) in place
+  of the trained ones."""
   mesh = mesh or sharding.create_mesh()
   checkpoints = Checkpoints(workdir, read_only=True)
   try:
@@ -78,6 +84,12 @@ def load(workdir: str, which: str | int = 'best', mesh=None) -> SavedRun:
     raise TrainingError(
       f'No {which} checkpoint in {checkpoints.directory}: train first with --mode=train.'
     )
+  if weights == 'ema':
+    if state.ema is None:
+      raise ConfigError(
+        f'--weights=ema: the run in {workdir} kept no weight average (its ema_decay is 0).'
+      )
+    state = steps.ema_state(state)
   return SavedRun(workdir, int(meta['step']), state=state, **built)
 
 

@@ -16,6 +16,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
@@ -23,16 +24,16 @@ from jax_resnet import (
   optim,
   plot,
   preemption,
+  profiling,
   progress,
   reporting,
   sharding,
   steps,
   summary,
   validation,
+  warm_start,
 )
-from jax_resnet import (
-  workdir as workdir_lib,
-)
+from jax_resnet import workdir as workdir_lib
 from jax_resnet.checkpointing import Checkpoints
 from jax_resnet.data import batching
 from jax_resnet.data.common import shuffle_seed
@@ -40,6 +41,8 @@ from jax_resnet.data.sources import Dataset, load_dataset
 from jax_resnet.errors import TrainingError
 from jax_resnet.evaluation import Evaluator
 from jax_resnet.timeline import Every, Timeline
+
+TIMING_FILE = 'timing.json'  # the latest run's wall time by part (profiling.RunClock)
 
 
 @dataclasses.dataclass
@@ -56,6 +59,7 @@ class _Run:
   start_step: int
   checkpoints: Checkpoints
   evaluators: list
+  teacher: steps.Teacher | None = None
 
 
 def train_and_evaluate(
@@ -63,6 +67,7 @@ def train_and_evaluate(
   workdir: str,
   resume_from: str = 'latest',
   start_over: bool = False,
+  started_at: float | None = None,
 ) -> dict:
   """Trains (resuming from workdir's latest checkpoint) and returns final eval metrics,
   or ``{'stopped_at_step': N}`` after a SIGTERM or Ctrl-C.
@@ -71,24 +76,42 @@ def train_and_evaluate(
   checkpoint is lost; ``start_over`` moves an earlier run's checkpoints and metrics to
   ``WORKDIR/previous-N/`` and starts at step 0. Without either, a workdir whose
   checkpoints cannot be restored is an error, never a silent restart.
+
+  The run's wall time by part goes to ``WORKDIR/timing.json`` (``started_at``: a
+  ``time.perf_counter()`` from the process's start, to count start-up too).
   """
+  clock = profiling.RunClock(started_at)
   with preemption.StopRequest() as stop:
-    mesh = sharding.create_mesh()
-    validation.validate(config, mesh.devices.size)
-    workdir_lib.ensure_writable(workdir)
+    with clock.part('setup'):
+      mesh = sharding.create_mesh()
+      validation.validate(config, mesh.devices.size)
+      workdir_lib.ensure_writable(workdir)
     with _lock(workdir):
-      if start_over and jax.process_index() == 0 and workdir_lib.has_history(workdir):
-        logging.warning(
-          'Starting over: moved the earlier run to %s.', workdir_lib.move_history_aside(workdir)
-        )
-      run = _build(config, workdir, mesh, resume_from)
+      with clock.part('setup'):
+        if start_over and jax.process_index() == 0 and workdir_lib.has_history(workdir):
+          logging.warning(
+            'Starting over: moved the earlier run to %s.',
+            workdir_lib.move_history_aside(workdir),
+          )
+        run = _build(config, workdir, mesh, resume_from)
       try:
-        return _loop(run, stop)
+        return _loop(run, stop, clock)
       finally:
-        try:
-          run.checkpoints.close()
-        except Exception:  # a failed save has been reported already
-          pass
+        with clock.part('checkpoint'):
+          try:
+            run.checkpoints.close()
+          except Exception:  # a failed save has been reported already
+            pass
+        _write_timing(run, clock)
+
+
+def _write_timing(run: '_Run', clock: profiling.RunClock) -> None:
+  if jax.process_index() != 0:
+    return
+  try:
+    clock.write(os.path.join(run.workdir, TIMING_FILE), start_step=run.start_step)
+  except OSError as e:  # a full disk has been reported already; this is not worth a crash
+    logging.warning('Could not write %s: %s', TIMING_FILE, e)
 
 
 def _lock(workdir: str):
@@ -107,8 +130,16 @@ def _build(config: ml_collections.ConfigDict, workdir: str, mesh, resume_from: s
   )
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
   state, start_step = _resume(checkpoints, config, state, resume_from)
+  if start_step == 0 and config.init_from:
+    source = warm_start.load_source(config.init_from, config.model)
+    state = warm_start.apply(state, source, info.class_names)
   eval_fn = steps.make_eval_step(config, info.num_classes, info.mean, info.std, mesh)
   evaluators = [Evaluator(dataset, eval_fn, mesh, config.eval_batch_size)]
+  if config.ema_decay:  # the averaged weights, beside the raw ones: eval_top1_ema, ...
+    evaluators.append(Evaluator(dataset, eval_fn, mesh, config.eval_batch_size, use_ema=True))
+  teacher = None
+  if config.distill_from:
+    teacher = warm_start.load_teacher(config, info.num_classes)
   return _Run(
     config,
     workdir,
@@ -120,6 +151,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str, mesh, resume_from: s
     start_step,
     checkpoints,
     evaluators,
+    teacher,
   )
 
 
@@ -223,7 +255,7 @@ def _log_start(run: _Run, writer) -> None:
   )
 
 
-def _loop(run: _Run, stop: preemption.StopRequest) -> dict:
+def _loop(run: _Run, stop: preemption.StopRequest, clock: profiling.RunClock) -> dict:
   config, timeline, state = run.config, run.timeline, run.state
   if run.start_step >= timeline.total_steps:
     return _finished(run)
@@ -235,13 +267,21 @@ def _loop(run: _Run, stop: preemption.StopRequest) -> dict:
       'resume' if run.start_step else 'start',
     )
     return {'stopped_at_step': run.start_step}
-  writer = reporting.create_writer(run.workdir)
-  _log_start(run, writer)
-  batches = batching.global_train_batches(
-    run.dataset, config, run.mesh, timeline.steps_per_epoch, run.start_step
-  )
+  with clock.part('logging'):
+    writer = reporting.create_writer(run.workdir)
+    _log_start(run, writer)
+  with clock.part('input_wait'):
+    batches = batching.global_train_batches(
+      run.dataset, config, run.mesh, timeline.steps_per_epoch, run.start_step
+    )
   events = _Events.of(config, timeline)
-  run_steps = _Stepper(run)
+  run_steps = _Stepper(run, clock)
+  profiler = profiling.StepProfiler(
+    os.path.join(run.workdir, 'profile'),
+    config.profile_first_step,
+    config.profile_steps,
+    run_steps.hlo_texts,
+  )
   train_metrics, eval_metrics, last_finite = None, {}, None
   bar = progress.Progress(
     timeline.total_steps, timeline.steps_per_epoch, config.batch_size, run.start_step
@@ -250,30 +290,42 @@ def _loop(run: _Run, stop: preemption.StopRequest) -> dict:
   try:
     while step < timeline.total_steps:
       k = dispatch_size(step, config.steps_per_dispatch, timeline.total_steps, events.periods)
-      state, step_metrics = run_steps(state, [next(batches) for _ in range(k)])
+      with clock.part('input_wait'):
+        batch_list = [next(batches) for _ in range(k)]
+      profiler.before(step, state)
+      with clock.part('steps'):
+        state, step_metrics = run_steps(state, batch_list, step)
       step += k
-      bar.tick(step)
+      with clock.part('logging'):
+        bar.tick(step)
+        profiler.after(step, state)
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       is_last = step == timeline.total_steps
       save = is_last or events.checkpoint(step) or events.epoch_end(step)
       stopping = stop.requested(step, config.log_every_steps)
 
       if events.log(step) or is_last or save or stopping:
-        scalars = {k: float(v) for k, v in train_metrics.compute().items()}
+        with clock.part('steps'):  # waits for the dispatched steps
+          scalars = {k: float(v) for k, v in train_metrics.compute().items()}
         _check_finite(scalars, step, last_finite, run.workdir)
         last_finite = (step, scalars['train_loss'])
       if events.log(step) or is_last:
-        writer.write_scalars(step, scalars)
-        bar.log(step, scalars)
+        with clock.part('logging'):
+          writer.write_scalars(step, scalars)
+          bar.log(step, scalars)
         train_metrics = None
       if events.evaluate(step) or is_last or save or stopping:
-        _check_state_finite(state, step, last_finite, run.workdir)  # before anything is kept
+        with clock.part('steps'):
+          _check_state_finite(state, step, last_finite, run.workdir)  # before anything is kept
       if events.evaluate(step) or is_last:
-        eval_metrics = _evaluate(run, state, step, writer)
+        with clock.part('eval'):
+          eval_metrics = _evaluate(run, state, step, writer, clock)
       if save or stopping:
-        run.checkpoints.save(step, state, _meta(run, step))
+        with clock.part('checkpoint'):
+          run.checkpoints.save(step, state, _meta(run, step))
       if stopping and not is_last:
-        run.checkpoints.wait()
+        with clock.part('checkpoint'):
+          run.checkpoints.wait()
         logging.warning(
           'Received %s: saved a checkpoint at step %d in %s and stopped. '
           'Rerun the same command to resume.',
@@ -282,10 +334,12 @@ def _loop(run: _Run, stop: preemption.StopRequest) -> dict:
           run.checkpoints.directory,
         )
         return {'stopped_at_step': step}
-    run.checkpoints.wait()
-    writer.flush()
-    if jax.process_index() == 0:
-      plot.save_curves(run.workdir)
+    with clock.part('checkpoint'):
+      run.checkpoints.wait()
+    with clock.part('logging'):
+      writer.flush()
+      if jax.process_index() == 0:
+        plot.save_curves(run.workdir)
   except OSError as e:
     raise TrainingError(
       f'Writing to {run.workdir} failed by step {step}: {e}. The earlier '
@@ -293,12 +347,15 @@ def _loop(run: _Run, stop: preemption.StopRequest) -> dict:
       'space or fix permissions, then rerun the same command to resume.'
     ) from e
   finally:
-    bar.close()
-    writer.flush()
+    with clock.part('logging'):
+      bar.close()
+      writer.flush()
   return eval_metrics
 
 
-def _evaluate(run: _Run, state, step: int, writer, save_best: bool = True) -> dict:
+def _evaluate(
+  run: _Run, state, step: int, writer, clock: profiling.RunClock | None = None, save_best=True
+) -> dict:
   """Runs every evaluator, writes and logs their metrics, keeps the best checkpoint."""
   metrics = {}
   for evaluator in run.evaluators:
@@ -308,7 +365,8 @@ def _evaluate(run: _Run, state, step: int, writer, save_best: bool = True) -> di
     'step %d eval: %s', step, '  '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items()))
   )
   if save_best:
-    run.checkpoints.save_best(step, state, _meta(run, step), metrics['eval_top1'])
+    with clock.part('checkpoint') if clock else contextlib.nullcontext():
+      run.checkpoints.save_best(step, state, _meta(run, step), metrics['eval_top1'])
   return metrics
 
 
@@ -360,30 +418,48 @@ class _Events:
 
 
 class _Stepper:
-  """Runs one dispatch of k train steps: the single step (compiled ahead of time on first
-  use, logging its FLOPs) or the multi-step function (``config.steps_per_dispatch``)."""
+  """Runs one dispatch of k train steps: the single step or the multi-step function
+  (``config.steps_per_dispatch``), each compiled ahead of time on first use (the first
+  logging its FLOPs), at the image size of the step's epoch (one compilation per size
+  with progressive resizing)."""
 
-  def __init__(self, run: _Run):
+  def __init__(self, run: _Run, clock: profiling.RunClock):
     info = run.dataset.info
-    self._options = (
-      run.config,
-      run.learning_rate_fn,
-      info.num_classes,
-      info.mean,
-      info.std,
-      run.mesh,
-    )
-    self._single = steps.make_train_step(*self._options)
-    self._compiled = None
-    self._multi = None
+    self._run, self._clock = run, clock
+    self._args = (run.config, run.learning_rate_fn, info.num_classes, info.mean, info.std)
+    self._compiled = {}  # (steps in the dispatch, image size) -> compiled step
 
-  def __call__(self, state, batches: list):
-    if len(batches) > 1:
-      self._multi = self._multi or steps.make_multi_train_step(*self._options)
-      return self._multi(state, batches)
-    if self._compiled is None:
-      self._compiled = _compile_and_log_flops(self._single, state, batches[0])
-    return self._compiled(state, batches[0])
+  def __call__(self, state, batches: list, step: int):
+    run = self._run
+    size = train_image_size(run.config, run.timeline.epoch_and_batch(step)[0])
+    k = len(batches)  # a dispatch cut short by a period end compiles its own length
+    args = (state, batches if k > 1 else batches[0])
+    if (k, size) not in self._compiled:
+      options = dict(mesh=run.mesh, teacher=run.teacher, image_size=size)
+      make = steps.make_multi_train_step if k > 1 else steps.make_train_step
+      with self._clock.part('compile'):
+        compiled = make(*self._args, **options).lower(*args).compile()
+      if k == 1 and not any(key[0] == 1 for key in self._compiled):
+        _log_flops(compiled, batches[0])
+      self._compiled[(k, size)] = compiled
+    return self._compiled[(k, size)](*args)
+
+  def hlo_texts(self) -> list[str]:
+    """The compiled steps' HLO, for the profile's shapes."""
+    return [c.as_text() for c in self._compiled.values()]
+
+
+def train_image_size(config: ml_collections.ConfigDict, epoch: int) -> int | None:
+  """The training resolution of ``epoch`` under progressive resizing (FFCV's rule: linear
+  from start to end size over [start_epoch, end_epoch], rounded to
+  ``progressive_resizing_multiple`` so that only a few sizes compile); None when off."""
+  if not config.progressive_resizing:
+    return None
+  start, end, first, last = config.progressive_resizing
+  size = float(np.interp(epoch, [first, last], [start, end]))
+  multiple = config.progressive_resizing_multiple
+  size = int(round(size / multiple)) * multiple
+  return int(min(max(size, min(start, end)), max(start, end)))
 
 
 def dispatch_size(step: int, steps_per_dispatch: int, total_steps: int, periods) -> int:
@@ -392,18 +468,17 @@ def dispatch_size(step: int, steps_per_dispatch: int, total_steps: int, periods)
   return min([steps_per_dispatch, total_steps - step] + [p - step % p for p in periods])
 
 
-def _compile_and_log_flops(train_fn, state, batch):
-  """Compiles the train step ahead of time, logging XLA's FLOPs per training image."""
-  compiled = train_fn.lower(state, batch).compile()
+def _log_flops(compiled, batch) -> None:
+  """Logs XLA's FLOPs per training image, from the single step (a multi-step program's
+  scan body may be counted once)."""
   flops = summary.xla_flops(compiled)
   if flops:
     # The compiled SPMD program is one device's share of the global batch.
     devices = batch['label'].sharding.num_devices
     logging.info(
-      'Training FLOPs per image: %.3f G (XLA cost analysis of the train step).',
+      'Training FLOPs per image: %.4g G (XLA cost analysis of the train step).',
       flops * devices / batch['label'].shape[0] / 1e9,
     )
-  return compiled
 
 
 @jax.jit

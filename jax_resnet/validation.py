@@ -38,6 +38,11 @@ RESUME_SAFE_FIELDS = frozenset(
     'data_on_device',
     'cache',
     'remat',
+    'profile_steps',
+    'profile_first_step',
+    # Applied only at step 0: a run with its own checkpoint resumes that, whatever it was
+    # initialised from.
+    'init_from',
   }
 )
 
@@ -106,6 +111,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
       _fail(config, field, 'must be in [0, 1): a decay rate (0.9 is usual).')
   _check_sizes(config)
   _check_schedule(config)
+  _check_fine_tuning(config)
+  _check_digits_classes(config)
+  _check_recipe(config)
   if device_count is not None:
     for field in ('batch_size', 'eval_batch_size'):
       check_divisible(config[field], device_count, field)
@@ -157,6 +165,94 @@ def _check_schedule(config) -> None:
       _fail(config, 'decay_at', 'must be increasing fractions of training in (0, 1).')
   if not 0 <= config.final_learning_rate_fraction <= 1:
     _fail(config, 'final_learning_rate_fraction', 'must be in [0, 1].')
+
+
+def _check_fine_tuning(config) -> None:
+  groups = optim.frozen_groups(config.freeze)
+  arch = models.MODELS[config.model]
+  known = ['backbone', 'head', 'stem', 'final_bn']
+  known += [f'stage{i + 1}' for i in range(len(arch['stage_sizes']))]
+  unknown = [g for g in groups if g not in known]
+  if unknown:
+    _fail(config, 'freeze', f'unknown group(s) {", ".join(unknown)}. Valid: {", ".join(known)}.')
+  if not config.head_learning_rate_multiplier > 0:
+    _fail(config, 'head_learning_rate_multiplier', 'must be positive.')
+
+
+LOSSES = ('softmax', 'bce')
+
+
+def _check_recipe(config) -> None:
+  """The training techniques of the modern recipes: ranges and combinations."""
+  _choice(config, 'loss', LOSSES, 'loss')
+  for field in (
+    'mixup_alpha',
+    'cutmix_alpha',
+    'sam_rho',
+    'randaugment_layers',
+    'randaugment_magnitude_std',
+    'eval_image_size',
+    'lars_trust_coefficient',
+  ):
+    if config[field] < 0:
+      _fail(config, field, 'must be zero or positive.')
+  for field in ('mix_prob', 'mix_switch_prob', 'random_erasing_prob', 'distill_weight'):
+    if not 0 <= config[field] <= 1:
+      _fail(config, field, 'must be in [0, 1].')
+  for field in ('ema_decay', 'stochastic_depth_rate'):
+    if not 0 <= config[field] < 1:
+      _fail(config, field, 'must be in [0, 1).')
+  if config.stochastic_depth_rate and not models.MODELS[config.model]['residual']:
+    _fail(config, 'stochastic_depth_rate', f'needs skip connections; {config.model} has none.')
+  if not 0 <= config.randaugment_magnitude <= config.randaugment_bins - 1:
+    _fail(
+      config,
+      'randaugment_magnitude',
+      f'must be in [0, randaugment_bins - 1 = {config.randaugment_bins - 1}].',
+    )
+  if config.randaugment_layers and config.trivial_augment:
+    _fail(config, 'trivial_augment', "is RandAugment's alternative: set randaugment_layers=0.")
+  if config.sam_rho and config.half_precision and config.half_precision_dtype == 'float16':
+    _fail(config, 'sam_rho', 'is not combined with float16 loss scaling; use bfloat16.')
+  if config.distill_from and not config.distill_temperature > 0:
+    _fail(config, 'distill_temperature', 'must be positive.')
+  _check_progressive_resizing(config)
+  min_size = models.min_image_size(config.model, **steps.model_options(config))
+  if config.eval_image_size and config.eval_image_size < min_size:
+    _fail(config, 'eval_image_size', f'must be 0 (image_size) or at least {min_size}.')
+
+
+def _check_progressive_resizing(config) -> None:
+  if not config.progressive_resizing:
+    return
+  if len(config.progressive_resizing) != 4:
+    _fail(config, 'progressive_resizing', 'is (start_size, end_size, start_epoch, end_epoch).')
+  start, end, first, last = config.progressive_resizing
+  min_size = models.min_image_size(config.model, **steps.model_options(config))
+  if not (min_size <= start and min_size <= end <= config.image_size):
+    _fail(
+      config,
+      'progressive_resizing',
+      f'sizes must be in [{min_size}, image_size='
+      f'{config.image_size}] (the data is made at image_size, then resized down).',
+    )
+  if not 0 <= first <= last <= config.num_epochs:
+    _fail(config, 'progressive_resizing', 'needs 0 <= start_epoch <= end_epoch <= num_epochs.')
+  if config.progressive_resizing_multiple <= 0:
+    _fail(config, 'progressive_resizing_multiple', 'must be positive.')
+
+
+def _check_digits_classes(config) -> None:
+  if not config.digits_classes:
+    return
+  chosen = config.digits_classes
+  if config.dataset != 'digits' or not set(chosen) <= set('0123456789') or len(set(chosen)) < 2:
+    _fail(
+      config,
+      'digits_classes',
+      "keeps a subset of the digits data set's classes: two or more of 0-9, e.g. '01234', "
+      "with config.dataset='digits'.",
+    )
 
 
 def check_divisible(global_batch_size: int, device_count: int, field: str) -> None:

@@ -72,6 +72,8 @@ def test_cli_json_and_compare_without_tensorflow(tmp_path):
       '--compare.cutout_size=4',
       '--compare.remat=true',
       f'--json_out={out}',
+      f'--profile={tmp_path / "profile"}',
+      '--profile_steps=2',
     ],
     cwd=ROOT,
     env=env,
@@ -93,6 +95,17 @@ def test_cli_json_and_compare_without_tensorflow(tmp_path):
   assert printed['compare']['timed_steps'] % 2 == 0
   assert printed['compare']['overrides']['steps_per_dispatch'] == '2'
   assert printed['compare']['remat'] and not printed['config']['remat']
+  # --profile: a trace for each config, and its top operations (with shapes) in the JSON,
+  # on stderr and in top_ops.txt.
+  for result, where in ((printed['config'], ''), (printed['compare'], 'compare')):
+    logdir = tmp_path / 'profile' / where
+    assert result['profile_dir'] == str(logdir).rstrip('/')
+    assert list(logdir.glob('plugins/profile/*/*.xplane.pb'))
+    ops = result['top_ops']
+    assert ops and all(op['ms_per_step'] > 0 and 0 < op['share'] <= 1 for op in ops)
+    assert any(op['shapes'].startswith('convolution') for op in ops), ops
+    assert ops[0]['op'] in (logdir / 'top_ops.txt').read_text()
+  assert 'Top operations over 2 step(s)' in proc.stderr
   # MFU counts model FLOPs: remat's recomputed forward (+17% here) is left out.
   flops = printed['config']['flops_per_image'], printed['compare']['flops_per_image']
   assert abs(flops[1] / flops[0] - 1) < 0.05, flops

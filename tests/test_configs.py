@@ -27,7 +27,13 @@ CONFIGS = sorted(
   if not p.endswith('__init__.py')
 )
 # (channels, classes) of each data set the configs use.
-DATASETS = {'digits': (1, 10), 'cifar10': (3, 10), 'cifar100': (3, 100), 'imagenet2012': (3, 1000)}
+DATASETS = {
+  'digits': (1, 10),
+  'cifar10': (3, 10),
+  'cifar100': (3, 100),
+  'imagenet2012': (3, 1000),
+  'folder': (3, 200),  # Tiny ImageNet's 200 classes
+}
 MAX_TEST_IMAGE = 32  # ImageNet's 224 shrinks to 32, still enough for its 5 halvings
 BATCH = 4
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
@@ -152,6 +158,14 @@ def results():
 
 def test_all_experiment_configs_exist():
   expected = {
+    'resnet50_imagenet_rsb_a3',
+    'resnet50_imagenet_ffcv',
+    'resnet18_cutout_cifar10_sam',
+    'resnet20_cifar10_distill',
+    'resnet26_small_cifar10',
+    'resnet34_small_cifar10',
+    'resnet50_small_cifar10',
+    'resnet18_tinyimagenet',
     'resnet50_imagenet',
     'resnet18_imagenet',
     'resnet18_cutout_imagenet',

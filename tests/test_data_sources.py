@@ -279,3 +279,25 @@ def test_each_process_reads_a_disjoint_share_of_the_files(config, tmp_path, monk
   }
   assert shares[0] and shares[1] and not shares[0] & shares[1]
   assert shares[0] | shares[1] == everything
+
+
+def test_tiny_imagenet_layout(config, tmp_path):
+  """train/<wnid>/images/*.JPEG, and val/images/ labelled by val/val_annotations.txt."""
+  photo_folder(tmp_path / 'src', per_class=(3, 3), extras=False)
+  wnids = ['n01443537', 'n01629819']
+  for wnid, source in zip(wnids, ('class_0', 'class_1')):
+    shutil.copytree(tmp_path / 'src' / source, tmp_path / 'train' / wnid / 'images')
+  (tmp_path / 'val' / 'images').mkdir(parents=True)
+  lines = []
+  for i, (wnid, source) in enumerate(zip(wnids * 2, ['class_0', 'class_1'] * 2)):
+    shutil.copy(
+      tmp_path / 'src' / source / f'{i // 2}.JPEG', tmp_path / 'val' / 'images' / f'val_{i}.JPEG'
+    )
+    lines.append(f'val_{i}.JPEG\t{wnid}\t0\t0\t10\t10')
+  (tmp_path / 'val' / 'val_annotations.txt').write_text('\n'.join(lines) + '\n')
+  config.dataset, config.image_size, config.random_crop_pad = 'folder', 32, 0
+  config.train_dir, config.eval_dir = str(tmp_path / 'train'), str(tmp_path / 'val')
+  ds = sources.load_dataset(config)
+  assert ds.info.class_names == tuple(wnids) and ds.info.num_train == 6 and ds.info.num_eval == 4
+  evals = list(batching.eval_batches(ds, 4, batching.num_eval_steps(ds.info, 4)))
+  np.testing.assert_array_equal(np.sort(evals[0]['label']), [0, 0, 1, 1])

@@ -114,8 +114,11 @@ def test_eight_devices_resume_on_one_and_back_close_to_an_uninterrupted_run(tmp_
     stages.append(result.stderr)
   assert 'at step 8' in stages[1] and 'at step 16' in stages[2]
   assert max(train_losses(workdir)) == 24
-  # The trainer's FLOPs per image count every device's share: equal on 8 and on 1.
-  assert _flops_per_image(stages[0]) == pytest.approx(_flops_per_image(stages[1]), rel=0.02)
+  # The trainer's FLOPs per image count every device's share: close on 8 and on 1 (a
+  # missed device factor would be 8x). XLA counts 2.9% more on 8 devices at this size, the
+  # partitioned program's cross-device reductions (2026-11-23, with or without conv.py's
+  # routing).
+  assert _flops_per_image(stages[0]) == pytest.approx(_flops_per_image(stages[1]), rel=0.05)
   uninterrupted = run_main(
     [*common, f'--workdir={reference}', '--config.num_train_steps=24'], env=devices_env(8)
   )

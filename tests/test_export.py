@@ -40,6 +40,7 @@ METADATA_FIELDS = {
   'resize_antialias',
   'step',
   'config',
+  'weights',  # 'raw', or 'ema' for the weight average
 }
 PHOTO_CLASSES = ('cat', 'dog', 'fox')
 
@@ -150,6 +151,8 @@ def test_export_reads_back_bit_for_bit_with_complete_metadata(digits_run, tmp_pa
     'bn_epsilon': 1e-5,
     'zero_init_residual': True,
     'remat': False,
+    'frozen_batchnorm': False,
+    'stochastic_depth_rate': 0.0,
   }
   assert metadata['config'] == json.loads(config.to_json_best_effort())
   if export_format == 'msgpack':

@@ -21,9 +21,13 @@ def read_jsonl(workdir):
 
 
 def test_main_trains_writes_metrics_and_checkpoints_then_resumes(tmp_path):
-  workdir = str(tmp_path / 'run')
-  first = run_main([*FAST, f'--workdir={workdir}', '--config.num_epochs=1'])
+  workdir, cache = str(tmp_path / 'run'), tmp_path / 'xla_cache'
+  first = run_main(  # with its own compilation cache, not the test session's
+    [*FAST, f'--workdir={workdir}', '--config.num_epochs=1', f'--compilation_cache_dir={cache}'],
+    env={'JAX_COMPILATION_CACHE_DIR': None},
+  )
   assert first.returncode == 0, first.stderr[-3000:]
+  assert any(cache.iterdir()), 'the compiled steps were not cached'
   records = read_jsonl(workdir)
   keys = set().union(*records)
   assert {
@@ -87,7 +91,7 @@ def test_misspelt_field_is_one_line_naming_the_fix(tmp_path):
   assert result.returncode == 1
   assert _console_lines(result) == [
     'error: --config.learnng_rate: no such config field. Did you mean '
-    '--config.learning_rate? The fields are in configs/default.py.'
+    '--config.learning_rate? The fields are in jax_resnet/default_config.py.'
   ]
 
 

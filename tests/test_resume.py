@@ -443,3 +443,62 @@ def test_eval_and_export_of_a_read_only_run(reference, read_only_mount, tmp_path
   )
   assert exported.returncode == 0, exported.stderr[-3000:]
   assert path.stat().st_size > 100_000
+
+
+# Every technique of the modern recipes at once: each keys its randomness by the step.
+MODERN = [
+  '--config.ema_decay=0.9',
+  '--config.mixup_alpha=0.2',
+  '--config.cutmix_alpha=1.0',
+  '--config.randaugment_layers=2',
+  '--config.random_erasing_prob=0.25',
+  '--config.stochastic_depth_rate=0.1',
+  '--config.sam_rho=0.05',
+]
+
+
+def test_sigkill_with_the_modern_recipe_resumes_bit_exact(tmp_path):
+  reference = str(tmp_path / 'reference')
+  done = run_main([*ARGS, *MODERN, f'--workdir={reference}'])
+  assert done.returncode == 0, done.stderr[-3000:]
+  records = [json.loads(line) for line in open(os.path.join(reference, 'metrics.jsonl'))]
+  assert any('eval_top1_ema' in r for r in records)  # the EMA weights, evaluated beside
+  expected = final_state(reference)
+  ema_path = str(tmp_path / 'ema.msgpack')
+  exported = run_main(
+    [*ARGS, f'--workdir={reference}', '--mode=export', '--weights=ema', f'--export_path={ema_path}']
+  )
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  from jax_resnet.export import read_export
+
+  variables, metadata = read_export(ema_path)
+  assert metadata['weights'] == 'ema'
+  import orbax.checkpoint as ocp
+
+  saved = ocp.PyTreeCheckpointer().restore(os.path.join(reference, 'checkpoints', '22', 'state'))
+  np.testing.assert_array_equal(
+    variables['params']['head']['kernel'], saved['ema']['params']['head']['kernel']
+  )
+  assert not np.array_equal(
+    saved['ema']['params']['head']['kernel'], saved['params']['head']['kernel']
+  )
+  workdir = str(tmp_path / 'run')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  proc = subprocess.Popen(
+    [sys.executable, os.path.join(ROOT, 'main.py'), *ARGS, *MODERN, f'--workdir={workdir}'],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.time() + 300
+  while last_logged_step(workdir) < 10 and proc.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=300)
+  resumed = run_main([*ARGS, *MODERN, f'--workdir={workdir}'])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from' in resumed.stderr
+  assert_same_state(workdir, expected)

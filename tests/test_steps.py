@@ -134,3 +134,120 @@ def test_fp16_overflow_skips_the_update_and_lowers_the_scale(config):
     np.testing.assert_array_equal(a, np.asarray(b))
   assert float(after.dynamic_scale.scale) == 2.0**119
   assert int(after.step) == 1  # the step is counted, its update skipped
+
+
+def _recipe(config, **fields):
+  config.schedule, config.learning_rate, config.image_size = 'constant', 0.1, 8
+  for name, value in fields.items():
+    config[name] = value
+  return config
+
+
+def test_ema_equals_its_closed_form(config):
+  """After n steps the EMA is decay^n p_0 + (1 - decay) sum_i decay^(n - i) p_i."""
+  decay = 0.8
+  state, train_fn, _ = setup(_recipe(config, ema_decay=decay))
+  history = [jax.tree.map(np.array, state.params)]
+  for _ in range(4):
+    state, _ = train_fn(state, fixed_batch())
+    history.append(jax.tree.map(np.array, state.params))
+  n = len(history) - 1
+  expected = jax.tree.map(
+    lambda *ps: (
+      decay**n * ps[0] + (1 - decay) * sum(decay ** (n - i) * ps[i] for i in range(1, n + 1))
+    ),
+    *history,
+  )
+  for a, b in zip(jax.tree.leaves(state.ema['params']), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)
+
+
+def test_sam_step_equals_two_hand_computed_passes(config):
+  """The gradient at p + rho g/||g|| (g: the first pass's), BN statistics of the first."""
+  import optax
+
+  rho = 0.05
+  config = _recipe(config, sam_rho=rho, momentum=0.0, weight_decay=0.0)
+  state, train_fn, _ = setup(config)
+  batch = fixed_batch()
+  options = steps.StepOptions.of(config, 10, (127.0,) * 3, (64.0,) * 3)
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  images, targets = steps.augment_batch(
+    step_rng, jnp.asarray(batch['image']), batch['label'], options
+  )
+
+  def loss(params):
+    logits, updates = state.apply_fn(
+      {'params': params, 'batch_stats': state.batch_stats},
+      images,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    return optax.softmax_cross_entropy(logits, targets).mean(), updates['batch_stats']
+
+  (_, first_stats), g1 = jax.value_and_grad(loss, has_aux=True)(state.params)
+  norm = optax.global_norm(g1)
+  perturbed = jax.tree.map(lambda p, g: p + rho * g / norm, state.params, g1)
+  _, g2 = jax.value_and_grad(loss, has_aux=True)(perturbed)
+  expected = jax.tree.map(lambda p, g: np.asarray(p) - 0.1 * np.asarray(g), state.params, g2)
+  first_stats = jax.tree.map(np.asarray, first_stats)
+  new, _ = train_fn(state, batch)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(first_stats)):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_loss_is_t_squared_times_kl():
+  rng = np.random.RandomState(0)
+  student, teacher = rng.normal(size=(4, 10)), rng.normal(size=(4, 10))
+  temperature = 3.0
+  soft = lambda x: np.exp(x / temperature) / np.exp(x / temperature).sum(-1, keepdims=True)
+  p, q = soft(teacher), soft(student)
+  expected = temperature**2 * (p * np.log(p / q)).sum(-1)
+  got = steps.distillation_loss(jnp.asarray(student), jnp.asarray(teacher), temperature)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  assert (
+    float(steps.distillation_loss(jnp.asarray(teacher), jnp.asarray(teacher), 2.0).max()) < 1e-6
+  )
+
+
+def test_every_augmentation_on_the_device_is_keyed_and_bounded(config):
+  """RandAugment, Cutout, random erasing and Mixup/CutMix together: finite images, targets
+  that sum to one, the same for the same key, different for another."""
+  config = _recipe(
+    config,
+    randaugment_layers=2,
+    cutout_size=3,
+    random_erasing_prob=0.5,
+    mixup_alpha=0.2,
+    cutmix_alpha=1.0,
+    label_smoothing=0.1,
+  )
+  options = steps.StepOptions.of(config, 10, (127.0,) * 3, (64.0,) * 3)
+  batch = fixed_batch()
+  run = jax.jit(lambda key: steps.augment_batch(key, batch['image'], batch['label'], options))
+  images, targets = run(jax.random.PRNGKey(0))
+  again, _ = run(jax.random.PRNGKey(0))
+  other, _ = run(jax.random.PRNGKey(1))
+  assert images.shape == (32, 8, 8, 3) and bool(jnp.isfinite(images).all())
+  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-5)
+  assert float(targets.min()) > 0  # label smoothing composed with the mixing
+  np.testing.assert_array_equal(images, again)
+  assert not np.array_equal(images, other)
+
+
+def test_bce_loss_and_eval_flip(config):
+  config = _recipe(config, loss='bce')
+  state, train_fn, eval_fn = setup(config)
+  new, metrics = train_fn(state, fixed_batch())
+  assert np.isfinite(float(metrics.compute()['train_loss']))
+  batch = dict(fixed_batch(8), mask=np.ones(8, np.float32))
+  symmetric = dict(
+    batch, image=np.concatenate([batch['image'][:, :, :4], batch['image'][:, :, 3::-1]], 2)
+  )
+  config.eval_flip = True
+  flip_fn = steps.make_eval_step(config, 10, (127.0,) * 3, (64.0,) * 3, sharding.create_mesh())
+  plain, flipped = eval_fn(new, symmetric).compute(), flip_fn(new, symmetric).compute()
+  np.testing.assert_allclose(plain['eval_loss'], flipped['eval_loss'], rtol=1e-5)  # mirror-even
+  assert eval_fn(new, batch).compute()['eval_loss'] != flip_fn(new, batch).compute()['eval_loss']

@@ -6,7 +6,7 @@ from jax_resnet import validation
 
 CASES = [
   ('model', 'resnet51', "config.model='resnet51': unknown model. Valid names: .*resnet56"),
-  ('optimizer', 'lamb', 'config.optimizer.*Valid: sgd, adamw, adam'),
+  ('optimizer', 'rmsprop', 'config.optimizer.*Valid: sgd, adamw, adam, lars, lamb'),
   ('schedule', 'linear', 'config.schedule.*Valid: onecycle'),
   ('dataset', 'cifar11', "Unknown dataset 'cifar11'. Valid: digits"),
   ('half_precision_dtype', 'float8', 'config.half_precision_dtype.*Valid: bfloat16, float16'),

@@ -84,7 +84,7 @@ def num_eval_steps(info: DatasetInfo, global_eval_batch: int) -> int:
 def eval_batches(dataset: Dataset, local_batch: int, num_steps: int) -> Iterator[dict]:
   """Fixed-shape eval batches: the tail is padded and masked, so each example counts once."""
   ds = dataset.eval.batch(local_batch).prefetch(tf.data.AUTOTUNE)
-  shape = dataset.info.image_shape
+  shape = tuple(dataset.eval.element_spec['image'].shape)  # eval_image_size, where set
   produced = 0
   for batch in tfds.as_numpy(ds):
     yield pad_batch(batch, local_batch)

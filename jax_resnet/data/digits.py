@@ -28,6 +28,12 @@ def arrays(config: ml_collections.ConfigDict):
   order = np.random.RandomState(SPLIT_SEED).permutation(len(labels))
   num_test = int(round(len(labels) * TEST_FRACTION))
   test, train = order[:num_test], order[num_test:]
+  class_names = CLASS_NAMES
+  if config.digits_classes:  # a subset, labels renumbered 0..k-1 in digit order
+    class_names = tuple(sorted(set(config.digits_classes)))
+    keep = np.isin(labels, [int(c) for c in class_names])
+    test, train = test[keep[test]], train[keep[train]]
+    labels = np.searchsorted(np.array([int(c) for c in class_names]), labels).astype(np.int32)
   size = config.image_size
   if size != images.shape[1]:
     images = tf.cast(
@@ -36,13 +42,13 @@ def arrays(config: ml_collections.ConfigDict):
     ).numpy()
   x_train = images[train]
   info = DatasetInfo(
-    num_classes=10,
+    num_classes=len(class_names),
     num_train=len(train),
     num_eval=len(test),
     image_shape=(size, size, 1),
     mean=tuple(float(m) for m in x_train.reshape(-1, 1).mean(0)),
     std=tuple(float(s) for s in x_train.reshape(-1, 1).std(0)),
-    class_names=CLASS_NAMES,
+    class_names=class_names,
   )
   return x_train, labels[train], images[test], labels[test], info
 

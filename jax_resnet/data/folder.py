@@ -1,4 +1,5 @@
-"""Class folders of images: ``ROOT/<class name>/**/*.{jpg,jpeg,png}`` (Kaggle layout).
+"""Class folders of images: ``ROOT/<class name>/**/*.{jpg,jpeg,png}`` (Kaggle layout; also
+Tiny ImageNet's, whose ``val/`` holds ``images/`` and ``val_annotations.txt``).
 
 Class names are sorted and label i is the i-th; the mapping goes to
 ``WORKDIR/class_index.json``, where an eval-only load (eval, predict) finds it again
@@ -25,6 +26,7 @@ from jax_resnet.data.transforms import eval_transform, random_resized_transform
 from jax_resnet.errors import DataError, NotFoundError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+TINY_IMAGENET_ANNOTATIONS = 'val_annotations.txt'  # the eval layout of Tiny ImageNet
 
 
 def list_class_folders(root: str, field: str) -> tuple[list[str], list[str], list[int]]:
@@ -265,6 +267,9 @@ def load(config, workdir, splits, class_names) -> Dataset:
 
 def _eval_files(config, classes: Sequence[str]) -> tuple[list[str], list[int]]:
   """The eval folder's files with the training classes' labels (a subset is fine)."""
+  annotations = os.path.join(config.eval_dir or '', TINY_IMAGENET_ANNOTATIONS)
+  if config.eval_dir and tf.io.gfile.exists(annotations):
+    return _annotated_files(config.eval_dir, annotations, classes)
   eval_classes, paths, eval_labels = list_class_folders(config.eval_dir, 'eval_dir')
   unknown = sorted(set(eval_classes) - set(classes))
   if unknown:
@@ -275,6 +280,31 @@ def _eval_files(config, classes: Sequence[str]) -> tuple[list[str], list[int]]:
     )
   to_train_label = [list(classes).index(name) for name in eval_classes]
   return paths, [to_train_label[i] for i in eval_labels]
+
+
+def _annotated_files(eval_dir: str, annotations: str, classes: Sequence[str]):
+  """Tiny ImageNet's validation layout: ``val/images/*.JPEG`` with the class of each in
+  ``val/val_annotations.txt`` (file name, class, then the box, tab-separated)."""
+  index = {name: i for i, name in enumerate(classes)}
+  paths, labels, unknown = [], [], set()
+  with tf.io.gfile.GFile(annotations) as f:
+    for line in f:
+      fields = line.strip().split('\t')
+      if len(fields) < 2:
+        continue
+      if fields[1] not in index:
+        unknown.add(fields[1])
+        continue
+      paths.append(os.path.join(eval_dir, 'images', fields[0]))
+      labels.append(index[fields[1]])
+  if unknown:
+    raise DataError(
+      f'{annotations} names classes absent from config.train_dir: '
+      f'{", ".join(sorted(unknown)[:10])}{" ..." if len(unknown) > 10 else ""}.'
+    )
+  if not paths:
+    raise DataError(f'{annotations} lists no images.')
+  return paths, labels
 
 
 def write_class_index(workdir: str, classes: Sequence[str]) -> None:

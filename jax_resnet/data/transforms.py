@@ -246,7 +246,9 @@ def random_resized_transform(config: ml_collections.ConfigDict, channels: int):
 
 
 def eval_transform(config: ml_collections.ConfigDict, channels: int):
-  size, fraction = config.image_size, config.eval_crop_fraction
+  """Decodes the centre crop straight at the eval size (``config.eval_image_size`` when
+  set: train low, test high, as FixRes and FFCV do)."""
+  size, fraction = config.eval_image_size or config.image_size, config.eval_crop_fraction
   antialias = config.resize_antialias
 
   def transform(example):
