@@ -8,10 +8,10 @@ cd "$(dirname "$0")/.."
 out=${1:-/tmp/cpu_targets}
 mkdir -p "$out"
 bench() {
-  local name=$1
-  shift
-  python -m jax_resnet.benchmark --steps=12 --warmup=3 --config.half_precision=false \
-    --json_out="$out/$name.json" "$@" > /dev/null 2>"$out/$name.log"
+  local name=$1 config=$2
+  shift 2
+  python -m jax_resnet.benchmark "$config" --config.half_precision=false --steps=12 \
+    --warmup=3 --json_out="$out/$name.json" "$@" > /dev/null 2>"$out/$name.log"
 }
 bench resnet20_b128_32 --config=configs/resnet20_cifar10.py
 bench resnet50_b8_224 --config=configs/resnet50_imagenet.py --config.batch_size=8 \

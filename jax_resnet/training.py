@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -260,32 +261,9 @@ def _loop(run: _Run, stop: preemption.StopRequest, clock: profiling.RunClock) ->
   if run.start_step >= timeline.total_steps:
     return _finished(run)
   if stop.requested(run.start_step, 1):  # a signal while starting up
-    logging.warning(
-      'Received %s before the first step: stopped with nothing new to save. Rerun the same '
-      'command to %s.',
-      stop.name,
-      'resume' if run.start_step else 'start',
-    )
-    return {'stopped_at_step': run.start_step}
-  with clock.part('logging'):
-    writer = reporting.create_writer(run.workdir)
-    _log_start(run, writer)
-  with clock.part('input_wait'):
-    batches = batching.global_train_batches(
-      run.dataset, config, run.mesh, timeline.steps_per_epoch, run.start_step
-    )
-  events = _Events.of(config, timeline)
-  run_steps = _Stepper(run, clock)
-  profiler = profiling.StepProfiler(
-    os.path.join(run.workdir, 'profile'),
-    config.profile_first_step,
-    config.profile_steps,
-    run_steps.hlo_texts,
-  )
+    return _stopped_before_start(run, stop)
+  writer, batches, events, run_steps, profiler, bar = _LoopParts.start(run, clock)
   train_metrics, eval_metrics, last_finite = None, {}, None
-  bar = progress.Progress(
-    timeline.total_steps, timeline.steps_per_epoch, config.batch_size, run.start_step
-  )
   step = run.start_step
   try:
     while step < timeline.total_steps:
@@ -299,7 +277,8 @@ def _loop(run: _Run, stop: preemption.StopRequest, clock: profiling.RunClock) ->
       with clock.part('logging'):
         bar.tick(step)
         profiler.after(step, state)
-      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      with clock.part('steps'):  # merged on the device; can wait when the host runs ahead
+        train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       is_last = step == timeline.total_steps
       save = is_last or events.checkpoint(step) or events.epoch_end(step)
       stopping = stop.requested(step, config.log_every_steps)
@@ -351,6 +330,51 @@ def _loop(run: _Run, stop: preemption.StopRequest, clock: profiling.RunClock) ->
       bar.close()
       writer.flush()
   return eval_metrics
+
+
+def _stopped_before_start(run: _Run, stop: preemption.StopRequest) -> dict:
+  logging.warning(
+    'Received %s before the first step: stopped with nothing new to save. Rerun the same '
+    'command to %s.',
+    stop.name,
+    'resume' if run.start_step else 'start',
+  )
+  return {'stopped_at_step': run.start_step}
+
+
+class _LoopParts(typing.NamedTuple):
+  """What the loop works with, built when it starts: the metric writer, the batch
+  iterator (positioned at the start step), the events, the stepper, the profiler window
+  and the progress bar."""
+
+  writer: object
+  batches: object
+  events: '_Events'
+  run_steps: '_Stepper'
+  profiler: profiling.StepProfiler
+  bar: progress.Progress
+
+  @classmethod
+  def start(cls, run: _Run, clock: profiling.RunClock) -> '_LoopParts':
+    config, timeline = run.config, run.timeline
+    with clock.part('logging'):
+      writer = reporting.create_writer(run.workdir)
+      _log_start(run, writer)
+    with clock.part('input_wait'):
+      batches = batching.global_train_batches(
+        run.dataset, config, run.mesh, timeline.steps_per_epoch, run.start_step
+      )
+    run_steps = _Stepper(run, clock)
+    profiler = profiling.StepProfiler(
+      os.path.join(run.workdir, 'profile'),
+      config.profile_first_step,
+      config.profile_steps,
+      run_steps.hlo_texts,
+    )
+    bar = progress.Progress(
+      timeline.total_steps, timeline.steps_per_epoch, config.batch_size, run.start_step
+    )
+    return cls(writer, batches, _Events.of(config, timeline), run_steps, profiler, bar)
 
 
 def _evaluate(
