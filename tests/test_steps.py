@@ -99,7 +99,9 @@ def test_core_imports_without_tensorflow():
     'import sys; import jax_resnet.models, jax_resnet.steps, jax_resnet.optim, '
     'jax_resnet.augment, jax_resnet.sharding, jax_resnet.checkpointing, '
     'jax_resnet.timeline, jax_resnet.validation, jax_resnet.runs, jax_resnet.data.on_device, '
-    'jax_resnet.data.common, jax_resnet.benchmark; '
+    'jax_resnet.data.common, jax_resnet.benchmark, jax_resnet.conv, jax_resnet.profiling, '
+    'jax_resnet.mixing, jax_resnet.randaugment, jax_resnet.warm_start, jax_resnet.export, '
+    'jax_resnet.predict, jax_resnet.torchvision_weights; '
     'assert "tensorflow" not in sys.modules, "core imported tensorflow"'
   )
   subprocess.run([sys.executable, '-c', code], check=True)
