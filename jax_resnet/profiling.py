@@ -191,9 +191,10 @@ class StepProfiler:
     self._done = num_steps <= 0
 
   def before(self, step: int, state) -> None:
-    """Starts the trace before the dispatch that runs step ``first_step``, once the steps
-    before it finished (so that their work stays out of the trace)."""
-    if not self._done and self._started_at is None and step >= self._first:
+    """Starts the trace before the dispatch that runs step ``first_step`` (counting from 1,
+    as the log does; the first dispatch that reaches it), once the steps before it
+    finished (so that their work stays out of the trace). ``step``: steps done so far."""
+    if not self._done and self._started_at is None and step + 1 >= self._first:
       jax.block_until_ready(state)
       os.makedirs(self._logdir, exist_ok=True)
       jax.profiler.start_trace(self._logdir, create_perfetto_trace=True)

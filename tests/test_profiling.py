@@ -97,3 +97,17 @@ def test_training_profiles_steps_and_writes_its_wall_time_by_part(config, tmp_pa
   for busy in ('setup_s', 'compile_s', 'steps_s', 'eval_s', 'checkpoint_s'):
     assert timing[busy] > 0, busy
   assert sum(timing[p] for p in parts) == pytest.approx(timing['wall_s'], rel=0.05)
+
+
+def test_step_profiler_traces_from_first_step_for_num_steps(monkeypatch, tmp_path):
+  calls = []
+  monkeypatch.setattr(jax.profiler, 'start_trace', lambda *a, **k: calls.append('start'))
+  monkeypatch.setattr(jax.profiler, 'stop_trace', lambda: calls.append('stop'))
+  monkeypatch.setattr(profiling, 'write_top_ops', lambda *a, **k: calls.append(a[2]) or '')
+  profiler = profiling.StepProfiler(str(tmp_path), first_step=3, num_steps=2)
+  for step in range(8):  # one step per dispatch: `step` done before it, step + 1 after
+    profiler.before(step, None)
+    calls.append(step + 1)
+    profiler.after(step + 1, None)
+  # Steps 3 and 4 (counted from 1) inside the trace, the table over 2 steps, once.
+  assert calls == [1, 2, 'start', 3, 4, 'stop', 2, 5, 6, 7, 8]
