@@ -79,6 +79,10 @@ def split(init_from: str) -> tuple[str | None, str | int]:
   return None, ''
 
 
+def _names(names, shown: int = 4) -> str:
+  return ', '.join(names[:shown]) + (f', ... ({len(names)})' if len(names) > shown else '')
+
+
 def apply(state, source: Source, class_names=()):
   """``state`` with ``source``'s parameters and BatchNorm statistics. The head stays
   fresh when its class count differs, or when both sides name their classes and the names
@@ -125,13 +129,18 @@ def apply(state, source: Source, class_names=()):
     f'{count(loaded):,}',
   )
   if reinitialised:
-    logging.info(
-      'init_from: the classifier head has %s (%s classes in the weights, %s here): '
-      're-initialised %s.',
-      'other classes' if renamed else 'another class count',
+    before, now = (
       np.shape(given[f'params/{HEAD}/kernel'])[-1],
       fresh[f'params/{HEAD}/kernel'].shape[-1],
-      ', '.join(reinitialised),
+    )
+    if renamed and before == now:
+      why = (
+        f'other classes ({_names(source.class_names)} in the weights, {_names(class_names)} here)'
+      )
+    else:
+      why = f'another class count ({before} classes in the weights, {now} here)'
+    logging.info(
+      'init_from: the classifier head has %s: re-initialised %s.', why, ', '.join(reinitialised)
     )
   return state.replace(**{c: merged[c] for c in COLLECTIONS})
 

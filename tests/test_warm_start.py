@@ -116,7 +116,10 @@ def test_other_class_names_reinitialise_the_head(run_variables, info_logs):
   )
   renamed = warm_start.apply(fresh, source, tuple('abcdefghij'))
   np.testing.assert_array_equal(renamed.params['head']['kernel'], fresh.params['head']['kernel'])
-  assert 'the classifier head has other classes' in info_logs.text
+  assert (
+    'the classifier head has other classes (0, 1, 2, 3, ... (10) in the weights, '
+    'a, b, c, d, ... (10) here)' in info_logs.text
+  )
 
 
 def test_another_model_is_one_error_listing_keys(run_variables):
