@@ -103,6 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sam_rho = 0.0  # sharpness-aware minimisation's neighbourhood radius; 0 off
   config.loss = 'softmax'  # softmax cross-entropy, or 'bce' (binary, timm's RSB recipes)
   config.ema_decay = 0.0  # weight EMA, evaluated beside the raw weights; 0 off (0.9999 usual)
+  config.ema_warmup = True  # decay min(ema_decay, (1+t)/(10+t)) (TF's rule); False: constant
 
   # Knowledge distillation: the teacher runs in inference mode inside the train step.
   config.distill_from = ''  # the teacher: a WORKDIR[:latest|:STEP] or an export; '' off

@@ -56,6 +56,7 @@ class StepOptions:
   loss: str = 'softmax'
   sam_rho: float = 0.0
   ema_decay: float = 0.0
+  ema_warmup: bool = True
   distill_weight: float = 0.0
   distill_temperature: float = 1.0
   image_size: int | None = None  # train at this size (progressive resizing); None: as given
@@ -84,6 +85,7 @@ class StepOptions:
       loss=config.loss,
       sam_rho=config.sam_rho,
       ema_decay=config.ema_decay,
+      ema_warmup=config.ema_warmup,
       distill_weight=config.distill_weight if config.distill_from else 0.0,
       distill_temperature=config.distill_temperature,
       eval_image_size=config.eval_image_size or None,
@@ -365,7 +367,8 @@ def train_step(
       dynamic_scale=dynamic_scale,
     )
   if state.ema is not None:
-    new_state = new_state.replace(ema=update_ema(state.ema, new_state, options.ema_decay))
+    decay = ema_decay_at(options.ema_decay, state.step, options.ema_warmup)
+    new_state = new_state.replace(ema=update_ema(state.ema, new_state, decay))
   step_metrics = TrainMetrics.single_from_model_output(
     loss=cross_entropy(logits, batch['label'], options.num_classes),
     top1=top_k_correct(logits, batch['label'], 1),
@@ -374,7 +377,20 @@ def train_step(
   return new_state, step_metrics
 
 
-def update_ema(ema, state: TrainState, decay: float):
+def ema_decay_at(decay: float, step, warmup: bool = True):
+  """The EMA's decay for the update after ``step`` updates. With warm-up, TensorFlow's
+  ``ExponentialMovingAverage(num_updates=step)`` rule, min(decay, (1 + step) / (10 +
+  step)), so the random initialisation leaves the average within tens of steps: at a
+  constant 0.99 it still weighs 0.99^220 = 11% after the default job's 220 steps, and
+  those EMA weights scored 63-92% where the raw ones scored 99-100%. Without, timm's
+  constant decay."""
+  if not warmup:
+    return decay
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema, state: TrainState, decay):
   """decay * ema + (1 - decay) * the new parameters and BatchNorm statistics."""
   new = {'params': state.params, 'batch_stats': state.batch_stats}
   return jax.tree.map(lambda e, x: decay * e + (1 - decay) * x, ema, new)

@@ -148,7 +148,7 @@ def _recipe(config, **fields):
 def test_ema_equals_its_closed_form(config):
   """After n steps the EMA is decay^n p_0 + (1 - decay) sum_i decay^(n - i) p_i."""
   decay = 0.8
-  state, train_fn, _ = setup(_recipe(config, ema_decay=decay))
+  state, train_fn, _ = setup(_recipe(config, ema_decay=decay, ema_warmup=False))
   history = [jax.tree.map(np.array, state.params)]
   for _ in range(4):
     state, _ = train_fn(state, fixed_batch())
@@ -160,6 +160,21 @@ def test_ema_equals_its_closed_form(config):
     ),
     *history,
   )
+  for a, b in zip(jax.tree.leaves(state.ema['params']), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_warmup_follows_tensorflows_num_updates_rule(config):
+  """With warm-up, update t (from 0) uses min(decay, (1 + t) / (10 + t)): 0.1, 0.18, ..."""
+  decay = 0.99
+  state, train_fn, _ = setup(_recipe(config, ema_decay=decay))
+  expected = jax.tree.map(np.array, state.params)
+  for t in range(3):
+    state, _ = train_fn(state, fixed_batch())
+    d = min(decay, (1 + t) / (10 + t))
+    expected = jax.tree.map(
+      lambda e, p, d=d: d * e + (1 - d) * np.asarray(p), expected, state.params
+    )
   for a, b in zip(jax.tree.leaves(state.ema['params']), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)
 
