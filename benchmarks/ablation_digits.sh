@@ -11,6 +11,7 @@ mkdir -p "$runs"
 declare -A settings=(
   [baseline]=""
   [ema]="--config.ema_decay=0.99"
+  [ema_no_warmup]="--config.ema_decay=0.99 --config.ema_warmup=false"
   [mixup]="--config.mixup_alpha=0.2"
   [cutmix]="--config.cutmix_alpha=1.0"
   [randaugment]="--config.randaugment_layers=2 --config.randaugment_magnitude=9"
@@ -19,9 +20,10 @@ declare -A settings=(
   [stochastic_depth]="--config.stochastic_depth_rate=0.1"
   [sam]="--config.sam_rho=0.05"
   [bce]="--config.loss=bce"
+  [bce_lr4]="--config.loss=bce --config.learning_rate=4.0"  # timm's BCE averages over classes
   [all]="--config.ema_decay=0.99 --config.mixup_alpha=0.2 --config.cutmix_alpha=1.0 --config.randaugment_layers=2 --config.random_erasing_prob=0.25 --config.stochastic_depth_rate=0.1 --config.sam_rho=0.05"
 )
-order=(baseline ema mixup cutmix randaugment trivialaugment random_erasing stochastic_depth sam bce all)
+order=(baseline ema ema_no_warmup mixup cutmix randaugment trivialaugment random_erasing stochastic_depth sam bce bce_lr4 all)
 for name in "${order[@]}"; do
   for seed in 0 1 2; do
     [ -f "$runs/${name}_seed$seed/metrics.jsonl" ] && continue
