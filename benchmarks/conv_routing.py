@@ -1,7 +1,7 @@
 """Whole train steps with and without ``jax_resnet.conv``'s CPU formulations, A/B.
 
   python benchmarks/conv_routing.py --targets            # the four settings of the issue
-  python benchmarks/conv_routing.py --config=resnet20_cifar10 --batch=128 --image_size=32 \\
+  python benchmarks/conv_routing.py --config_name=resnet20_cifar10 --batch=128 --image_size=32 \\
       --variants=plain,routed+pool+noynnconv --rounds=20
 
 For each variant, ``jax_resnet.benchmark.benchmark_step`` runs once (the real jitted train
@@ -31,7 +31,6 @@ Variants (comma-separated), each ``CONV[+OPTION...]``:
   ``plain+xla:xla_cpu_prefer_vector_width=512`` or ``+xla:xla_cpu_enable_fast_math=true``.
 """
 
-import argparse
 import contextlib
 import importlib
 import os
@@ -40,6 +39,7 @@ import sys
 import time
 
 import jax
+from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -175,29 +175,35 @@ def run_setting(name, batch, image_size, variants, rounds, steps, warmup, half_p
   return times
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', default='resnet20_cifar10', help='module name in configs/')
-  parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--image_size', type=int, default=32)
-  parser.add_argument('--targets', action='store_true', help='the four settings of TARGETS')
-  parser.add_argument('--variants', default='plain,routed,routed+pool,routed+pool+noynnconv')
-  parser.add_argument('--rounds', type=int, default=10, help='interleaved steps per variant')
-  parser.add_argument('--steps', type=int, default=5, help='benchmark_step timed steps')
-  parser.add_argument('--warmup', type=int, default=2, help='benchmark_step warmup steps')
-  parser.add_argument('--half_precision', action='store_true')
-  args = parser.parse_args(argv)
-  variants = args.variants.split(',')
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS
+  variants = FLAGS.variants.split(',')
   print(
     f'# conv_routing: jax {jax.__version__}, {jax.devices()[0].device_kind}, '
     f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}, variants {variants}'
   )
-  settings = TARGETS if args.targets else ((args.config, args.batch, args.image_size),)
+  settings = TARGETS if FLAGS.targets else ((FLAGS.config_name, FLAGS.batch, FLAGS.image_size),)
   for name, batch, size in settings:
     run_setting(
-      name, batch, size, variants, args.rounds, args.steps, args.warmup, args.half_precision
+      name, batch, size, variants, FLAGS.rounds, FLAGS.steps, FLAGS.warmup, FLAGS.half_precision
     )
 
 
+def _define_flags():
+  """Flags, defined only when this file is the program (conv_shapes' clash);
+  ``--steps`` and ``--warmup`` are jax_resnet.benchmark's, with shorter defaults."""
+  flags.DEFINE_string('config_name', 'resnet20_cifar10', 'module name in configs/')
+  flags.DEFINE_integer('batch', 128, 'global batch')
+  flags.DEFINE_integer('image_size', 32, 'image side')
+  flags.DEFINE_bool('targets', False, 'the four settings of TARGETS')
+  flags.DEFINE_string('variants', 'plain,routed,routed+pool,routed+pool+noynnconv', 'comma list')
+  flags.DEFINE_integer('rounds', 10, 'interleaved steps per variant')
+  flags.DEFINE_bool('half_precision', False, 'bf16 compute')
+  flags.FLAGS.set_default('steps', 5)
+  flags.FLAGS.set_default('warmup', 2)
+
+
 if __name__ == '__main__':
-  main()
+  _define_flags()
+  app.run(main)

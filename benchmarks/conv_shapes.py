@@ -28,7 +28,6 @@ columns: the conv's time per train step (count x (fwd + dx + dw)) for each imple
 and the first's over the last's.
 """
 
-import argparse
 import contextlib
 import functools
 import os
@@ -39,6 +38,7 @@ import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -224,28 +224,33 @@ def sweep(name, image_size, batch, impls, rounds, ref, dtype=jnp.float32):
   return totals
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--model', default='resnet18')
-  parser.add_argument('--image_size', type=int, default=64)
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--zoo', action='store_true', help='all of ZOO, one table each')
-  parser.add_argument('--impls', default='plain', help='comma-separated: plain,routed,matmul')
-  parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  args = parser.parse_args(argv)
-  impls = args.impls.split(',')
-  dtype = jnp.dtype(args.dtype)
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS
+  impls = FLAGS.impls.split(',')
+  dtype = jnp.dtype(FLAGS.dtype)
   print(
     f'# conv_shapes: jax {jax.__version__}, {jax.devices()[0].device_kind}, '
-    f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}, impls {impls}, {args.rounds} rounds'
+    f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}, impls {impls}, {FLAGS.rounds} rounds'
   )
   print('# cells: ms (GFLOP/s); !! < 10% of gemm, ! < 30%; [stem dx]: not in a train step')
   ref = gemm_rate()
-  settings = ZOO if args.zoo else ((args.model, args.image_size, args.batch),)
+  settings = ZOO if FLAGS.zoo else ((FLAGS.model, FLAGS.image_size, FLAGS.batch),)
   for name, size, batch in settings:
-    sweep(name, size, batch, impls, args.rounds, ref, dtype)
+    sweep(name, size, batch, impls, FLAGS.rounds, ref, dtype)
+
+
+def _define_flags():
+  """Flags, defined only when this file is the program (conv_routing imports it)."""
+  flags.DEFINE_string('model', 'resnet18', 'a model name')
+  flags.DEFINE_integer('image_size', 64, 'image side')
+  flags.DEFINE_integer('batch', 16, 'batch')
+  flags.DEFINE_bool('zoo', False, 'all of ZOO, one table each')
+  flags.DEFINE_string('impls', 'plain', 'comma-separated: plain,routed,matmul')
+  flags.DEFINE_integer('rounds', 5, 'interleaved timing rounds')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'compute dtype')
 
 
 if __name__ == '__main__':
-  main()
+  _define_flags()
+  app.run(main)

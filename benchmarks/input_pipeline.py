@@ -16,7 +16,6 @@ and device-resident CIFAR batches vs the tf.data path.
    ``data.on_device`` vs tf.data ``train_batches`` + ``sharding.prefetch_to_device``.
 """
 
-import argparse
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -227,13 +227,14 @@ def bench_cifar(steps: int, batch: int = 256) -> dict:
   return results
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--images', type=int, default=2000)
-  parser.add_argument('--files', type=int, default=64)
-  parser.add_argument('--cifar_steps', type=int, default=200)
-  parser.add_argument('--skip_cifar', action='store_true')
-  args = parser.parse_args()
+IMAGES = flags.DEFINE_integer('images', 2000, 'images decoded per folder benchmark')
+FILES = flags.DEFINE_integer('files', 64, 'JPEG files in the folder')
+CIFAR_STEPS = flags.DEFINE_integer('cifar_steps', 200, 'CIFAR-shaped batches timed')
+SKIP_CIFAR = flags.DEFINE_bool('skip_cifar', False, 'skip the CIFAR-shaped comparison')
+
+
+def main(argv):
+  del argv
   import jax
 
   model = platform.processor() or platform.machine()
@@ -248,15 +249,15 @@ def main():
     f', jax {jax.__version__} ({jax.devices()[0].platform})'
   )
   with tempfile.TemporaryDirectory() as root:
-    sources = build_folder(root, args.files)
+    sources = build_folder(root, FILES.value)
     sizes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
     print(
-      f'folder: {args.files} JPEGs from {sources} photographs, '
-      f'{sizes / args.files / 1024:.0f} KiB each on average'
+      f'folder: {FILES.value} JPEGs from {sources} photographs, '
+      f'{sizes / FILES.value / 1024:.0f} KiB each on average'
     )
-    pil = bench_pillow(root, args.images)
-    tfd = bench_tf(root, args.images)
-    tfd_aa = bench_tf(root, args.images, antialias=True)
+    pil = bench_pillow(root, IMAGES.value)
+    tfd = bench_tf(root, IMAGES.value)
+    tfd_aa = bench_tf(root, IMAGES.value, antialias=True)
   for name, r in (('Pillow loop', pil), ('tf.data (default)', tfd), ('tf.data antialias', tfd_aa)):
     print(
       f'{name:>17}: {r["images_per_s"]:7.1f} images/s wall, '
@@ -269,8 +270,8 @@ def main():
     f'{tfd["images_per_s"] / pil["images_per_s"]:.2f}x; per-core ratio with '
     f'resize_antialias=True: {tfd_aa["images_per_cpu_s"] / pil["images_per_cpu_s"]:.2f}x'
   )
-  if not args.skip_cifar:
-    cifar = bench_cifar(args.cifar_steps)
+  if not SKIP_CIFAR.value:
+    cifar = bench_cifar(CIFAR_STEPS.value)
     for name in ('tf_data', 'device_data'):
       r = cifar[name]
       print(
@@ -282,4 +283,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -12,6 +12,9 @@ every ``min_interval`` seconds; other log records clear it first, so they print 
 clean lines, and the next redraw puts it back under them. When output is not a
 terminal (a file, a pipe, a batch job), ``log`` writes one plain log line per call
 and ``tick`` writes nothing.
+
+Kept over ``clu.periodic_actions.ReportProgress``, which logs steps/s, percent done and
+ETA every N steps or seconds: it has no in-place terminal bar, no images/s and no loss.
 """
 
 import logging as std_logging

@@ -10,6 +10,8 @@ of a training step on one image (XLA counts a multiply-add as two FLOPs). No Ten
 The per-stage rows are this module's own: flax's ``Module.tabulate`` has one row per
 block or layer (18 for ResNet-50 at depth 1, hundreds at full depth) and no training
 FLOPs, too long for a run's log; ``--depth=N`` prints flax's table for the detail.
+``clu.parameter_overview`` lists every parameter array (hundreds of rows) and no
+output shapes, so it does not serve either.
 """
 
 import dataclasses
