@@ -418,8 +418,7 @@ def benchmark_pipeline(
   mesh = sharding.create_mesh()
   dataset = sources.load_dataset(config, splits=('train',))
   info = dataset.info
-  steps_per_epoch = max(1, info.num_train // config.batch_size)
-  timeline = Timeline(steps_per_epoch, 10 * steps_per_epoch)  # the schedule's length
+  timeline = Timeline.from_config(config, max(info.num_train, config.batch_size))
   source = 'device_data' if config.data_on_device else 'tf.data'
   make_batches = lambda: batching.global_train_batches(
     dataset, config, mesh, timeline.steps_per_epoch, 0

@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.half_precision_dtype = 'bfloat16'  # or 'float16' (dynamic loss scaling), pre-Ampere
   config.dropout_rate = 0.0  # before the classifier head
   config.bn_momentum = 0.9  # BatchNorm running-statistics decay (torch momentum 0.1)
-  config.bn_epsilon = 1e-5
+  config.bn_epsilon = 1e-5  # BatchNorm's variance epsilon (torchvision's 1e-5)
   config.zero_init_residual = True  # each block's last BN scale starts at 0 (Goyal et al.)
   config.remat = False  # recompute block activations in the backward pass: less memory
   config.stochastic_depth_rate = 0.0  # drop rate of the last block's branch (linear in depth)
@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = 'digits'  # 'digits' (embedded), 'folder' or a tensorflow-datasets name
   config.data_dir = ''  # tfds data_dir; empty: tfds's default
   config.train_split = 'train'  # tfds split names
-  config.eval_split = 'test'
+  config.eval_split = 'test'  # digits: the fixed 20% held out
   config.train_dir = ''  # dataset='folder': <train_dir>/<class>/*.jpg|png
   config.eval_dir = ''  # dataset='folder': same classes (or a subset) as train_dir
   config.verify_images = True  # folder: drop (and name) undecodable files at start
@@ -91,14 +91,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = 'sgd'  # sgd, adam, adamw, lars or lamb
   config.learning_rate = 0.4  # the peak
   config.scale_learning_rate = False  # multiply by batch_size / base_batch_size
-  config.base_batch_size = 256
+  config.base_batch_size = 256  # the batch size learning_rate is given for
   config.momentum = 0.9  # sgd
   config.nesterov = True  # sgd
-  config.adam_b1 = 0.9  # adam, adamw
-  config.adam_b2 = 0.999
+  config.adam_b1 = 0.9  # adam, adamw, lamb
+  config.adam_b2 = 0.999  # adam, adamw, lamb
   config.weight_decay = 5e-4  # coupled L2 for sgd and adam, decoupled for adamw
   config.weight_decay_kernels_only = True  # no decay on BN scales/biases nor the head bias
-  config.label_smoothing = 0.0
+  config.label_smoothing = 0.0  # weight moved from the true class to all classes evenly
   config.lars_trust_coefficient = 0.001  # lars: the layer-wise trust ratio's coefficient
   config.sam_rho = 0.0  # sharpness-aware minimisation's neighbourhood radius; 0 off
   config.loss = 'softmax'  # softmax cross-entropy, or 'bce' (binary, timm's RSB recipes)
