@@ -221,12 +221,13 @@ def _base_optimizer(config, learning_rate_fn):
       nesterov=config.nesterov,
     )
   if config.optimizer == 'lamb':
-    # Adam with a layer-wise trust ratio (You et al. 2019; timm's ResNet strikes back A3).
-    return optax.lamb(
-      learning_rate_fn,
-      b1=config.adam_b1,
-      b2=config.adam_b2,
-      weight_decay=config.weight_decay,
-      mask=mask,
+    # Adam with a layer-wise trust ratio (You et al. 2019; timm's ResNet strikes back A3):
+    # optax.lamb's chain, its trust ratio masked like the decay (optax.lamb rescales every
+    # layer; timm's Lamb leaves the undecayed BN parameters and biases unscaled).
+    return optax.chain(
+      optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=1e-6),
+      optax.add_decayed_weights(config.weight_decay, mask),
+      optax.masked(optax.scale_by_trust_ratio(), kernels),
+      optax.scale_by_learning_rate(learning_rate_fn),
     )
   raise ValueError(f'Unknown optimizer {config.optimizer!r}. Valid: {", ".join(OPTIMIZERS)}.')

@@ -129,9 +129,35 @@ def test_lars_scales_each_layer_by_its_trust_ratio(config):
   np.testing.assert_allclose(updates['bn']['scale'], -0.5 * grads['bn']['scale'], rtol=1e-5)
 
 
-def test_lamb_takes_a_step(config):
-  config.optimizer = 'lamb'
-  tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, Timeline(10, 100)))
-  params = {'w': jnp.ones((4, 4))}
-  updates, _ = tx.update({'w': jnp.full((4, 4), 0.5)}, tx.init(params), params, value=1.0)
-  assert float(jnp.abs(updates['w']).max()) > 0
+def test_lamb_scales_each_layer_by_its_trust_ratio(config):
+  """One LAMB step: the Adam direction u = m / (sqrt(v) + eps) plus wd w, rescaled per layer
+  so that its norm is lr * ||w||; biases and BN parameters skip both the decay and the
+  ratio (timm's Lamb on RSB A3's parameter groups), unless weight_decay_kernels_only is off."""
+  config.optimizer, config.weight_decay, config.schedule = 'lamb', 0.02, 'constant'
+  config.learning_rate = 0.01
+  rng = np.random.RandomState(0)
+  params = {
+    'conv': {'kernel': jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)},
+    'bn': {'scale': jnp.asarray(rng.normal(size=(8,)), jnp.float32)},
+  }
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+
+  def step(config):
+    tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, Timeline(10, 100)))
+    updates, _ = tx.update(grads, tx.init(params), params, value=jnp.float32(1.0))
+    return jax.tree.map(np.asarray, updates)
+
+  # The first step's bias-corrected moments are g and g^2: u = g / (|g| + 1e-6).
+  adam = lambda g: np.asarray(g) / (np.abs(np.asarray(g)) + 1e-6)
+  layer = lambda w, u: -0.01 * np.linalg.norm(w) / np.linalg.norm(u) * u
+  w, b = np.asarray(params['conv']['kernel']), np.asarray(params['bn']['scale'])
+  u = adam(grads['conv']['kernel']) + 0.02 * w
+  updates = step(config)
+  np.testing.assert_allclose(updates['conv']['kernel'], layer(w, u), rtol=1e-5)
+  assert np.linalg.norm(updates['conv']['kernel']) == pytest.approx(0.01 * np.linalg.norm(w))
+  np.testing.assert_allclose(updates['bn']['scale'], -0.01 * adam(grads['bn']['scale']), rtol=1e-5)
+  config.weight_decay_kernels_only = False  # then every layer is decayed and rescaled
+  everything = step(config)
+  np.testing.assert_allclose(everything['conv']['kernel'], layer(w, u), rtol=1e-5)
+  u_bn = adam(grads['bn']['scale']) + 0.02 * b
+  np.testing.assert_allclose(everything['bn']['scale'], layer(b, u_bn), rtol=1e-5)
