@@ -6,6 +6,7 @@
       [--export_path=FILE]
   python main.py --workdir=DIR --mode=predict --predict_input=FILE|DIR|GLOB [...]
       [--predict_output=predictions.csv] [--top_k=5] [--predict_flip]
+  python main.py --mode=predict --predict_from=EXPORT --predict_input=... [...]
 
 Rerunning a training command resumes from the newest checkpoint in DIR/checkpoints.
 Several processes (hosts): see --coordinator_address; SLURM and TPU pods are detected.
@@ -32,7 +33,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 FLAGS = flags.FLAGS
 COMPILATION_CACHE_MAX_BYTES = 2 << 30  # 2 GiB: a ResNet-50 train step's entry is ~20 MB
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+flags.DEFINE_string(
+  'workdir',
+  None,
+  'Directory for checkpoints and metrics (not needed for --mode=predict with --predict_from).',
+)
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'predict'], 'What to do.')
 flags.DEFINE_string(
   'checkpoint',
@@ -48,18 +53,26 @@ flags.DEFINE_enum(
   "or torchvision (torchvision's ResNet state_dict; resnet18 ... resnet152). Each carries "
   'the model, classes and preprocessing that inference needs.',
 )
-flags.DEFINE_enum(
+# A string checked against runs.WEIGHTS after parsing (_flags_problem), not an enum: an
+# enum's values are needed here, at import, and importing runs (jax, orbax) would add
+# 1.4 s to --help.
+flags.DEFINE_string(
   'weights',
   'raw',
-  ['raw', 'ema'],
-  'For eval/export/predict: the trained weights, or their average (a run trained with '
-  '--config.ema_decay).',
+  "For eval/export/predict: 'raw', the trained weights, or 'ema', their average (a run "
+  'trained with --config.ema_decay).',
 )
 flags.DEFINE_string(
   'export_path',
   None,
   'For export: output file (default: WORKDIR/export/variables.msgpack, model.safetensors '
   'or model_torchvision.safetensors).',
+)
+flags.DEFINE_string(
+  'predict_from',
+  None,
+  'For predict: an export (--mode=export, any --export_format) to predict with, instead '
+  "of --workdir's checkpoint; --workdir is then not needed.",
 )
 flags.DEFINE_multi_string(
   'predict_input',
@@ -112,7 +125,6 @@ flags.DEFINE_string(
   "batch shapes loads its compiled steps instead of compiling them. '' turns it off; the "
   'JAX_COMPILATION_CACHE_DIR variable, when set, wins.',
 )
-flags.mark_flags_as_required(['workdir'])
 try:  # config_flags reads --config.FIELD overrides from sys.argv right here
   config_flags.DEFINE_config_file(
     'config', 'configs/default.py', 'Training configuration (a Python file).', lock_config=True
@@ -210,19 +222,25 @@ def _use_compilation_cache(directory: str) -> None:
 
 
 def _run_mode():
-  from jax_resnet import evaluation, export, training
-
+  # Each mode imports what it uses: training and evaluation bring TensorFlow (seconds),
+  # which export and predict do without.
   if FLAGS.mode == 'train':
+    from jax_resnet import training
+
     return training.train_and_evaluate(
       FLAGS.config, FLAGS.workdir, FLAGS.resume_from, FLAGS.start_over, STARTED_AT
     )
   if FLAGS.mode == 'eval':
+    from jax_resnet import evaluation
+
     overrides = config_flags.get_override_values(FLAGS['config'])
     return evaluation.evaluate_checkpoint(
       FLAGS.workdir, _which(FLAGS.checkpoint or 'best'), overrides, FLAGS.weights
     )
   if FLAGS.mode == 'predict':
     return _predict()
+  from jax_resnet import export
+
   path = FLAGS.export_path or os.path.join(
     FLAGS.workdir, 'export', EXPORT_NAMES[FLAGS.export_format]
   )
@@ -234,12 +252,16 @@ def _run_mode():
 
 
 def _predict():
-  """The CSV of the top-k classes of every --predict_input image; the workdir is only read."""
+  """The CSV of the top-k classes of every --predict_input image, from --predict_from's
+  export or --workdir's checkpoint; the workdir is only read."""
   from jax_resnet import predict
 
-  predictor = predict.Predictor.from_workdir(
-    FLAGS.workdir, _which(FLAGS.checkpoint or 'best'), weights=FLAGS.weights
-  )
+  if FLAGS.predict_from:
+    predictor = predict.Predictor.from_export(FLAGS.predict_from)
+  else:
+    predictor = predict.Predictor.from_workdir(
+      FLAGS.workdir, _which(FLAGS.checkpoint or 'best'), weights=FLAGS.weights
+    )
   summary = predict.predict_files(
     predictor, FLAGS.predict_input, FLAGS.predict_output, FLAGS.top_k, flip=FLAGS.predict_flip
   )
@@ -270,12 +292,38 @@ def _parse_flags(argv):
     if _CONFIG_ERROR is not None:
       raise _CONFIG_ERROR
     remaining = FLAGS(argv)
+    problem = _flags_problem()
+    if problem:
+      _usage_error(problem)
     FLAGS.config.keys()  # loads the config file now, so its errors land here
     return remaining
   except flags.Error as e:
     _usage_error(str(e))
   except Exception as e:
     _usage_error(_config_problem(e, argv))
+
+
+def _flags_problem() -> str | None:
+  """What is wrong with the flags together, in one line, or None. Checked after parsing
+  (absl's validators would prefix every flag's value), so --help imports nothing."""
+  if FLAGS.predict_from is not None:
+    if FLAGS.mode != 'predict':
+      return '--predict_from is for --mode=predict (eval and export read --workdir).'
+    if FLAGS.checkpoint is not None or FLAGS.weights != 'raw':
+      return (
+        '--predict_from predicts with the weights the export holds: drop --checkpoint and '
+        '--weights, which chose them when it was exported.'
+      )
+  elif FLAGS.workdir is None:
+    return (
+      '--workdir is required: the run directory (--mode=predict can read an export with '
+      '--predict_from=FILE instead).'
+    )
+  from jax_resnet import runs  # only here, after parsing: keeps --help fast
+
+  if FLAGS.weights not in runs.WEIGHTS:
+    return f'--weights={FLAGS.weights}: must be one of {", ".join(runs.WEIGHTS)}.'
+  return None
 
 
 def _config_problem(error: Exception, argv) -> str:

@@ -75,7 +75,10 @@ def inference_metadata(run: runs.SavedRun, export_format: str | None = None) -> 
   ``export_format`` is None for a run read straight from its workdir.
 
   ``model_options`` are the keywords ``steps.create_model`` passes, less ``dtype``:
-  inference runs in float32 whatever the training compute dtype.
+  inference runs in float32 whatever the training compute dtype. ``image_shape`` is what
+  the model takes at inference: eval's size (``config.eval_image_size`` when set: train
+  low, test high); ``train_image_shape`` the size it trained at (the size of a 'pad'
+  set's stored images, which eval resizes to ``image_shape`` on the device).
   """
   config, info = run.config, run.info
   return {
@@ -84,7 +87,8 @@ def inference_metadata(run: runs.SavedRun, export_format: str | None = None) -> 
     'model': config.model,
     'model_options': steps.model_kwargs(config),
     'num_classes': info.num_classes,
-    'image_shape': list(info.image_shape),
+    'image_shape': list(eval_image_shape(config, info)),
+    'train_image_shape': list(info.image_shape),
     'mean': [float(m) for m in info.mean],
     'std': [float(s) for s in info.std],
     'class_names': list(info.class_names),
@@ -94,6 +98,15 @@ def inference_metadata(run: runs.SavedRun, export_format: str | None = None) -> 
     'step': run.step,
     'config': json.loads(config.to_json_best_effort()),
   }
+
+
+def eval_image_shape(config, info) -> tuple[int, int, int]:
+  """The images eval feeds the model (as ``data/transforms.eval_transform`` decodes and
+  ``steps.eval_step`` resizes them): ``config.eval_image_size`` square, else the training
+  shape."""
+  height, width, channels = info.image_shape
+  size = config.eval_image_size
+  return (size, size, channels) if size else (height, width, channels)
 
 
 def check_torchvision_layout(metadata: dict) -> None:
@@ -179,7 +192,10 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
       'jax_resnet export; its model and preprocessing are unknown.'
     )
   if metadata.get('export_format') == 'torchvision':
-    variables = tw.from_torchvision(tensors, metadata['model'], metadata['num_classes'])
+    try:
+      variables = tw.from_torchvision(tensors, metadata['model'], metadata['num_classes'])
+    except ValueError as e:  # tensors that are not the model its metadata names
+      raise DataError(f'{path} does not hold the weights its metadata describes: {e}') from None
     return variables, metadata
   return traverse_util.unflatten_dict(tensors, sep=_KEY_SEPARATOR), metadata
 

@@ -44,7 +44,9 @@ class Predictor:
     """``variables``/``metadata`` as ``export.read_export`` returns them."""
     self.metadata = metadata
     self.num_classes = int(metadata['num_classes'])
-    self.image_shape = tuple(metadata['image_shape'])
+    self.image_shape = tuple(metadata['image_shape'])  # eval's size: what the model takes
+    # A 'pad' set's stored size, which eval resizes from (exports before the field: the same).
+    self.train_image_shape = tuple(metadata.get('train_image_shape', self.image_shape))
     self.class_names = tuple(metadata['class_names']) or tuple(
       str(i) for i in range(self.num_classes)
     )
@@ -77,12 +79,23 @@ class Predictor:
     return cls(*export.read_export(path), batch_size)
 
   def prepare(self, image: np.ndarray) -> np.ndarray:
-    """One uint8 image (HW or HWC, any size) as the model takes it: eval's crop and resize."""
+    """One uint8 image (HW or HWC, any size) as the model takes it: eval's crop and resize,
+    at eval's size (``config.eval_image_size`` when the run set it).
+
+    'random_resized' sets crop and resize straight to that size, as eval decodes them.
+    'pad' sets are resized to the size the data source stores, then, when eval's differs,
+    as ``steps.resize_images`` resizes them on the device (antialiased; equal within one
+    level on rare .5 ties).
+    """
     metadata = self.metadata
     image = to_channels(image, self.image_shape[2])
+    antialias = metadata['resize_antialias']
     if metadata['crop_style'] == 'random_resized':
-      image = center_crop(image, metadata['eval_crop_fraction'])
-    return resize_bilinear(image, self.image_shape[:2], metadata['resize_antialias'])
+      return resize_bilinear(
+        center_crop(image, metadata['eval_crop_fraction']), self.image_shape[:2], antialias
+      )
+    image = resize_bilinear(image, self.train_image_shape[:2], antialias)
+    return resize_bilinear(image, self.image_shape[:2], antialias=True)
 
   def __call__(self, images, batch_size: int | None = None, flip: bool = False) -> np.ndarray:
     """float32 [N, num_classes] probabilities of a list of uint8 images or an NHWC array.

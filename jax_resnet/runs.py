@@ -56,6 +56,8 @@ def abstract_state(config, info: DatasetInfo, mesh):
   return model, state
 
 
+# Which weights ``load`` returns: the trained ones, or their average (config.ema_decay).
+# main.py's --weights takes these.
 WEIGHTS = ('raw', 'ema')
 
 
@@ -63,6 +65,8 @@ def load(workdir: str, which: str | int = 'best', mesh=None, weights: str = 'raw
   """The run's ``which`` checkpoint ('best' (else the latest), 'latest' or a step);
   ``weights='ema'`` puts its averaged weights and statistics (config.ema_decay) in place
   of the trained ones."""
+  if weights not in WEIGHTS:
+    raise ConfigError(f'weights={weights!r}: must be one of {", ".join(WEIGHTS)}.')
   mesh = mesh or sharding.create_mesh()
   checkpoints = Checkpoints(workdir, read_only=True)
   try:

@@ -190,6 +190,13 @@ def _matching_model(keys: Iterable[str], key_of) -> str | None:
   return None
 
 
+def matching_model(state_dict: Mapping[str, Any]) -> str | None:
+  """The supported model whose state_dict keys ``state_dict`` has (its head and
+  ``num_batches_tracked`` counters aside), or None: which model a file of torchvision's or
+  timm's weights holds, before it is converted."""
+  return _matching_model(state_dict, lambda e: e.torch_key)
+
+
 def _is_head_or_counter(key: str) -> bool:
   return key.startswith(('fc.', 'params/head/')) or key.endswith(NUM_BATCHES_TRACKED)
 

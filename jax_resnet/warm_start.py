@@ -11,10 +11,12 @@
   ``layer3.1.conv2.weight``, ``fc.weight``, ...; OIHW kernels).
 
 Parameters and BatchNorm statistics are copied into the new run's freshly initialised
-state; its step, optimizer state and schedule start fresh under the new config. A
-classifier head with another class count keeps its fresh initialisation (the log says
-so); any other difference is one error listing the first differing keys and shapes. It
-applies only at step 0: a run that has its own checkpoint resumes that.
+state, and the weight EMA (``config.ema_decay``) starts from them; its step, optimizer state
+and schedule start fresh under the new config. A classifier head with another class count,
+or none in the source (timm's ``num_classes=0``), keeps its fresh initialisation (the log
+says so); any other difference, torchvision-layout weights of another model included, is
+one error listing the first differing keys and shapes. It applies only at step 0: a run
+that has its own checkpoint resumes that.
 """
 
 import dataclasses
@@ -40,6 +42,7 @@ class Source:
   variables: dict  # {'params', 'batch_stats'} as numpy arrays
   description: str  # where they came from, for the log
   class_names: tuple[str, ...] = ()  # the head's classes, when known
+  model: str = ''  # the model they are weights of, when known (names the fix of a mismatch)
 
 
 def load_source(init_from: str, model_name: str, field: str = 'init_from') -> Source:
@@ -50,6 +53,7 @@ def load_source(init_from: str, model_name: str, field: str = 'init_from') -> So
       jax.tree.map(np.asarray, run.variables),
       f'{workdir} ({which} checkpoint, step {run.step}, {run.config.model})',
       tuple(run.info.class_names),
+      run.config.model,
     )
   if not os.path.isfile(init_from):
     raise NotFoundError(
@@ -59,13 +63,29 @@ def load_source(init_from: str, model_name: str, field: str = 'init_from') -> So
   if export.is_safetensors(init_from):
     tensors, metadata = tw.load_safetensors(init_from)
     if metadata is None:  # torchvision's or timm's own weights
-      return Source(tw.from_torchvision(tensors, model_name), f'{init_from} (torchvision layout)')
+      return _torchvision_source(init_from, tensors, model_name, field)
   variables, metadata = export.read_export(init_from)
   return Source(
     variables,
     f'{init_from} (export of {metadata["model"]}, step {metadata["step"]})',
     tuple(metadata.get('class_names', ())),
+    metadata['model'],
   )
+
+
+def _torchvision_source(path: str, tensors: dict, model_name: str, field: str) -> Source:
+  """A state dict in torchvision's layout, converted as the model its keys are of (so that
+  ``apply`` reports another model's weights as it reports a run's: the differing keys),
+  else as ``model_name``; what does not convert is one ConfigError with tw's key listing."""
+  model = tw.matching_model(tensors) or model_name
+  try:
+    variables = tw.from_torchvision(tensors, model)
+  except ValueError as e:  # not a torchvision ResNet's state dict, or no layout for the model
+    raise ConfigError(
+      f'config.{field}={path!r}: cannot read it as torchvision-layout weights for '
+      f'config.model={model_name!r}: {e}'
+    ) from None
+  return Source(variables, f'{path} (torchvision layout, {model})', model=model)
 
 
 def split(init_from: str) -> tuple[str | None, str | int]:
@@ -83,66 +103,92 @@ def _names(names, shown: int = 4) -> str:
   return ', '.join(names[:shown]) + (f', ... ({len(names)})' if len(names) > shown else '')
 
 
+def _flat(collections: dict) -> dict:
+  return traverse_util.flatten_dict({c: collections.get(c, {}) for c in COLLECTIONS}, sep='/')
+
+
 def apply(state, source: Source, class_names=()):
-  """``state`` with ``source``'s parameters and BatchNorm statistics. The head stays
-  fresh when its class count differs, or when both sides name their classes and the names
-  differ (the rows would mean other classes). Logs what was loaded and initialised."""
-  description = source.description
-  target = {c: getattr(state, c) for c in COLLECTIONS}
-  fresh = traverse_util.flatten_dict(target, sep='/')
-  given = traverse_util.flatten_dict({c: source.variables.get(c, {}) for c in COLLECTIONS}, sep='/')
-  head_keys = {k for k in fresh if k.split('/')[1] == HEAD}
-  reinitialised = sorted(
-    k for k in head_keys if k in given and np.shape(given[k]) != fresh[k].shape
+  """``state`` with ``source``'s parameters and BatchNorm statistics, and its weight EMA
+  (``config.ema_decay``) starting from them too. The head stays fresh when the source has
+  none (timm's ``num_classes=0``), when its class count differs, or when both sides name
+  their classes and the names differ (the rows would mean other classes). Logs what was
+  loaded and initialised."""
+  fresh = _flat({c: getattr(state, c) for c in COLLECTIONS})
+  given = _flat(source.variables)
+  reinitialised, why = _head_to_reinitialise(fresh, given, source.class_names, class_names)
+  _check_fits(fresh, given, reinitialised, source)
+  loaded = _loaded(fresh, given, reinitialised)
+  replaced = traverse_util.unflatten_dict({**fresh, **loaded}, sep='/')
+  if state.ema is not None:
+    # Put on the device again: the train step donates the state, and XLA refuses one
+    # array twice in its arguments ('Attempt to donate the same buffer twice').
+    ema = _flat(state.ema)
+    replaced['ema'] = traverse_util.unflatten_dict(
+      {**ema, **_loaded(ema, given, reinitialised)}, sep='/'
+    )
+  count = lambda keys: sum(int(np.prod(fresh[k].shape)) for k in keys)
+  logging.info(
+    'init_from %s: loaded %d arrays (%s values: parameters and BatchNorm statistics%s); '
+    'step, optimizer state and schedule start fresh.',
+    source.description,
+    len(loaded),
+    f'{count(loaded):,}',
+    ', also the start of the weight EMA' if state.ema is not None else '',
   )
-  if reinitialised and not _only_classes_differ(fresh, given, reinitialised):
-    reinitialised = []  # not a class-count change: reported as a mismatch below
-  renamed = bool(class_names and source.class_names) and (
-    tuple(class_names) != tuple(source.class_names)
-  )
-  if renamed and not reinitialised:
-    reinitialised = sorted(k for k in head_keys if k in given)
+  if reinitialised:
+    logging.info(
+      'init_from: the classifier head has %s: re-initialised %s.', why, ', '.join(reinitialised)
+    )
+  return state.replace(**replaced)
+
+
+def _head_to_reinitialise(fresh, given, source_classes, class_names) -> tuple[list[str], str]:
+  """The head's keys that keep their fresh initialisation, and why (for the log)."""
+  head_keys = sorted(k for k in fresh if k.split('/')[1] == HEAD)
+  if head_keys and not any(k in given for k in head_keys):
+    return head_keys, 'no weights in the source (a headless model, as timm saves num_classes=0)'
+  reshaped = [k for k in head_keys if k in given and np.shape(given[k]) != fresh[k].shape]
+  if reshaped and _only_classes_differ(fresh, given, reshaped):
+    before, now = np.shape(given[reshaped[0]])[-1], fresh[reshaped[0]].shape[-1]
+    return reshaped, f'another class count ({before} classes in the weights, {now} here)'
+  renamed = bool(class_names and source_classes) and tuple(class_names) != tuple(source_classes)
+  if renamed and not reshaped:
+    why = f'other classes ({_names(source_classes)} in the weights, {_names(class_names)} here)'
+    return [k for k in head_keys if k in given], why
+  return [], ''  # the same head, or a difference that is not a class change: checked next
+
+
+def _check_fits(fresh, given, reinitialised, source: Source) -> None:
+  """One ConfigError listing the first differing keys, unless everything but
+  ``reinitialised`` has the same keys and shapes on both sides."""
   differences = [
     f'{k}: {_shape_in(given, k)} in the weights, {fresh[k].shape} in this model'
     for k in sorted(fresh)
     if k not in reinitialised and (k not in given or np.shape(given[k]) != fresh[k].shape)
   ]
   differences += [f'{k}: not in this model' for k in sorted(set(given) - set(fresh))]
-  if differences:
-    raise ConfigError(
-      f'config.init_from: the weights of {description} do not fit this model '
-      f'({len(differences)} keys differ; first: {"; ".join(differences[:5])}). Use the '
-      'same --config.model and --config.model_options as the run that wrote them.'
+  if not differences:
+    return
+  fix = 'Use the same --config.model and --config.model_options as the run that wrote them.'
+  if source.model:
+    fix = (
+      f'They are {source.model} weights: use --config.model={source.model}, with the '
+      'model_options they were trained with.'
     )
-  loaded = {
+  raise ConfigError(
+    f'config.init_from: the weights of {source.description} do not fit this model '
+    f'({len(differences)} keys differ; first: {"; ".join(differences[:5])}). {fix}'
+  )
+
+
+def _loaded(target: dict, given: dict, reinitialised) -> dict:
+  """``given``'s arrays for ``target``'s keys (bar ``reinitialised``), on the device, with
+  ``target``'s dtypes and shardings."""
+  return {
     k: jax.device_put(np.asarray(given[k], v.dtype), v.sharding)
-    for k, v in fresh.items()
+    for k, v in target.items()
     if k not in reinitialised
   }
-  merged = traverse_util.unflatten_dict({**fresh, **loaded}, sep='/')
-  count = lambda keys: sum(int(np.prod(fresh[k].shape)) for k in keys)
-  logging.info(
-    'init_from %s: loaded %d arrays (%s values: parameters and BatchNorm statistics); '
-    'step, optimizer state and schedule start fresh.',
-    description,
-    len(loaded),
-    f'{count(loaded):,}',
-  )
-  if reinitialised:
-    before, now = (
-      np.shape(given[f'params/{HEAD}/kernel'])[-1],
-      fresh[f'params/{HEAD}/kernel'].shape[-1],
-    )
-    if renamed and before == now:
-      why = (
-        f'other classes ({_names(source.class_names)} in the weights, {_names(class_names)} here)'
-      )
-    else:
-      why = f'another class count ({before} classes in the weights, {now} here)'
-    logging.info(
-      'init_from: the classifier head has %s: re-initialised %s.', why, ', '.join(reinitialised)
-    )
-  return state.replace(**{c: merged[c] for c in COLLECTIONS})
 
 
 def _shape_in(given: dict, key: str) -> str:

@@ -22,7 +22,7 @@ from jax_resnet import export, runs, sharding, steps
 from jax_resnet import torchvision_weights as tw
 from jax_resnet.checkpointing import Checkpoints
 from jax_resnet.data.common import DatasetInfo, imagenet_stats
-from jax_resnet.errors import ConfigError, NotFoundError, UserError
+from jax_resnet.errors import ConfigError, DataError, NotFoundError, UserError
 from jax_resnet.predict import Predictor
 
 METADATA_FIELDS = {
@@ -31,7 +31,8 @@ METADATA_FIELDS = {
   'model',
   'model_options',
   'num_classes',
-  'image_shape',
+  'image_shape',  # eval's size, what inference feeds the model
+  'train_image_shape',
   'mean',
   'std',
   'class_names',
@@ -59,14 +60,16 @@ def digits_run(tmp_path_factory):
   return train_digits(tmp_path_factory), digits_config()
 
 
-def write_checkpoint(workdir: str, config, info: DatasetInfo, step: int = 7) -> dict:
+def write_checkpoint(workdir: str, config, info: DatasetInfo, step: int = 7, fill=None) -> dict:
   """A checkpoint as training writes one (state and meta) but of random numbers, not
   trained ones: nothing to compile, and a swapped or mistransposed tensor cannot pass.
-  Returns its variables."""
+  ``fill(rng, path, leaf)`` makes each array (default: uniform in [0.5, 1.5)). Returns its
+  variables."""
   _, abstract = runs.abstract_state(config, info, sharding.create_mesh())
   rng = np.random.RandomState(0)
-  state = jax.tree.map(
-    lambda leaf: jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape).astype(leaf.dtype)), abstract
+  fill = fill or (lambda rng, path, leaf: rng.uniform(0.5, 1.5, leaf.shape))
+  state = jax.tree_util.tree_map_with_path(
+    lambda path, leaf: jnp.asarray(np.asarray(fill(rng, path, leaf)).astype(leaf.dtype)), abstract
   )
   meta = {'step': step, 'config': json.loads(config.to_json_best_effort()), 'data': info.to_json()}
   checkpoints = Checkpoints(workdir)
@@ -140,6 +143,7 @@ def test_export_reads_back_bit_for_bit_with_complete_metadata(digits_run, tmp_pa
   assert metadata['export_format'] == export_format
   assert metadata['model'] == 'resnet20' and metadata['step'] == saved.step > 0
   assert metadata['num_classes'] == 10 and metadata['image_shape'] == list(shape)
+  assert metadata['train_image_shape'] == list(shape)  # no eval_image_size: the same
   assert metadata['class_names'] == [str(d) for d in range(10)]
   assert metadata['mean'] == list(saved.info.mean) and metadata['std'] == list(saved.info.std)
   assert metadata['crop_style'] == 'pad' and metadata['eval_crop_fraction'] == 0.875
@@ -246,3 +250,130 @@ def test_read_export_of_something_else_is_a_user_error(tmp_path):
   tw.save_safetensors(str(unlabelled), {'w': np.zeros(2, np.float32)})
   with pytest.raises(UserError, match='without'):
     export.read_export(str(unlabelled))
+
+
+DIGIT_CLASSES = tuple('0123456789')
+
+
+def usable_weights(rng, path, leaf):
+  """Random weights at a scale that keeps a forward pass finite (He-scaled kernels, BN
+  scales and variances near 1), so that probabilities can be compared."""
+  name = getattr(path[-1], 'key', getattr(path[-1], 'name', ''))
+  if name == 'kernel':
+    return rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+  if name in ('scale', 'var'):
+    return rng.uniform(0.5, 1.5, leaf.shape)
+  return 0.1 * rng.standard_normal(leaf.shape)
+
+
+@pytest.fixture(scope='module')
+def eval_size_run(tmp_path_factory):
+  """(workdir, state) of a digits-like ResNet-20 checkpoint trained at 8x8, evaluated at
+  12x12 (config.eval_image_size), with a weight EMA that differs from the raw weights."""
+  config = small_config(image_size=8, eval_image_size=12, ema_decay=0.9, batch_size=32)
+  info = DatasetInfo(
+    num_classes=10,
+    num_train=64,
+    num_eval=16,
+    image_shape=(8, 8, 1),
+    mean=(8.0,),
+    std=(4.0,),
+    class_names=DIGIT_CLASSES,
+  )
+  workdir = str(tmp_path_factory.mktemp('eval_size_run'))
+  write_checkpoint(workdir, config, info, fill=usable_weights)
+  return workdir, runs.load(workdir, 'latest').state
+
+
+def digit_images(count: int = 6, size: int = 8, seed: int = 0) -> np.ndarray:
+  return np.random.RandomState(seed).randint(0, 256, (count, size, size)).astype(np.uint8)
+
+
+def test_predictor_prepares_images_at_the_eval_size(eval_size_run, tmp_path):
+  """Train low, test high: predict feeds the model what eval fed it, at eval_image_size
+  (a 'pad' set's stored images, resized on the device as steps.eval_step does)."""
+  workdir, _ = eval_size_run
+  predictor = Predictor.from_workdir(workdir, 'latest')
+  assert predictor.image_shape == (12, 12, 1) and predictor.train_image_shape == (8, 8, 1)
+  path = export.export_checkpoint(workdir, str(tmp_path / 'digits.msgpack'), 'latest')
+  metadata = export.read_export(path)[1]
+  assert metadata['image_shape'] == [12, 12, 1] and metadata['train_image_shape'] == [8, 8, 1]
+  images = digit_images()
+  prepared = np.stack([predictor.prepare(image) for image in images])
+  on_device = np.asarray(steps.resize_images(jnp.asarray(images[..., None]), 12))
+  assert prepared.shape == on_device.shape == (len(images), 12, 12, 1)
+  difference = np.abs(prepared.astype(int) - on_device.astype(int))
+  assert difference.max() <= 1 and np.mean(difference > 0) < 0.01  # rare .5 ties
+  probabilities = Predictor.from_export(path)(list(images))
+  assert probabilities.shape == (len(images), 10) and np.isfinite(probabilities).all()
+  np.testing.assert_allclose(probabilities, predictor.predict_prepared(prepared), atol=1e-6)
+
+
+def test_predictor_crops_imagenet_style_images_at_the_eval_size(tmp_path):
+  """A 'random_resized' run trained at 32 and evaluated at 40: the predictor's crop and
+  resize are eval's decode-and-crop at 40 (TensorFlow's, on the same PNG)."""
+  pytest.importorskip('tensorflow')
+  import io
+
+  from PIL import Image
+
+  from jax_resnet.data import transforms
+  from jax_resnet.data.tf_cpu import tf
+
+  config = small_config(model='resnet18', image_size=32, eval_image_size=40, dataset='folder')
+  mean, std = imagenet_stats(3)
+  info = DatasetInfo(
+    num_classes=3,
+    num_train=64,
+    num_eval=16,
+    image_shape=(32, 32, 3),
+    mean=mean,
+    std=std,
+    class_names=PHOTO_CLASSES,
+    crop_style='random_resized',
+  )
+  write_checkpoint(str(tmp_path), config, info)
+  predictor = Predictor.from_workdir(str(tmp_path), 'latest')
+  image = np.random.RandomState(1).randint(0, 256, (57, 83, 3)).astype(np.uint8)
+  data = io.BytesIO()
+  Image.fromarray(image).save(data, 'PNG')
+  example = {'image': tf.constant(data.getvalue()), 'label': tf.constant(0)}
+  expected = transforms.eval_transform(config, 3)(example)
+  prepared = predictor.prepare(image)
+  assert prepared.shape == tuple(expected['image'].shape) == (40, 40, 3)
+  difference = np.abs(prepared.astype(int) - expected['image'].numpy().astype(int))
+  assert difference.max() <= 1 and np.mean(difference > 0) < 1e-3
+
+
+def test_predict_and_export_with_the_ema_weights(eval_size_run, tmp_path):
+  """weights='ema' predicts with the checkpoint's weight average, from the workdir and
+  from an export of it, not with the raw weights."""
+  workdir, state = eval_size_run
+  images = list(digit_images())
+  raw = Predictor.from_workdir(workdir, 'latest')
+  ema = Predictor.from_workdir(workdir, 'latest', weights='ema')
+  expected = Predictor(state.ema, raw.metadata)(images)
+  assert np.isfinite(expected).all()
+  np.testing.assert_array_equal(ema(images), expected)
+  assert np.abs(raw(images) - expected).max() > 1e-3
+  path = export.export_checkpoint(
+    workdir, str(tmp_path / 'ema.safetensors'), 'latest', 'safetensors', weights='ema'
+  )
+  exported = Predictor.from_export(path)
+  assert exported.metadata['weights'] == 'ema'
+  np.testing.assert_array_equal(exported(images), expected)
+  with pytest.raises(ConfigError, match="weights='average'"):
+    runs.load(workdir, 'latest', weights='average')
+
+
+def test_torchvision_export_whose_tensors_are_another_model_is_a_user_error(tmp_path):
+  """A torchvision-format file whose metadata names another model than its tensors."""
+  from test_torchvision_weights import random_variables
+
+  path = str(tmp_path / 'mislabelled.safetensors')
+  metadata = {'export_format': 'torchvision', 'model': 'resnet34', 'num_classes': 1000}
+  tw.save_safetensors(path, tw.to_torchvision(random_variables('resnet18'), 'resnet18'), metadata)
+  with pytest.raises(DataError) as error:
+    export.read_export(path)
+  assert isinstance(error.value, UserError)
+  assert 'layer1.2.conv1.weight: expected (64, 64, 3, 3), found nothing' in str(error.value)

@@ -162,6 +162,14 @@ from jax_resnet import predict
 predictor = predict.Predictor.from_export(sys.argv[1], batch_size=512)
 predict.predict_files(predictor, [sys.argv[2]], sys.argv[3], top_k=int(sys.argv[4]))
 """
+# `python main.py ARGS`, then whether TensorFlow was imported. (Not blocked as above:
+# orbax's etils paths probe importlib.util.find_spec('tensorflow'), which a block breaks.)
+MAIN_REPORTING_TENSORFLOW = """
+import atexit, runpy, sys
+atexit.register(lambda: print('tensorflow imported:', 'tensorflow' in sys.modules, flush=True))
+sys.argv = ['main.py'] + sys.argv[1:]
+runpy.run_path('main.py', run_name='__main__')
+"""
 
 
 def test_predict_from_an_export_without_tensorflow_or_training_data(
@@ -184,6 +192,39 @@ def test_predict_from_an_export_without_tensorflow_or_training_data(
   check_csv(rows, len(digits_test_split[1]), TOP_K, [str(d) for d in range(10)])
   step = export.read_export(path)[1]['step']
   assert csv_accuracy(rows) == pytest.approx(eval_top1(digits_run, step), abs=ONE_IMAGE)
+
+
+def test_main_predicts_from_a_workdir_and_from_an_export(
+  digits_run, digit_pngs, digits_test_split, tmp_path
+):
+  """``python main.py --mode=predict``, from --workdir's best checkpoint and from an export
+  with --predict_from (no --workdir): the same CSV, at the run's eval accuracy, without
+  importing TensorFlow."""
+  path = export.export_checkpoint(digits_run, str(tmp_path / 'digits.msgpack'), 'best')
+  step = export.read_export(path)[1]['step']
+  num_images = len(digits_test_split[1])
+  rows = {}
+  for source, flag in (
+    ('workdir', f'--workdir={digits_run}'),
+    ('export', f'--predict_from={path}'),
+  ):
+    output = tmp_path / f'{source}.csv'
+    args = ['--mode=predict', flag, f'--predict_input={digit_pngs}', f'--predict_output={output}']
+    result = subprocess.run(
+      [sys.executable, '-c', MAIN_REPORTING_TENSORFLOW, *args, f'--top_k={TOP_K}'],
+      cwd=ROOT,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'predicted {num_images} images into {output}' in result.stdout
+    assert 'tensorflow imported: False' in result.stdout
+    rows[source] = read_csv(output)
+    check_csv(rows[source], num_images, TOP_K, [str(d) for d in range(10)])
+    assert csv_accuracy(rows[source]) == pytest.approx(eval_top1(digits_run, step), abs=ONE_IMAGE)
+  assert rows['export'] == rows['workdir']
 
 
 def test_arrays_of_any_size_and_channel_count(predictor, digits_test_split):

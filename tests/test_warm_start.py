@@ -70,28 +70,116 @@ def test_init_from_a_run_or_its_export_loads_exactly_its_weights(
 
 
 def test_init_from_workdir_step_and_latest(digits_run):
+  """PATH:STEP and PATH:latest load that checkpoint's weights (the run's first and last
+  differ, so loading the wrong one cannot pass)."""
   import os
 
+  from jax_resnet import runs
+
   steps_saved = sorted(int(s) for s in os.listdir(os.path.join(digits_run, 'checkpoints')))
-  for suffix in ('latest', str(steps_saved[0])):
+  assert len(steps_saved) >= 2
+  expected = {
+    suffix: jax.tree.map(np.asarray, runs.load(digits_run, which).variables)
+    for suffix, which in (('latest', steps_saved[-1]), (str(steps_saved[0]), steps_saved[0]))
+  }
+  first, last = (leaves(expected[k]) for k in (str(steps_saved[0]), 'latest'))
+  assert any(not np.array_equal(a, b) for a, b in zip(first, last))
+  for suffix, variables in expected.items():
     loaded = warm_start.load_source(f'{digits_run}:{suffix}', 'resnet20')
     assert f'{suffix} checkpoint' in loaded.description
+    assert_same(loaded.variables, variables)
 
 
-def test_torchvision_layout_round_trip_through_a_plain_safetensors_file(tmp_path):
-  """timm's or torchvision's own weights: a safetensors file without this project's
-  metadata, read as torchvision's layout for the configured model."""
+@pytest.fixture(scope='module')
+def resnet18_state():
+  """A fresh ResNet-18 train state (1000 classes): the target of torchvision weights."""
   from configs import default
 
   config = default.get_config()
   config.model, config.image_size = 'resnet18', 32
-  state = fresh_state(config, 1000, (32, 32, 3), seed=3)
+  return fresh_state(config, 1000, (32, 32, 3), seed=3)
+
+
+def save_torchvision(path, variables, model_name, drop=()) -> str:
+  """``variables`` as a plain torchvision-layout safetensors file (no metadata), as
+  torchvision or timm save them, less the keys that start with ``drop``."""
+  tensors = tw.to_torchvision(variables, model_name)
+  tw.save_safetensors(str(path), {k: v for k, v in tensors.items() if not k.startswith(drop)})
+  return str(path)
+
+
+def test_torchvision_layout_round_trip_through_a_plain_safetensors_file(resnet18_state, tmp_path):
+  """timm's or torchvision's own weights: a safetensors file without this project's
+  metadata, read as torchvision's layout for the configured model."""
+  state = resnet18_state
   variables = jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
-  path = str(tmp_path / 'resnet18.safetensors')
-  tw.save_safetensors(path, tw.to_torchvision(variables, 'resnet18'))
+  path = save_torchvision(tmp_path / 'resnet18.safetensors', variables, 'resnet18')
   loaded = warm_start.load_source(path, 'resnet18')
   assert 'torchvision layout' in loaded.description and loaded.class_names == ()
   assert_same(loaded.variables, variables)
+
+
+def test_torchvision_weights_of_another_model_are_one_error_listing_keys(resnet18_state, tmp_path):
+  """ResNet-34 weights into a ResNet-18 run, ResNet-18 weights into a CIFAR ResNet-20 (no
+  torchvision layout), a state dict of unknown keys: one ConfigError each, not a bug."""
+  from test_torchvision_weights import random_variables
+
+  resnet34 = save_torchvision(
+    tmp_path / 'r34.safetensors', random_variables('resnet34'), 'resnet34'
+  )
+  with pytest.raises(ConfigError) as error:
+    warm_start.apply(resnet18_state, warm_start.load_source(resnet34, 'resnet18'))
+  message = str(error.value)
+  assert f'the weights of {resnet34} (torchvision layout, resnet34) do not fit' in message
+  assert 'batch_stats/stage1_block3/BatchNorm_0/mean: not in this model' in message
+  assert '--config.model=resnet34' in message
+
+  resnet18 = save_torchvision(
+    tmp_path / 'r18.safetensors', random_variables('resnet18'), 'resnet18'
+  )
+  with pytest.raises(ConfigError) as error:
+    warm_start.apply(fresh_state(digits_config()), warm_start.load_source(resnet18, 'resnet20'))
+  message = str(error.value)
+  assert 'keys differ' in message and '--config.model=resnet18' in message
+  assert (
+    'batch_stats/stage1_block1/BatchNorm_0/mean: (64,) in the weights, (16,) in this' in message
+  )
+
+  prefixed = tmp_path / 'prefixed.safetensors'
+  tensors = tw.load_safetensors(resnet18)[0]
+  tw.save_safetensors(str(prefixed), {f'module.{k}': v for k, v in tensors.items()})
+  for model in ('resnet18', 'resnet20'):  # with a layout, and without one
+    with pytest.raises(ConfigError, match=f"config.init_from='{prefixed}'.*config.model='{model}'"):
+      warm_start.load_source(str(prefixed), model)
+
+
+def test_headless_torchvision_weights_keep_the_fresh_head(resnet18_state, tmp_path, info_logs):
+  """timm's num_classes=0 models save no fc: the backbone loads, the head stays fresh."""
+  from test_torchvision_weights import random_variables
+
+  variables = random_variables('resnet18')
+  path = save_torchvision(tmp_path / 'headless.safetensors', variables, 'resnet18', ('fc.',))
+  state = warm_start.apply(resnet18_state, warm_start.load_source(path, 'resnet18'))
+  for key in ('kernel', 'bias'):
+    np.testing.assert_array_equal(state.params['head'][key], resnet18_state.params['head'][key])
+  body = lambda params: {k: v for k, v in params.items() if k != 'head'}
+  assert_same(body(state.params), body(variables['params']))
+  assert_same(state.batch_stats, variables['batch_stats'])
+  assert (
+    'the classifier head has no weights in the source (a headless model, as timm saves '
+    'num_classes=0): re-initialised params/head/bias, params/head/kernel' in info_logs.text
+  )
+
+
+def test_the_weight_ema_starts_from_the_loaded_weights(run_variables):
+  config = digits_config()
+  config.ema_decay = 0.99
+  state = warm_start.apply(fresh_state(config), warm_start.Source(run_variables, 'the digits run'))
+  assert_same(state.ema, run_variables)
+  assert_same({'params': state.params, 'batch_stats': state.batch_stats}, run_variables)
+  # Arrays of its own: the train step donates the state, and XLA refuses one array twice.
+  trained = {id(x) for x in jax.tree.leaves((state.params, state.batch_stats))}
+  assert not {id(x) for x in jax.tree.leaves(state.ema)} & trained
 
 
 def test_another_class_count_reinitialises_only_the_head(run_variables, info_logs):
