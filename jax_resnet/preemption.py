@@ -9,6 +9,7 @@ signals back their default behaviour with ``release_early``.
 
 import os
 import signal
+from collections.abc import Callable
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _early: list[int] = []  # signals received before a StopRequest took over
@@ -54,16 +55,16 @@ class StopRequest:
   def name(self) -> str:
     return signal.Signals(self.signum).name if self.signum else 'a stop signal'
 
-  def requested(self, step: int, every: int) -> bool:
-    """Whether to stop; across processes only at multiples of ``every`` (log steps), so
-    that all processes agree on one step."""
+  def requested(self, step: int, at: Callable[[int], bool]) -> bool:
+    """Whether to stop; across processes only at steps where ``at(step)`` holds (a
+    ``timeline.Every``: the log steps), so that all processes agree on one step."""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
       return self.signum is not None
-    if step % every:
+    if not at(step):
       return False
     flags = multihost_utils.process_allgather(np.array(self.signum is not None))
     return bool(np.any(flags))

@@ -260,7 +260,7 @@ def _loop(run: _Run, stop: preemption.StopRequest, clock: profiling.RunClock) ->
   config, timeline, state = run.config, run.timeline, run.state
   if run.start_step >= timeline.total_steps:
     return _finished(run)
-  if stop.requested(run.start_step, 1):  # a signal while starting up
+  if stop.requested(run.start_step, Every((1,))):  # a signal while starting up
     return _stopped_before_start(run, stop)
   writer, batches, events, run_steps, profiler, bar = _LoopParts.start(run, clock)
   train_metrics, eval_metrics, last_finite = None, {}, None
@@ -280,8 +280,8 @@ def _loop(run: _Run, stop: preemption.StopRequest, clock: profiling.RunClock) ->
       with clock.part('steps'):  # merged on the device; can wait when the host runs ahead
         train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       is_last = step == timeline.total_steps
-      save = is_last or events.checkpoint(step) or events.epoch_end(step)
-      stopping = stop.requested(step, config.log_every_steps)
+      save = events.save(step, timeline.total_steps)
+      stopping = stop.requested(step, events.log)
 
       if events.log(step) or is_last or save or stopping:
         with clock.part('steps'):  # waits for the dispatched steps
@@ -419,8 +419,8 @@ class _Events:
 
   log: Every
   evaluate: Every  # eval_every_epochs=0: at the end only
-  checkpoint: Every
-  epoch_end: Every
+  checkpoint: Every  # checkpoint_every_epochs and checkpoint_every_steps
+  epoch_end: Every  # a multi-step dispatch ends here (the image size may change)
 
   @classmethod
   def of(cls, config: ml_collections.ConfigDict, timeline: Timeline) -> '_Events':
@@ -432,6 +432,11 @@ class _Events:
       ),
       epoch_end=timeline.every(epochs=1),
     )
+
+  def save(self, step: int, total_steps: int) -> bool:
+    """Whether ``step`` writes a checkpoint: every ``checkpoint_every_epochs`` and every
+    ``checkpoint_every_steps``, and the last step (a preemption saves on its own)."""
+    return step == total_steps or self.checkpoint(step)
 
   @property
   def periods(self) -> tuple[int, ...]:
@@ -512,20 +517,20 @@ def _all_finite(tree):
 
 def _check_finite(scalars: dict, step: int, last_finite, workdir: str):
   if not math.isfinite(scalars['train_loss']):
-    _diverged(scalars['train_loss'], step, last_finite, workdir)
+    _diverged(f'the loss is {scalars["train_loss"]}', step, last_finite, workdir)
 
 
 def _check_state_finite(state, step: int, last_finite, workdir: str):
   """A finite loss can hide an update that blew up: nothing non-finite is evaluated for
   the best checkpoint or saved."""
   if not bool(_all_finite((state.params, state.batch_stats))):
-    _diverged(float('nan'), step, last_finite, workdir)
+    _diverged('the weights are no longer finite', step, last_finite, workdir)
 
 
-def _diverged(loss: float, step: int, last_finite, workdir: str):
-  last = f'{last_finite[1]:.4f} at step {last_finite[0]}' if last_finite else 'none yet'
+def _diverged(what: str, step: int, last_finite, workdir: str):
+  last = f'{last_finite[1]:.4g} at step {last_finite[0]}' if last_finite else 'none yet'
   raise TrainingError(
-    f'Training diverged: the loss is {loss} by step {step} (last finite loss: {last}). '
+    f'Training diverged: {what} by step {step} (last finite loss: {last}). '
     'Lower --config.learning_rate or add warm-up (--config.warmup_epochs). The '
     f'checkpoints in {workdir}/checkpoints and checkpoints_best hold only finite states.'
   )

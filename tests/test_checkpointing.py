@@ -51,6 +51,26 @@ def test_restore_round_trip(tmp_path, states):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_best_is_the_highest_eval_top1_not_the_newest(tmp_path, states):
+  """checkpoints_best/ keeps the step with the highest eval top-1, also when newer ones
+  score lower, and also across a restart (a resumed run's manager reads the saved
+  scores), and restore('best') returns that step."""
+  checkpoints = Checkpoints(str(tmp_path))
+  for step, top1 in ((3, 0.5), (5, 0.9), (8, 0.7)):
+    checkpoints.save_best(step, states[0], {'step': step}, top1)
+  checkpoints.wait()
+  checkpoints.close()
+  resumed = Checkpoints(str(tmp_path))
+  resumed.save_best(9, states[0], {'step': 9}, 0.8)
+  resumed.wait()
+  assert resumed.best_step() == 5
+  assert os.listdir(tmp_path / 'checkpoints_best') == ['5']
+  resumed.close()
+  reader = Checkpoints(str(tmp_path), read_only=True)
+  assert reader.restore('best', lambda meta: states[0])[1] == {'step': 5}
+  reader.close()
+
+
 def test_incompatible_checkpoint_is_reported_and_left_as_it_is(tmp_path, states):
   checkpoints = _saved(tmp_path, states[0])
   before = _listing(tmp_path)

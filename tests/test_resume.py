@@ -41,15 +41,21 @@ def export(workdir, which='latest'):
     return f.read()
 
 
-def final_state(workdir, directory='checkpoints'):
-  """The newest checkpoint's whole train state as numpy arrays (read in this process)."""
+def saved_steps(workdir, directory='checkpoints'):
+  """The steps of the checkpoints in ``WORKDIR/directory`` (not those set aside)."""
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, directory)) if s.isdigit())
+
+
+def final_state(workdir, directory='checkpoints', step=None):
+  """A checkpoint's (default: the newest's) whole train state as numpy arrays (read in
+  this process)."""
   import warnings
 
   import jax
   import orbax.checkpoint as ocp
 
+  step = saved_steps(workdir, directory)[-1] if step is None else step
   directory = os.path.join(workdir, directory)
-  step = max(int(s) for s in os.listdir(directory) if s.isdigit())
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     state = ocp.PyTreeCheckpointer().restore(os.path.join(directory, str(step), 'state'))
@@ -180,7 +186,9 @@ def test_incompatible_config_is_refused_naming_fields(reference, tmp_path):
 
 def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
   """Neither checkpoints/ nor checkpoints_best/ ever holds a non-finite state (the best
-  checkpoint used to be written before the finiteness check)."""
+  checkpoint used to be written before the finiteness check). Evaluated at every step:
+  the finite early states are evaluated and the best of them kept; the step whose state
+  went non-finite (with a loss still finite) is not evaluated."""
   workdir = str(tmp_path / 'run')
   result = run_main(
     [
@@ -190,18 +198,31 @@ def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path):
       '--config.learning_rate=1e12',
       '--config.warmup_epochs=0.5',
       '--config.checkpoint_every_steps=1',
-      '--config.eval_every_epochs=0.14',
+      '--config.eval_every_epochs=0.05',  # every step
     ]
   )
   assert result.returncode == 1
   assert 'Training diverged' in result.stderr and 'last finite loss' in result.stderr
-  steps = [s for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()]
-  assert steps, 'the finite early steps should have been checkpointed'
-  for directory in ('checkpoints', 'checkpoints_best'):
-    path = os.path.join(workdir, directory)
-    if os.path.isdir(path) and any(s.isdigit() for s in os.listdir(path)):
-      _, leaves = final_state(workdir, directory)
-      assert all(np.isfinite(x).all() for x in leaves if x.dtype.kind == 'f'), directory
+  # The loss was still finite: the state check caught it and says what it found.
+  after = result.stderr.split('Training diverged: the weights are no longer finite by step ')
+  stopped = int(after[1].split()[0])
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  evals = [r for r in records if 'eval_top1' in r]
+  assert evals and all(r['step'] < stopped for r in evals), (stopped, evals)
+  # The stop step's loss was finite: the state check, not the loss check, caught it, at a
+  # step due for an evaluation that the non-finite state did not get.
+  (last,) = [r for r in records if r['step'] == stopped and 'train_loss' in r]
+  assert np.isfinite(last['train_loss'])
+  best = max(evals, key=lambda r: r['eval_top1'])
+  assert saved_steps(workdir, 'checkpoints_best') == [best['step']]
+  steps = saved_steps(workdir)
+  assert steps and max(steps) < stopped, 'the finite early steps should have been checkpointed'
+  for directory, kept in (('checkpoints', steps), ('checkpoints_best', [best['step']])):
+    for step in kept:
+      _, leaves = final_state(workdir, directory, step)
+      floats = [x for x in leaves if x.dtype.kind == 'f']
+      assert floats and all(np.isfinite(x).all() for x in floats), (directory, step)
 
 
 def test_eval_mode_reports_a_saved_run(reference, tmp_path):
@@ -243,6 +264,26 @@ def test_exported_variables_are_the_trained_ones(reference):
   )
 
 
+def test_export_to_an_unwritable_path_is_one_error_line_before_any_restore(reference, tmp_path):
+  """It used to be a raw traceback after the restore: now one line naming the path, and
+  the checkpoint is not even opened (no Orbax manager, no restore in the log)."""
+  workdir = _copy(reference, tmp_path)
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  path = f'{blocker}/export/model.msgpack'
+  result = run_main([f'--workdir={workdir}', '--mode=export', f'--export_path={path}'])
+  assert result.returncode == 1
+  log = os.path.join(workdir, 'jax_resnet.log')
+  assert [line for line in result.stderr.splitlines() if line.strip()] == [
+    f'error: Cannot write the export to {path}: Not a directory. (log: {log})'
+  ]
+  assert 'exported' not in result.stdout and not os.path.exists(path)
+  this_run = open(log).read().split('\n==== ')[-1]  # each run's part starts with ====
+  assert '--mode=export' in this_run.splitlines()[0]
+  assert 'OutputError' in this_run
+  assert 'CheckpointManager' not in this_run and 'Restoring checkpoint' not in this_run
+
+
 def test_unwritable_workdir_is_reported(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
@@ -280,6 +321,16 @@ def test_full_disk_while_saving_is_reported_and_earlier_checkpoint_survives(smal
   assert f'error: Writing to {workdir} failed' in result.stderr
   assert 'No space left' in result.stderr and 'are intact' in result.stderr
   assert '11' in os.listdir(os.path.join(workdir, 'checkpoints'))
+  # The console: a few lines, no library's traceback, one whole error line (it used to
+  # be 2,369 lines with the error cut off mid-path); the detail is in the log it names.
+  lines = result.stderr.splitlines()
+  assert 'Traceback' not in result.stderr and len(lines) < 40, result.stderr[-3000:]
+  (error,) = [line for line in lines if line.startswith('error:')]
+  log = os.path.join(workdir, 'jax_resnet.log')
+  assert 'No space left on device' in error and error.endswith(f'(log: {log})'), error
+  assert 'rerun the same command to resume' in error
+  detail = open(log).read()
+  assert 'Traceback' in detail and 'No space left on device' in detail
 
 
 def _copy(reference, tmp_path):
@@ -304,24 +355,40 @@ def _files(path):
 def test_mismatched_flags_in_eval_and_export_rename_nothing(reference, tmp_path):
   """Eval and export build the model from the checkpoint's own config: a different
   --config.model neither fails nor damages the run, and training it again says it is
-  finished instead of adding to its history."""
+  finished instead of adding to its history. They take no lock: both run while a
+  training run (here this process) holds the workdir's."""
+  from jax_resnet import workdir as workdir_lib
+  from jax_resnet.errors import TrainingError
+
   workdir = _copy(reference, tmp_path)
   before = _files(os.path.join(workdir, 'checkpoints'))
   path = str(tmp_path / 'x.msgpack')
-  exported = run_main(
-    [
-      *ARGS,
-      f'--workdir={workdir}',
-      '--mode=export',
-      '--config.model=resnet32',
-      f'--export_path={path}',
-    ]
-  )
-  assert exported.returncode == 0, exported.stderr[-3000:]
-  evaluated = run_main(
-    [*ARGS, f'--workdir={workdir}', '--mode=eval', '--checkpoint=latest', '--config.model=resnet32']
-  )
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  with workdir_lib.lock(workdir):
+    with pytest.raises(TrainingError, match='in use by another training run'):
+      with workdir_lib.lock(workdir):  # held: a training command would stop at start
+        pass
+    exported = run_main(
+      [
+        *ARGS,
+        f'--workdir={workdir}',
+        '--mode=export',
+        '--config.model=resnet32',
+        f'--export_path={path}',
+      ]
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert os.path.getsize(path) > 100_000
+    evaluated = run_main(
+      [
+        *ARGS,
+        f'--workdir={workdir}',
+        '--mode=eval',
+        '--checkpoint=latest',
+        '--config.model=resnet32',
+      ]
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert 'final eval_loss' in evaluated.stdout and 'in use' not in evaluated.stderr
   assert _files(os.path.join(workdir, 'checkpoints')) == before
   history = open(os.path.join(workdir, 'metrics.jsonl')).read()
   rerun = run_main([*ARGS, f'--workdir={workdir}'])
@@ -361,6 +428,14 @@ def test_no_restorable_checkpoint_stops_and_names_the_intact_best(reference, tmp
   resumed = run_main([*ARGS, f'--workdir={workdir}', '--resume_from=best'])
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'checkpoints_best at step {best_step}' in resumed.stderr
+  # It really continued from the best checkpoint's state: its first step is the one after
+  # it, and the uninterrupted run passed through that state, so (exact resume) it ends with
+  # the uninterrupted run's parameters; another state at that step would not.
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    new = [json.loads(line) for line in f.read()[len(history) :].splitlines()]
+  assert min(r['step'] for r in new) == int(best_step) + 1 < 22
+  assert max(r['step'] for r in new) == 22
+  assert_same_state(workdir, reference[1])
 
   best = _files(os.path.join(workdir, 'checkpoints_best'))
   history = open(os.path.join(workdir, 'metrics.jsonl')).read()
@@ -416,18 +491,27 @@ def test_sigterm_while_starting_up_exits_cleanly(tmp_path):
 
 
 def test_best_checkpoint_is_the_highest_eval_top1_and_eval_reports_it(reference, tmp_path):
+  """The reference run's first evaluation scores higher than its last, so the best
+  checkpoint is an older step than the newest: keeping the newest as the best, or an
+  eval that defaults to the latest checkpoint, fails here."""
   workdir = _copy(reference, tmp_path)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    evals = [r for r in map(json.loads, f) if 'eval_top1' in r]
-  assert [r['step'] for r in evals] == [11, 22]
-  best = max(evals, key=lambda r: r['eval_top1'])
-  assert os.listdir(os.path.join(workdir, 'checkpoints_best')) == [str(best['step'])]
+    evals = {r['step']: r['eval_top1'] for r in map(json.loads, f) if 'eval_top1' in r}
+  assert sorted(evals) == [11, 22]
+  best = max(evals, key=evals.get)
+  newest = saved_steps(workdir)[-1]
+  assert best != newest and evals[best] != evals[newest], (
+    f'{evals}: this test needs a run whose best evaluation is not its last; change ARGS '
+    '(e.g. the learning rate) until it is one'
+  )
+  assert saved_steps(workdir, 'checkpoints_best') == [best]
   result = run_main([*ARGS, f'--workdir={workdir}', '--mode=eval'])  # default: best
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     new = json.loads(f.read().splitlines()[-1])
-  assert new['step'] == best['step']
-  assert new['eval_top1'] == pytest.approx(best['eval_top1'], abs=1e-6)
+  assert new['step'] == best
+  assert new['eval_top1'] == pytest.approx(evals[best], abs=1e-6)
+  assert f'eval_top1 {evals[best]:.4f}' in result.stdout
 
 
 def test_eval_and_export_of_a_read_only_run(reference, read_only_mount, tmp_path):
@@ -462,7 +546,22 @@ def test_sigkill_with_the_modern_recipe_resumes_bit_exact(tmp_path):
   done = run_main([*ARGS, *MODERN, f'--workdir={reference}'])
   assert done.returncode == 0, done.stderr[-3000:]
   records = [json.loads(line) for line in open(os.path.join(reference, 'metrics.jsonl'))]
-  assert any('eval_top1_ema' in r for r in records)  # the EMA weights, evaluated beside
+  # The EMA weights, evaluated beside the raw ones at each evaluation: fractions, and what
+  # --mode=eval --weights=ema measures on that checkpoint (not the raw weights' numbers).
+  evals = {r['step']: r for r in records if 'eval_top1' in r}
+  assert sorted(evals) == [11, 22]
+  for r in evals.values():
+    assert 0 <= r['eval_top1_ema'] <= 1 and 0 <= r['eval_top5_ema'] <= 1, r
+    assert r['eval_top1_ema'] <= r['eval_top5_ema'] and r['eval_loss_ema'] != r['eval_loss']
+  evaluated = run_main(
+    [*ARGS, f'--workdir={reference}', '--mode=eval', '--weights=ema', '--checkpoint=latest']
+  )
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  with open(os.path.join(reference, 'metrics.jsonl')) as f:
+    again = json.loads(f.read().splitlines()[-1])
+  assert again['step'] == 22
+  for name in ('eval_loss', 'eval_top1', 'eval_top5'):
+    assert again[name] == pytest.approx(evals[22][f'{name}_ema'], abs=1e-5), name
   expected = final_state(reference)
   ema_path = str(tmp_path / 'ema.msgpack')
   exported = run_main(

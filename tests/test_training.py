@@ -32,3 +32,76 @@ def test_progressive_resizing_schedule(config):
   assert set(sizes) == {128, 160, 192} and sizes == sorted(sizes)
   config.progressive_resizing, config.progressive_resizing_multiple = (8, 16, 0, 4), 4
   assert [train_image_size(config, e) for e in range(6)] == [8, 8, 12, 16, 16, 16]
+
+
+def test_stepper_compiles_one_program_per_progressive_resizing_size(config, monkeypatch):
+  """The loop's _Stepper runs each epoch's steps at that epoch's size, compiling each size
+  once (the model sees the resized batches; the data stays at image_size)."""
+  import types
+
+  import jax
+  import numpy as np
+
+  from jax_resnet import optim, profiling, sharding, steps, training
+  from jax_resnet.timeline import Timeline
+
+  config.image_size, config.batch_size, config.schedule = 16, 8, 'constant'
+  config.progressive_resizing, config.progressive_resizing_multiple = (8, 16, 0, 2), 8
+  timeline = Timeline(2, 6)  # epochs 0, 1, 2 at 8, 16 (12 rounded up), 16 px
+  mesh = sharding.create_mesh()
+  lr_fn = optim.create_learning_rate_fn(config, timeline)
+  model = steps.create_model(config, 10)
+  state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (16, 16, 3), lr_fn, mesh)
+  seen = []
+
+  def apply_fn(variables, images, **kwargs):
+    seen.append(images.shape[1:3])
+    return model.apply(variables, images, **kwargs)
+
+  state = state.replace(apply_fn=apply_fn)
+  made = []
+  make = steps.make_train_step
+  monkeypatch.setattr(
+    steps, 'make_train_step', lambda *a, **kw: made.append(kw['image_size']) or make(*a, **kw)
+  )
+  info = types.SimpleNamespace(num_classes=10, mean=(127.0,) * 3, std=(64.0,) * 3)
+  run = types.SimpleNamespace(
+    config=config,
+    learning_rate_fn=lr_fn,
+    dataset=types.SimpleNamespace(info=info),
+    timeline=timeline,
+    mesh=mesh,
+    teacher=None,
+  )
+  stepper = training._Stepper(run, profiling.RunClock())
+  rng = np.random.RandomState(0)
+  batch = {
+    'image': rng.randint(0, 256, (8, 16, 16, 3)).astype(np.uint8),
+    'label': rng.randint(0, 10, (8,)).astype(np.int32),
+  }
+  for step in range(timeline.total_steps):
+    state, _ = stepper(state, [sharding.to_global(batch, mesh)], step)
+  assert made == [8, 16]  # one compilation per size, in the ramp's order
+  assert seen == [(8, 8), (16, 16)]  # traced once each, at that size
+  assert len(stepper.hlo_texts()) == 2 and int(state.step) == 6
+
+
+def test_checkpoints_follow_checkpoint_every_epochs_and_steps(config):
+  """checkpoint_every_epochs=2 saves every second epoch and 0 only at the end (the loop
+  used to save at every epoch end whatever the field said)."""
+  from jax_resnet.timeline import Timeline
+  from jax_resnet.training import _Events
+
+  timeline = Timeline(steps_per_epoch=5, total_steps=20)
+
+  def saved(epochs, steps=0):
+    config.checkpoint_every_epochs, config.checkpoint_every_steps = epochs, steps
+    events = _Events.of(config, timeline)
+    return [s for s in range(1, 21) if events.save(s, timeline.total_steps)]
+
+  assert saved(1.0) == [5, 10, 15, 20]
+  assert saved(2.0) == [10, 20]
+  assert saved(0.0) == [20]
+  assert saved(0.5) == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+  assert saved(0.0, steps=6) == [6, 12, 18, 20]
+  assert saved(2.0, steps=4) == [4, 8, 10, 12, 16, 20]
