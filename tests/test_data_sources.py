@@ -193,12 +193,33 @@ def test_folder_trains_through_main(tmp_path):
   assert max(r['step'] for r in records) == 3
   assert any('eval_top1' in r for r in records)
 
-  # The run's images gone, export needs nothing but the checkpoint: the model and its
-  # classes come from the checkpoint's own config and data description.
-  import shutil
-
+  # The README's evaluation on a folder of your own, the run's images gone: the classes
+  # come from the run, not a train_dir, and the folder may hold a subset of them.
   shutil.rmtree(tmp_path / 'train')
   shutil.rmtree(tmp_path / 'eval')
+  mine = tmp_path / 'mine'
+  photo_folder(mine, per_class=(2, 3), seed=2, extras=False)
+  (mine / 'class_1').rename(mine / 'class_2')  # classes 0 and 2 of the 3
+  evaluated = run_main(
+    [
+      f'--workdir={workdir}',
+      '--mode=eval',
+      '--config.dataset=folder',
+      f'--config.eval_dir={mine}',
+    ]
+  )
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  reported = dict(zip(*[iter(evaluated.stdout.split('final ')[-1].split())] * 2))
+  with open(workdir / 'metrics.jsonl') as f:
+    after = [json.loads(line) for line in f]
+  assert len(after) == len(records) + 1 and after[-1]['step'] == 3
+  top1 = after[-1]['eval_top1']
+  assert float(reported['eval_top1']) == pytest.approx(top1, abs=1e-4)
+  assert round(top1 * 5, 4) == round(top1 * 5)  # a fraction of the 5 images of `mine`
+  assert {'eval_loss', 'eval_top5'} <= set(after[-1])
+
+  # Export needs nothing but the checkpoint: the model and its classes come from the
+  # checkpoint's own config and data description.
   exported = run_main(
     [
       '--config=configs/default.py',
@@ -282,22 +303,32 @@ def test_each_process_reads_a_disjoint_share_of_the_files(config, tmp_path, monk
 
 
 def test_tiny_imagenet_layout(config, tmp_path):
-  """train/<wnid>/images/*.JPEG, and val/images/ labelled by val/val_annotations.txt."""
+  """train/<wnid>/images/*.JPEG, and val/images/ labelled by val/val_annotations.txt: each
+  val image gets the class its line names, whatever the order of the lines and files."""
+  from PIL import Image
+
   photo_folder(tmp_path / 'src', per_class=(3, 3), extras=False)
   wnids = ['n01443537', 'n01629819']
   for wnid, source in zip(wnids, ('class_0', 'class_1')):
     shutil.copytree(tmp_path / 'src' / source, tmp_path / 'train' / wnid / 'images')
   (tmp_path / 'val' / 'images').mkdir(parents=True)
+  colours = ((200, 30, 30), (30, 30, 200))  # red images are the first class, blue the second
+  classes = [1, 0, 0, 1, 1, 0]  # of val_0 ... val_5: not in file-name order nor grouped
   lines = []
-  for i, (wnid, source) in enumerate(zip(wnids * 2, ['class_0', 'class_1'] * 2)):
-    shutil.copy(
-      tmp_path / 'src' / source / f'{i // 2}.JPEG', tmp_path / 'val' / 'images' / f'val_{i}.JPEG'
+  for i in (3, 0, 5, 1, 4, 2):  # the lines in neither file-name nor class order
+    Image.new('RGB', (64, 64), colours[classes[i]]).save(
+      tmp_path / 'val' / 'images' / f'val_{i}.JPEG'
     )
-    lines.append(f'val_{i}.JPEG\t{wnid}\t0\t0\t10\t10')
+    lines.append(f'val_{i}.JPEG\t{wnids[classes[i]]}\t0\t0\t10\t10')
   (tmp_path / 'val' / 'val_annotations.txt').write_text('\n'.join(lines) + '\n')
   config.dataset, config.image_size, config.random_crop_pad = 'folder', 32, 0
   config.train_dir, config.eval_dir = str(tmp_path / 'train'), str(tmp_path / 'val')
   ds = sources.load_dataset(config)
-  assert ds.info.class_names == tuple(wnids) and ds.info.num_train == 6 and ds.info.num_eval == 4
+  assert ds.info.class_names == tuple(wnids) and ds.info.num_train == 6 and ds.info.num_eval == 6
   evals = list(batching.eval_batches(ds, 4, batching.num_eval_steps(ds.info, 4)))
-  np.testing.assert_array_equal(np.sort(evals[0]['label']), [0, 0, 1, 1])
+  images = np.concatenate([b['image'][b['mask'] > 0] for b in evals]).astype(np.float32)
+  labels = np.concatenate([b['label'][b['mask'] > 0] for b in evals])
+  red = images[..., 0].mean((1, 2)) > images[..., 2].mean((1, 2)) + 100
+  blue = images[..., 2].mean((1, 2)) > images[..., 0].mean((1, 2)) + 100
+  assert (red | blue).all() and red.sum() == 3
+  np.testing.assert_array_equal(labels, np.where(red, 0, 1))

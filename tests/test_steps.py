@@ -254,17 +254,188 @@ def test_every_augmentation_on_the_device_is_keyed_and_bounded(config):
   assert not np.array_equal(images, other)
 
 
+MEAN, STD = (127.0,) * 3, (64.0,) * 3
+
+
+def _recording(state):
+  """``state`` whose model records the shape of each batch it is traced with."""
+  shapes = []
+
+  def apply_fn(variables, images, **kwargs):
+    shapes.append(tuple(images.shape))
+    return state.apply_fn(variables, images, **kwargs)
+
+  return state.replace(apply_fn=apply_fn), shapes
+
+
+@jax.jit
+def _eval_logits(state, images):
+  """The model's logits in inference mode on uint8 ``images``."""
+  x = steps.preprocess(jnp.asarray(images), MEAN, STD, jnp.float32)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return state.apply_fn(variables, x, train=False)
+
+
+def _resized(images, size):
+  """jax.image.resize's antialiased bilinear resize, rounded back to uint8."""
+  shape = (images.shape[0], size, size, images.shape[3])
+  out = jax.image.resize(jnp.asarray(images, jnp.float32), shape, 'bilinear', antialias=True)
+  return np.asarray(jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8))
+
+
 def test_bce_loss_and_eval_flip(config):
+  """eval_flip's logits are the mean of the plain and the mirrored images' logits."""
   config = _recipe(config, loss='bce')
   state, train_fn, eval_fn = setup(config)
   new, metrics = train_fn(state, fixed_batch())
   assert np.isfinite(float(metrics.compute()['train_loss']))
   batch = dict(fixed_batch(8), mask=np.ones(8, np.float32))
-  symmetric = dict(
-    batch, image=np.concatenate([batch['image'][:, :, :4], batch['image'][:, :, 3::-1]], 2)
-  )
   config.eval_flip = True
-  flip_fn = steps.make_eval_step(config, 10, (127.0,) * 3, (64.0,) * 3, sharding.create_mesh())
-  plain, flipped = eval_fn(new, symmetric).compute(), flip_fn(new, symmetric).compute()
-  np.testing.assert_allclose(plain['eval_loss'], flipped['eval_loss'], rtol=1e-5)  # mirror-even
-  assert eval_fn(new, batch).compute()['eval_loss'] != flip_fn(new, batch).compute()['eval_loss']
+  flip_fn = steps.make_eval_step(config, 10, MEAN, STD, sharding.create_mesh())
+  plain = _eval_logits(new, batch['image'])
+  mirrored = _eval_logits(new, batch['image'][:, :, ::-1])
+  loss = lambda logits: float(steps.cross_entropy(logits, batch['label'], 10).mean())
+  top1 = lambda logits: float(steps.top_k_correct(logits, batch['label'], 1).mean())
+  got, got_plain = flip_fn(new, batch).compute(), eval_fn(new, batch).compute()
+  np.testing.assert_allclose(got['eval_loss'], loss((plain + mirrored) / 2), rtol=1e-5)
+  np.testing.assert_allclose(got['eval_top1'], top1((plain + mirrored) / 2))
+  np.testing.assert_allclose(got_plain['eval_loss'], loss(plain), rtol=1e-5)
+  # The three candidates differ, so the equality above tells them apart.
+  for alone in (plain, mirrored):
+    assert abs(loss(alone) - loss((plain + mirrored) / 2)) > 1e-3
+
+
+def test_eval_image_size_resizes_the_eval_batches_only(config):
+  """With eval_image_size the eval step's model sees that size (the batch resized on the
+  device as jax.image.resize does); the train step keeps image_size."""
+  config = _recipe(config, eval_image_size=12)
+  state, train_fn, eval_fn = setup(config)
+  recorded, shapes = _recording(state)
+  batch = dict(fixed_batch(8), mask=np.ones(8, np.float32))
+  got = eval_fn(recorded, batch).compute()
+  assert shapes == [(8, 12, 12, 3)]
+  logits = _eval_logits(state, _resized(batch['image'], 12))
+  expected = float(steps.cross_entropy(logits, batch['label'], 10).mean())
+  np.testing.assert_allclose(got['eval_loss'], expected, rtol=1e-5)
+  at_8 = _eval_logits(state, batch['image'])
+  assert abs(float(steps.cross_entropy(at_8, batch['label'], 10).mean()) - expected) > 1e-3
+  shapes.clear()
+  jax.eval_shape(train_fn, recorded, fixed_batch())  # traced, not run: nothing donated
+  assert set(shapes) == {(32, 8, 8, 3)}
+
+
+def test_train_step_at_a_progressive_resizing_size(config):
+  """A train step made for one size of the progressive-resizing ramp trains on the batch
+  resized to it (steps.resize_images: antialiased bilinear, back to uint8)."""
+  config = _recipe(config)
+  state, _, _ = setup(config)
+  mesh = sharding.create_mesh()
+  lr_fn = optim.create_learning_rate_fn(config, Timeline(10, 100))
+  batch = fixed_batch(16, size=16)  # the data at image_size 16, trained at 8
+  small_fn = steps.make_train_step(config, lr_fn, 10, MEAN, STD, mesh, image_size=8)
+  recorded, shapes = _recording(state)
+  jax.eval_shape(small_fn, recorded, batch)
+  assert set(shapes) == {(16, 8, 8, 3)}
+
+  @jax.jit
+  def train_loss(state, images):
+    x = steps.preprocess(images, MEAN, STD, jnp.float32)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    logits, _ = state.apply_fn(variables, x, train=True, mutable=['batch_stats'])
+    return steps.cross_entropy(logits, batch['label'], 10).mean()
+
+  expected = float(train_loss(state, _resized(batch['image'], 8)))
+  same = {k: jnp.asarray(v) for k, v in batch.items()}
+  assert steps.resize_images(same['image'], 16) is same['image']
+  assert steps.resize_images(same['image'], None) is same['image']
+  _, metrics = small_fn(state, batch)
+  np.testing.assert_allclose(metrics.compute()['train_loss'], expected, rtol=1e-5)
+
+
+def test_distillation_blends_the_losses_in_the_train_step(config, tmp_path):
+  """A teacher exported in the test, loaded by warm_start.load_teacher: the train step
+  descends (1 - w) CE + w T^2 KL(teacher || student) at temperature T, the teacher in
+  inference mode (its BatchNorm statistics used, never updated)."""
+  import optax
+  from flax import traverse_util
+
+  from jax_resnet import export, models, warm_start
+
+  weight, temperature = 0.3, 2.0
+  path = str(tmp_path / 'teacher.msgpack')
+  config = _recipe(
+    config,
+    momentum=0.0,
+    weight_decay=0.0,
+    distill_from=path,
+    distill_weight=weight,
+    distill_temperature=temperature,
+  )
+  state, _, _ = setup(config)
+  # The teacher: a ResNet-20 with random weights (the student's, perturbed) and BatchNorm
+  # statistics far from a fresh model's, so that its train and inference modes differ.
+  rng = np.random.RandomState(1)
+  flat = traverse_util.flatten_dict(
+    jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
+  )
+  for key, value in flat.items():
+    if key[-1] == 'mean':
+      flat[key] = 0.3 * rng.normal(size=value.shape)
+    elif key[-1] == 'var':
+      flat[key] = rng.uniform(0.5, 2.0, value.shape)
+    else:
+      flat[key] = value + 0.2 * rng.normal(size=value.shape) * (value.std() + 0.1)
+  variables = traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in flat.items()})
+  export.write_msgpack(
+    variables, path, {'model': 'resnet20', 'model_options': {}, 'num_classes': 10}
+  )
+  teacher = warm_start.load_teacher(config, 10)
+  teacher_model = models.create_model('resnet20', 10)
+  lr_fn = optim.create_learning_rate_fn(config, Timeline(10, 100))
+  train_fn = steps.make_train_step(
+    config, lr_fn, 10, MEAN, STD, sharding.create_mesh(), teacher=teacher
+  )
+  batch = fixed_batch()
+  x = steps.preprocess(jnp.asarray(batch['image']), MEAN, STD, jnp.float32)
+  both_modes = jax.jit(
+    lambda x: (
+      teacher_model.apply(variables, x, train=False),
+      teacher_model.apply(variables, x, train=True, mutable=['batch_stats'])[0],
+    )
+  )
+  teacher_logits, train_mode = both_modes(x)
+  assert float(jnp.abs(train_mode - teacher_logits).max()) > 0.1  # the modes differ here
+
+  @jax.jit
+  def step_by_hand(params, weight):
+    """Plain SGD at rate 0.1 on the blended loss, and the BatchNorm statistics."""
+
+    def loss(params):
+      logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+      )
+      hard = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+      soft_teacher = jax.nn.softmax(teacher_logits / temperature)
+      kl = jnp.sum(
+        soft_teacher * (jnp.log(soft_teacher) - jax.nn.log_softmax(logits / temperature)),
+        axis=-1,
+      )
+      return ((1 - weight) * hard + weight * temperature**2 * kl).mean(), updates['batch_stats']
+
+    (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), stats
+
+  expected, stats = jax.tree.map(np.asarray, step_by_hand(state.params, weight))
+  hard_only, _ = jax.tree.map(np.asarray, step_by_hand(state.params, 0.0))
+  new, _ = train_fn(state, batch)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-6)
+  moved = [np.abs(b - c).max() for b, c in zip(*map(jax.tree.leaves, (expected, hard_only)))]
+  assert max(moved) > 1e-3  # the teacher's term changes the step
+  for a, b in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(stats)):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)  # the student's own
+  for a, b in zip(jax.tree.leaves(teacher.variables), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(np.asarray(a), b)  # the exported statistics, untouched
