@@ -211,7 +211,7 @@ def _use_compilation_cache(directory: str) -> None:
   """Turns on XLA's persistent compilation cache (size-capped, least recently used out).
 
   Compiling the steps is a fixed cost of every process: with a warm cache, the default
-  digits job's compile time drops from about 8 s to under 1 s (benchmarks/RESULTS.md).
+  digits job's compile time drops from about 2 s to under 1 s (benchmarks/RESULTS.md).
   """
   if os.environ.get('JAX_COMPILATION_CACHE_DIR') or not directory:
     return
