@@ -79,12 +79,10 @@ def write_checkpoint(workdir: str, config, info: DatasetInfo, step: int = 7, fil
   return jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
 
 
-@pytest.fixture(scope='module')
-def resnet18_run(tmp_path_factory):
-  """(workdir, variables) of a ResNet-18 checkpoint of 3 photo classes (ImageNet-style)."""
-  config = small_config(model='resnet18', image_size=32, dataset='folder', batch_size=32)
+def photo_info(**changes) -> DatasetInfo:
+  """The data description of a 32x32 ImageNet-style folder set of the photo classes."""
   mean, std = imagenet_stats(3)
-  info = DatasetInfo(
+  fields = dict(
     num_classes=len(PHOTO_CLASSES),
     num_train=64,
     num_eval=16,
@@ -93,8 +91,15 @@ def resnet18_run(tmp_path_factory):
     std=std,
     class_names=PHOTO_CLASSES,
     crop_style='random_resized',
-    eval_crop_fraction=0.875,
   )
+  return DatasetInfo(**{**fields, **changes})
+
+
+@pytest.fixture(scope='module')
+def resnet18_run(tmp_path_factory):
+  """(workdir, variables) of a ResNet-18 checkpoint of 3 photo classes (ImageNet-style)."""
+  config = small_config(model='resnet18', image_size=32, dataset='folder', batch_size=32)
+  info = photo_info()
   workdir = str(tmp_path_factory.mktemp('resnet18_run'))
   return workdir, write_checkpoint(workdir, config, info)
 
@@ -321,17 +326,7 @@ def test_predictor_crops_imagenet_style_images_at_the_eval_size(tmp_path):
   from jax_resnet.data.tf_cpu import tf
 
   config = small_config(model='resnet18', image_size=32, eval_image_size=40, dataset='folder')
-  mean, std = imagenet_stats(3)
-  info = DatasetInfo(
-    num_classes=3,
-    num_train=64,
-    num_eval=16,
-    image_shape=(32, 32, 3),
-    mean=mean,
-    std=std,
-    class_names=PHOTO_CLASSES,
-    crop_style='random_resized',
-  )
+  info = photo_info()
   write_checkpoint(str(tmp_path), config, info)
   predictor = Predictor.from_workdir(str(tmp_path), 'latest')
   image = np.random.RandomState(1).randint(0, 256, (57, 83, 3)).astype(np.uint8)

@@ -172,6 +172,18 @@ runpy.run_path('main.py', run_name='__main__')
 """
 
 
+def run_python(script: str, *args: str) -> subprocess.CompletedProcess:
+  """``script`` in a fresh Python process at the repository root, with ``args``."""
+  return subprocess.run(
+    [sys.executable, '-c', script, *args],
+    cwd=ROOT,
+    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
 def test_predict_from_an_export_without_tensorflow_or_training_data(
   digits_run, digit_pngs, digits_test_split, tmp_path
 ):
@@ -179,14 +191,7 @@ def test_predict_from_an_export_without_tensorflow_or_training_data(
     digits_run, str(tmp_path / 'digits.safetensors'), 'best', 'safetensors'
   )
   output = tmp_path / 'predictions.csv'
-  result = subprocess.run(
-    [sys.executable, '-c', WITHOUT_TENSORFLOW, path, digit_pngs, str(output), str(TOP_K)],
-    cwd=ROOT,
-    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  result = run_python(WITHOUT_TENSORFLOW, path, digit_pngs, str(output), str(TOP_K))
   assert result.returncode == 0, result.stderr[-3000:]
   rows = read_csv(output)
   check_csv(rows, len(digits_test_split[1]), TOP_K, [str(d) for d in range(10)])
@@ -210,14 +215,7 @@ def test_main_predicts_from_a_workdir_and_from_an_export(
   ):
     output = tmp_path / f'{source}.csv'
     args = ['--mode=predict', flag, f'--predict_input={digit_pngs}', f'--predict_output={output}']
-    result = subprocess.run(
-      [sys.executable, '-c', MAIN_REPORTING_TENSORFLOW, *args, f'--top_k={TOP_K}'],
-      cwd=ROOT,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
-      capture_output=True,
-      text=True,
-      timeout=300,
-    )
+    result = run_python(MAIN_REPORTING_TENSORFLOW, *args, f'--top_k={TOP_K}')
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'predicted {num_images} images into {output}' in result.stdout
     assert 'tensorflow imported: False' in result.stdout
