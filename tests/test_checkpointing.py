@@ -133,3 +133,62 @@ def test_a_checkpoint_from_before_a_state_field_existed_restores(tmp_path, state
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   checkpoints.close()
+
+
+# A run written by the code of 2026-12-04 (commit 1d012be, before the package moved into
+# subpackages): ResNet-20 on digits 0-3, 4 steps, weight EMA, progressive resizing.
+BEFORE_LAYOUT = os.path.join(os.path.dirname(__file__), 'fixtures', 'run_before_layout')
+BEFORE_LAYOUT_FLAGS = [
+  '--config.num_train_steps=6',
+  '--config.batch_size=32',
+  '--config.ema_decay=0.9',
+  '--config.progressive_resizing=(8,16,0,1)',
+  '--config.progressive_resizing_multiple=8',
+  '--config.keep_checkpoints=1',
+  '--config.digits_classes=0123',
+]
+
+
+def _before_layout_copy(tmp_path) -> str:
+  import shutil
+
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(BEFORE_LAYOUT, workdir)
+  return workdir
+
+
+def _recorded_eval(workdir) -> dict:
+  import json
+
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if 'eval_top1' in r][-1]
+
+
+def test_a_checkpoint_from_before_the_layout_change_evaluates_as_it_did(tmp_path):
+  """Today's code restores the old checkpoint into the state it builds, raw and EMA
+  weights alike: both evaluate to what the run recorded when it wrote them."""
+  from jax_resnet import evaluation
+
+  workdir = _before_layout_copy(tmp_path)
+  recorded = _recorded_eval(workdir)
+  for weights, suffix in (('raw', ''), ('ema', '_ema')):
+    metrics = evaluation.evaluate_checkpoint(workdir, 'latest', weights=weights)
+    assert metrics['step'] == 4
+    for name in ('eval_loss', 'eval_top1', 'eval_top5'):
+      assert metrics[name] == pytest.approx(recorded[name + suffix], abs=1e-5), (weights, name)
+
+
+def test_a_checkpoint_from_before_the_layout_change_resumes(tmp_path):
+  """Training resumes from the old checkpoint at its step (its config, saved with the
+  field names of the time, is compatible with today's) and runs to the new end."""
+  import json
+
+  from conftest import run_main
+
+  workdir = _before_layout_copy(tmp_path)
+  result = run_main(['--config=configs/default.py', f'--workdir={workdir}', *BEFORE_LAYOUT_FLAGS])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'at step 4 (epoch 0, batch 4)' in result.stderr
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    steps_written = [json.loads(line)['step'] for line in f]
+  assert steps_written[-1] == 6
