@@ -17,7 +17,7 @@ import time  # noqa: I001
 STARTED_AT = time.perf_counter()  # a run's wall time (WORKDIR/timing.json) counts from here
 
 # Before anything slow: a SIGTERM or Ctrl-C while starting up is remembered, not fatal.
-from jax_resnet import preemption  # noqa: E402, I001  (imports nothing heavy)
+from jax_resnet.training import preemption  # noqa: E402, I001  (imports nothing heavy)
 
 preemption.catch_early()
 
@@ -53,7 +53,7 @@ flags.DEFINE_enum(
   "or torchvision (torchvision's ResNet state_dict; resnet18 ... resnet152). Each carries "
   'the model, classes and preprocessing that inference needs.',
 )
-# A string checked against runs.WEIGHTS after parsing (_flags_problem), not an enum: an
+# A string checked against saved_run.WEIGHTS after parsing (_flags_problem), not an enum: an
 # enum's values are needed here, at import, and importing runs (jax, orbax) would add
 # 1.4 s to --help.
 flags.DEFINE_string(
@@ -179,7 +179,7 @@ def initialize_distributed():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from jax_resnet import logs  # after flag parsing: keeps --help fast
+  from jax_resnet.observe import logs  # after flag parsing: keeps --help fast
 
   logs.setup_console()
   logging.set_verbosity(logging.INFO)
@@ -225,13 +225,13 @@ def _run_mode():
   # Each mode imports what it uses: training and evaluation bring TensorFlow (seconds),
   # which export and predict do without.
   if FLAGS.mode == 'train':
-    from jax_resnet import training
+    from jax_resnet.training import loop
 
-    return training.train_and_evaluate(
+    return loop.train_and_evaluate(
       FLAGS.config, FLAGS.workdir, FLAGS.resume_from, FLAGS.start_over, STARTED_AT
     )
   if FLAGS.mode == 'eval':
-    from jax_resnet import evaluation
+    from jax_resnet.training import evaluation
 
     overrides = config_flags.get_override_values(FLAGS['config'])
     return evaluation.evaluate_checkpoint(
@@ -239,7 +239,7 @@ def _run_mode():
     )
   if FLAGS.mode == 'predict':
     return _predict()
-  from jax_resnet import export
+  from jax_resnet.inference import export
 
   path = FLAGS.export_path or os.path.join(
     FLAGS.workdir, 'export', EXPORT_NAMES[FLAGS.export_format]
@@ -254,7 +254,7 @@ def _run_mode():
 def _predict():
   """The CSV of the top-k classes of every --predict_input image, from --predict_from's
   export or --workdir's checkpoint; the workdir is only read."""
-  from jax_resnet import predict
+  from jax_resnet.inference import predict
 
   if FLAGS.predict_from:
     predictor = predict.Predictor.from_export(FLAGS.predict_from)
@@ -319,10 +319,10 @@ def _flags_problem() -> str | None:
       '--workdir is required: the run directory (--mode=predict can read an export with '
       '--predict_from=FILE instead).'
     )
-  from jax_resnet import runs  # only here, after parsing: keeps --help fast
+  from jax_resnet.runs import saved_run  # only here, after parsing: keeps --help fast
 
-  if FLAGS.weights not in runs.WEIGHTS:
-    return f'--weights={FLAGS.weights}: must be one of {", ".join(runs.WEIGHTS)}.'
+  if FLAGS.weights not in saved_run.WEIGHTS:
+    return f'--weights={FLAGS.weights}: must be one of {", ".join(saved_run.WEIGHTS)}.'
   return None
 
 
@@ -335,16 +335,16 @@ def _config_problem(error: Exception, argv) -> str:
     path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
     return f'--config={path}: no such config file (a Python file with get_config()).'
   if isinstance(error, (AttributeError, KeyError)):
-    from jax_resnet import default_config
+    from jax_resnet.configuration import defaults
 
-    names = sorted(_field_names(default_config.get_config()))
+    names = sorted(_field_names(defaults.get_config()))
     overridden = [a[len('--config.') :].split('=')[0] for a in argv if a.startswith('--config.')]
     unknown = [name for name in overridden if name not in names] or ['?']
     close = difflib.get_close_matches(unknown[0], names, n=1)
     hint = f' Did you mean --config.{close[0]}?' if close else ''
     return (
       f'--config.{unknown[0]}: no such config field.{hint} The fields are in '
-      'jax_resnet/default_config.py.'
+      'jax_resnet/configuration/defaults.py.'
     )
   return f'--config: {type(root).__name__}: {root}'
 

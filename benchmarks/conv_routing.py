@@ -1,4 +1,4 @@
-"""Whole train steps with and without ``jax_resnet.conv``'s CPU formulations, A/B.
+"""Whole train steps with and without ``jax_resnet.models.cpu_conv``'s CPU formulations, A/B.
 
   python benchmarks/conv_routing.py --targets            # the four settings of the issue
   python benchmarks/conv_routing.py --config_name=resnet20_cifar10 --batch=128 --image_size=32 \\
@@ -15,16 +15,19 @@ interleaving lets the load fall on all variants alike. Reported per variant: med
 fastest step, images/s at the median, and the median over rounds of its step time over
 the first variant's in the same round.
 
-models.py is not edited: within a variant, ``jax_resnet.models`` sees a ``flax.linen``
-whose ``Conv`` is ``functools.partial(nn.Conv, conv_general_dilated=routed_conv)`` (same
-parameter names) and, with ``+pool``, whose ``max_pool`` is ``jax_resnet.conv.max_pool``.
+jax_resnet/models/resnet.py is not edited: within a variant, ``jax_resnet.models.resnet``
+sees a ``flax.linen`` whose ``Conv`` is
+``functools.partial(nn.Conv, conv_general_dilated=routed_conv)`` (same parameter names)
+and, with ``+pool``, whose ``max_pool`` is ``jax_resnet.models.cpu_conv.max_pool``.
 
 Variants (comma-separated), each ``CONV[+OPTION...]``:
 
-* ``plain``: ``lax.conv_general_dilated``, as models.py does today.
-* ``routed``: ``jax_resnet.conv.routed_conv``.
-* ``+pool``: the stem's max-pool is ``jax_resnet.conv.max_pool`` (ImageNet stems only).
-* ``+noynnconv``: the step compiled with ``jax_resnet.conv.CPU_COMPILER_OPTIONS`` (YNNPACK
+* ``plain``: ``lax.conv_general_dilated``, as resnet.py does today.
+* ``routed``: ``jax_resnet.models.cpu_conv.routed_conv``.
+* ``+pool``: the stem's max-pool is ``jax_resnet.models.cpu_conv.max_pool`` (ImageNet stems
+  only).
+* ``+noynnconv``: the step compiled with ``jax_resnet.models.cpu_conv.CPU_COMPILER_OPTIONS``
+  (YNNPACK
   keeps dots and reductions but no convolutions: the same as
   ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``).
 * ``+xla:NAME=VALUE``: any other XLA compile option for the step, e.g.
@@ -47,7 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conv_shapes import patch_models  # noqa: E402
 
-from jax_resnet import benchmark, conv  # noqa: E402
+from jax_resnet.benchmark import synthetic  # noqa: E402
+from jax_resnet.models import cpu_conv  # noqa: E402
 
 # (config module, batch, image size): the issue's four settings.
 TARGETS = (
@@ -107,15 +111,15 @@ def parse_variant(name):
   pool, options = None, {}
   for extra in extras:
     if extra == 'pool':
-      pool = conv.max_pool
+      pool = cpu_conv.max_pool
     elif extra == 'noynnconv':
-      options.update(conv.CPU_COMPILER_OPTIONS)
+      options.update(cpu_conv.CPU_COMPILER_OPTIONS)
     elif extra.startswith('xla:'):
       key, _, value = extra[4:].partition('=')
       options[key] = _option_value(value)
     else:
       raise ValueError(f'unknown option {extra!r} in {name!r}')
-  return (conv.routed_conv if op == 'routed' else None), pool, options
+  return (cpu_conv.routed_conv if op == 'routed' else None), pool, options
 
 
 def load_config(name, batch, image_size, half_precision):
@@ -138,7 +142,7 @@ def run_setting(name, batch, image_size, variants, rounds, steps, warmup, half_p
     conv_op, pool, options = parse_variant(v)
     with patch_models(conv_general_dilated=conv_op, max_pool=pool):
       with catch_compiles(options) as caught:
-        result = benchmark.benchmark_step(config, steps=steps, warmup=warmup)
+        result = synthetic.benchmark_step(config, steps=steps, warmup=warmup)
     step = max(caught, key=lambda c: c.calls)  # the train step: called every step
     steps_of[v] = step
     print(

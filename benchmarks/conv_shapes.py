@@ -5,7 +5,7 @@
       --impls=plain,routed
   python benchmarks/conv_shapes.py --zoo   # the seven model/size/batch settings below
 
-The shapes come from the real model (``jax_resnet.models`` traced with a recording
+The shapes come from the real model (``jax_resnet.models.resnet`` traced with a recording
 ``conv_general_dilated``), each distinct (N, H, W, Cin, Cout, k, stride) once with its
 count in the model. For each, three jitted programs are timed: the forward conv, the
 gradient with respect to the input (``jax.vjp`` in the input only: XLA's transposed
@@ -21,8 +21,8 @@ Every rate is compared with a reference: a 2048^3 fp32 matmul timed in the same 
 not part of a train step (images need none) and is shown in brackets, left out of sums.
 
 Implementations: ``plain`` (``lax.conv_general_dilated``), ``routed``
-(``jax_resnet.conv.routed_conv``, which picks a formulation by shape on CPU) and
-``matmul`` (every conv as patches times kernel matrix, ``jax_resnet.conv.matmul_conv``).
+(``jax_resnet.models.cpu_conv.routed_conv``, which picks a formulation by shape on CPU) and
+``matmul`` (every conv as patches times kernel matrix, ``jax_resnet.models.cpu_conv.matmul_conv``).
 XLA flags apply as usual through ``XLA_FLAGS``; the header prints them. The last
 columns: the conv's time per train step (count x (fwd + dx + dw)) for each implementation
 and the first's over the last's.
@@ -43,7 +43,10 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jax_resnet import conv, models  # noqa: E402
+from jax_resnet.models import (
+  cpu_conv,
+  resnet,  # noqa: E402
+)
 
 ZOO = (
   ('resnet18', 64, 16),
@@ -59,7 +62,7 @@ _DN = ('NHWC', 'HWIO', 'NHWC')
 
 
 class _Linen:
-  """``flax.linen`` as ``jax_resnet.models`` sees it, with some functions replaced."""
+  """``flax.linen`` as ``jax_resnet.models.resnet`` sees it, with some functions replaced."""
 
   def __init__(self, **replaced):
     self.__dict__.update(replaced)
@@ -70,8 +73,8 @@ class _Linen:
 
 @contextlib.contextmanager
 def patch_models(conv_general_dilated=None, max_pool=None):
-  """Within: ``jax_resnet.models`` builds every ``nn.Conv`` with this conv op and/or pools
-  with this ``max_pool``, without editing models.py.
+  """Within: ``jax_resnet.models.resnet`` builds every ``nn.Conv`` with this conv op and/or pools
+  with this ``max_pool``, without editing resnet.py.
 
   Parameter names do not change (the module class is still ``Conv``).
   """
@@ -80,12 +83,12 @@ def patch_models(conv_general_dilated=None, max_pool=None):
     replaced['Conv'] = functools.partial(flax.linen.Conv, conv_general_dilated=conv_general_dilated)
   if max_pool is not None:
     replaced['max_pool'] = max_pool
-  saved = models.nn
-  models.nn = _Linen(**replaced)
+  saved = resnet.nn
+  resnet.nn = _Linen(**replaced)
   try:
     yield
   finally:
-    models.nn = saved
+    resnet.nn = saved
 
 
 def model_convs(name: str, image_size: int, batch: int, dtype=jnp.float32):
@@ -98,8 +101,8 @@ def model_convs(name: str, image_size: int, batch: int, dtype=jnp.float32):
     calls.append((lhs.shape, rhs.shape, tuple(window_strides), tuple(map(tuple, padding))))
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
 
-  num_classes = 10 if models.MODELS[name]['stem'] == 'cifar' else 1000
-  model = models.create_model(name, num_classes, dtype=dtype)
+  num_classes = 10 if resnet.MODELS[name]['stem'] == 'cifar' else 1000
+  model = resnet.create_model(name, num_classes, dtype=dtype)
   x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
   with patch_models(conv_general_dilated=record):
     jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), x)
@@ -118,9 +121,9 @@ def _impl(name):
   if name == 'plain':
     return functools.partial(lax.conv_general_dilated, dimension_numbers=_DN)
   if name == 'routed':
-    return functools.partial(conv.routed_conv, dimension_numbers=_DN)
+    return functools.partial(cpu_conv.routed_conv, dimension_numbers=_DN)
   if name == 'matmul':
-    return lambda x, w, strides, padding: conv.matmul_conv(x, w, strides, padding)
+    return lambda x, w, strides, padding: cpu_conv.matmul_conv(x, w, strides, padding)
   raise ValueError(f'unknown implementation {name!r}')
 
 

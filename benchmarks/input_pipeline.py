@@ -13,7 +13,7 @@ and device-resident CIFAR batches vs the tf.data path.
    Both report images/s of wall time and images per CPU-second of the process (user +
    system time over all threads), i.e. images/s per busy core.
 2. CIFAR-shaped data (random uint8, 50000x32x32x3, pad 4, flip, batch 256): batches/s of
-   ``data.on_device`` vs tf.data ``train_batches`` + ``sharding.prefetch_to_device``.
+   ``data.on_device`` vs tf.data ``train_batches`` + ``parallel.prefetch_to_device``.
 """
 
 import os
@@ -178,7 +178,7 @@ def bench_cifar(steps: int, batch: int = 256) -> dict:
   import tensorflow as tf
 
   from configs import default
-  from jax_resnet import sharding
+  from jax_resnet import parallel
   from jax_resnet.data import batching, on_device, transforms
   from jax_resnet.data.common import DatasetInfo
   from jax_resnet.data.sources import Dataset
@@ -191,7 +191,7 @@ def bench_cifar(steps: int, batch: int = 256) -> dict:
   rng = np.random.RandomState(0)
   images = rng.randint(0, 256, (50_000, 32, 32, 3)).astype(np.uint8)
   labels = rng.randint(0, 10, 50_000).astype(np.int32)
-  mesh = sharding.create_mesh()
+  mesh = parallel.create_mesh()
   steps_per_epoch = 50_000 // batch
   results = {}
 
@@ -218,7 +218,7 @@ def bench_cifar(steps: int, batch: int = 256) -> dict:
   )
   timed(
     'tf_data',
-    sharding.prefetch_to_device(
+    parallel.prefetch_to_device(
       batching.train_batches(dataset, config, batch, steps_per_epoch), mesh
     ),
   )

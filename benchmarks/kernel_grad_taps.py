@@ -7,7 +7,7 @@ it first copies to ``[C, H, W, N]``; in a ResNet-20 step those copies are most o
 time (benchmarks/RESULTS.md). This times that gradient against one that needs no such
 copy: for each of the nine window offsets, the strided shifted slice of the padded input
 as an ``(N*Ho*Wo, Cin)`` matrix, contracted with the ``(N*Ho*Wo, Cout)`` cotangent. Both
-are compiled with the train step's CPU options (``conv.CPU_COMPILER_OPTIONS``) and timed
+are compiled with the train step's CPU options (``cpu_conv.CPU_COMPILER_OPTIONS``) and timed
 in interleaved rounds (the best of each), on ResNet-20's and some ImageNet ResNets' 3x3
 shapes. The values agree to fp32 rounding (printed). A third column times the two layout
 copies alone (the activations to ``[C, H, W, N]``, the cotangent to ``[H, W, N, C]``, as
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from jax import lax
 
-from jax_resnet import conv
+from jax_resnet.models import cpu_conv
 
 ROUNDS = flags.DEFINE_integer('rounds', 7, 'interleaved timing rounds per shape')
 
@@ -96,7 +96,7 @@ def main(argv):
     kernel = 0.1 * jax.random.normal(keys[1], (3, 3, c_in, c_out))
     g = jax.random.normal(keys[2], (n, h_out, h_out, c_out))
     fns = [
-      jax.jit(functools.partial(f, stride=stride), compiler_options=conv.CPU_COMPILER_OPTIONS)
+      jax.jit(functools.partial(f, stride=stride), compiler_options=cpu_conv.CPU_COMPILER_OPTIONS)
       for f in (conv_kernel_grad, taps_kernel_grad, layout_copies)
     ]
     reference, taps = (f(x, kernel, g) for f in fns[:2])

@@ -22,9 +22,9 @@ TINY = [
 
 
 def _check_fields(result):
-  from jax_resnet import benchmark
+  from jax_resnet.benchmark import synthetic
 
-  for field, kind in benchmark.FIELDS.items():
+  for field, kind in synthetic.FIELDS.items():
     assert field in result, field
     assert isinstance(result[field], kind), (field, result[field])
   assert result['global_batch'] == 8 and result['image_size'] == 8
@@ -114,11 +114,11 @@ def test_cli_json_and_compare_without_tensorflow(tmp_path):
 @pytest.mark.parametrize('data_on_device', [False, True])
 def test_pipeline_mode_times_input_step_and_loop(config, data_on_device):
   """--mode=pipeline on the real (digits) source: every field, and a named bottleneck."""
-  from jax_resnet import benchmark
+  from jax_resnet.benchmark import synthetic
 
   config.data_on_device = data_on_device
-  result = benchmark.run(config, mode='pipeline', steps=2, warmup=1, num_batches=2)
-  for field, kind in benchmark.FIELDS.items():
+  result = synthetic.run(config, mode='pipeline', steps=2, warmup=1, num_batches=2)
+  for field, kind in synthetic.FIELDS.items():
     if field != 'mode':
       assert isinstance(result[field], kind), (field, result[field])
   assert result['mode'] == 'pipeline' and result['dataset'] == 'digits'
@@ -132,13 +132,13 @@ def test_pipeline_mode_times_input_step_and_loop(config, data_on_device):
 
 
 def test_peak_table():
-  from jax_resnet import benchmark
+  from jax_resnet.benchmark import synthetic
 
-  assert benchmark.peak_bf16_tflops('NVIDIA H100 80GB HBM3') == 989.0
-  assert benchmark.peak_bf16_tflops('NVIDIA H100 PCIe') == 756.0
-  assert benchmark.peak_bf16_tflops('NVIDIA H200') == 989.0
-  assert benchmark.peak_bf16_tflops('NVIDIA A100-SXM4-80GB') == 312.0
-  assert benchmark.peak_bf16_tflops('cpu') is None
+  assert synthetic.peak_bf16_tflops('NVIDIA H100 80GB HBM3') == 989.0
+  assert synthetic.peak_bf16_tflops('NVIDIA H100 PCIe') == 756.0
+  assert synthetic.peak_bf16_tflops('NVIDIA H200') == 989.0
+  assert synthetic.peak_bf16_tflops('NVIDIA A100-SXM4-80GB') == 312.0
+  assert synthetic.peak_bf16_tflops('cpu') is None
 
 
 @pytest.mark.parametrize('unroll', [None, False])
@@ -149,27 +149,29 @@ def test_multi_step_equals_single_steps(config, unroll):
   """
   import jax
 
-  from jax_resnet import benchmark, optim, sharding, steps
+  from jax_resnet import parallel
+  from jax_resnet.benchmark import synthetic
   from jax_resnet.data.common import imagenet_stats
-  from jax_resnet.timeline import Timeline
+  from jax_resnet.training import optimizers, step_functions
+  from jax_resnet.training.timeline import Timeline
 
   config.image_size, config.batch_size, config.cutout_size = 8, 8, 3
   config.dropout_rate = 0.1  # per-step keys must match too
-  mesh = sharding.create_mesh()
-  lr = optim.create_learning_rate_fn(config, Timeline(10, 100))
-  model = steps.create_model(config, 10)
+  mesh = parallel.create_mesh()
+  lr = optimizers.create_learning_rate_fn(config, Timeline(10, 100))
+  model = step_functions.create_model(config, 10)
   shape = (8, 8, 3)
   mean, std = imagenet_stats(3)
-  batches = benchmark._synthetic_batches(mesh, 3, 8, shape, 10)
-  train_fn = steps.make_train_step(config, lr, 10, mean, std, mesh)
-  multi_fn = steps.make_multi_train_step(config, lr, 10, mean, std, mesh, unroll)
+  batches = synthetic._synthetic_batches(mesh, 3, 8, shape, 10)
+  train_fn = step_functions.make_train_step(config, lr, 10, mean, std, mesh)
+  multi_fn = step_functions.make_multi_train_step(config, lr, 10, mean, std, mesh, unroll)
 
-  single = steps.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
+  single = step_functions.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
   totals = None
   for batch in batches:
     single, metrics = train_fn(single, batch)
     totals = metrics if totals is None else totals.merge(metrics)
-  multi = steps.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
+  multi = step_functions.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
   # One while loop more than a single step has (its RNG's own) iff the scan is rolled;
   # CPU's default unrolls it (XLA:CPU runs the rolled loop body tens of times slower).
   whiles = lambda fn, *args: fn.lower(*args).as_text().count('stablehlo.while')

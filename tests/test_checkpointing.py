@@ -7,17 +7,18 @@ import jax
 import numpy as np
 import pytest
 
-from jax_resnet import optim, sharding, steps
-from jax_resnet.checkpointing import Checkpoints, IncompatibleCheckpointError, failure_reason
-from jax_resnet.timeline import Timeline
+from jax_resnet import parallel
+from jax_resnet.runs.checkpointing import Checkpoints, IncompatibleCheckpointError, failure_reason
+from jax_resnet.training import optimizers, step_functions
+from jax_resnet.training.timeline import Timeline
 
 
 def _state(config, model_name):
   config.model = model_name
-  model = steps.create_model(config, 10)
-  lr = optim.create_learning_rate_fn(config, Timeline(10, 100))
-  return steps.create_train_state(
-    jax.random.PRNGKey(0), config, model, (8, 8, 1), lr, sharding.create_mesh()
+  model = step_functions.create_model(config, 10)
+  lr = optimizers.create_learning_rate_fn(config, Timeline(10, 100))
+  return step_functions.create_train_state(
+    jax.random.PRNGKey(0), config, model, (8, 8, 1), lr, parallel.create_mesh()
   )
 
 
@@ -167,7 +168,7 @@ def _recorded_eval(workdir) -> dict:
 def test_a_checkpoint_from_before_the_layout_change_evaluates_as_it_did(tmp_path):
   """Today's code restores the old checkpoint into the state it builds, raw and EMA
   weights alike: both evaluate to what the run recorded when it wrote them."""
-  from jax_resnet import evaluation
+  from jax_resnet.training import evaluation
 
   workdir = _before_layout_copy(tmp_path)
   recorded = _recorded_eval(workdir)

@@ -57,19 +57,20 @@ def two_steps(name) -> dict:
   import jax
   import numpy as np
 
-  from jax_resnet import optim, sharding, steps
-  from jax_resnet.timeline import Timeline
+  from jax_resnet import parallel
+  from jax_resnet.training import optimizers, step_functions
+  from jax_resnet.training.timeline import Timeline
 
   config = small(load(name))
   channels, num_classes = DATASETS[config.dataset]
   size = config.image_size
-  lr_fn = optim.create_learning_rate_fn(config, Timeline.from_config(config, 10 * BATCH))
-  model = steps.create_model(config, num_classes)
-  mesh = sharding.create_mesh()
-  state = steps.create_train_state(
+  lr_fn = optimizers.create_learning_rate_fn(config, Timeline.from_config(config, 10 * BATCH))
+  model = step_functions.create_model(config, num_classes)
+  mesh = parallel.create_mesh()
+  state = step_functions.create_train_state(
     jax.random.PRNGKey(0), config, model, (size, size, channels), lr_fn, mesh
   )
-  train_fn = steps.make_train_step(
+  train_fn = step_functions.make_train_step(
     config, lr_fn, num_classes, (127.0,) * channels, (64.0,) * channels, mesh
   )
   rng = np.random.RandomState(0)
@@ -185,7 +186,7 @@ def test_all_experiment_configs_exist():
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_loads_and_passes_checks(name):
-  from jax_resnet import validation
+  from jax_resnet.configuration import validation
 
   config = load(name)
   validation.validate(config)  # the real run's checks, at the config's real sizes

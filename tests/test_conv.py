@@ -1,4 +1,5 @@
-"""jax_resnet.conv: routed convolutions equal lax.conv_general_dilated, values and gradients."""
+"""jax_resnet.models.cpu_conv: routed convolutions equal lax.conv_general_dilated, values and
+gradients."""
 
 import functools
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jax_resnet import conv
+from jax_resnet.models import cpu_conv
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 
@@ -55,7 +56,7 @@ def _check(case, dtype, rtol):
   x_shape, w_shape, strides, padding = case
   x, w = _inputs(x_shape, w_shape, dtype)
   routed = functools.partial(
-    conv.routed_conv, window_strides=strides, padding=padding, dimension_numbers=DN
+    cpu_conv.routed_conv, window_strides=strides, padding=padding, dimension_numbers=DN
   )
   plain = functools.partial(
     lax.conv_general_dilated, window_strides=strides, padding=padding, dimension_numbers=DN
@@ -77,15 +78,15 @@ def _compiled_ops(f, *args, platform='cpu'):
 @pytest.mark.parametrize('name', sorted(ROUTED))
 def test_routed_shapes_take_their_route(name):
   x_shape, w_shape, strides, padding = ROUTED[name]
-  assert conv.route(x_shape, w_shape, strides, padding) is not None
+  assert cpu_conv.route(x_shape, w_shape, strides, padding) is not None
 
 
 @pytest.mark.parametrize('name', sorted(PLAIN))
 def test_other_shapes_keep_the_plain_op(name):
   x_shape, w_shape, strides, padding = PLAIN[name]
-  assert conv.route(x_shape, w_shape, strides, padding) is None
+  assert cpu_conv.route(x_shape, w_shape, strides, padding) is None
   x, w = _inputs(x_shape, w_shape, jnp.float32)
-  f = lambda x, w: conv.routed_conv(x, w, strides, padding, dimension_numbers=DN)
+  f = lambda x, w: cpu_conv.routed_conv(x, w, strides, padding, dimension_numbers=DN)
   g = lambda x, w: jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(x, w)
   assert _compiled_ops(f, x, w) == {'convolution'}
   assert _compiled_ops(g, x, w) == {'convolution'}
@@ -106,7 +107,7 @@ def test_bfloat16_values_and_gradients(name):
 def test_routed_on_cpu_only(name):
   x_shape, w_shape, strides, padding = ROUTED[name]
   x, w = _inputs(x_shape, w_shape, jnp.float32)
-  f = lambda x, w: conv.routed_conv(x, w, strides, padding, dimension_numbers=DN)
+  f = lambda x, w: cpu_conv.routed_conv(x, w, strides, padding, dimension_numbers=DN)
   g = lambda x, w: jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(x, w)
   assert 'dot_general' in _compiled_ops(f, x, w)
   assert 'dot_general' in _compiled_ops(g, x, w)
@@ -116,14 +117,18 @@ def test_routed_on_cpu_only(name):
 
 
 @pytest.mark.parametrize(
-  'modes', [(conv.CONV, conv.MATMUL, conv.CONV), (conv.MATMUL, conv.CONV, conv.MATMUL)]
+  'modes',
+  [
+    (cpu_conv.CONV, cpu_conv.MATMUL, cpu_conv.CONV),
+    (cpu_conv.MATMUL, cpu_conv.CONV, cpu_conv.MATMUL),
+  ],
 )
 def test_mixed_formulations(modes):
   """make_conv's custom_vjp (a forward, input gradient and kernel gradient each its own
   formulation) equals the plain op: for trying other routes."""
   x, w = _inputs((2, 6, 6, 8), (3, 3, 8, 4), jnp.float32)
   strides, padding = (2, 2), ((1, 1), (1, 1))
-  mixed = conv.make_conv(strides, padding, *modes)
+  mixed = cpu_conv.make_conv(strides, padding, *modes)
   plain = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
   got = jax.jit(lambda x, w: _value_and_grads(mixed, x, w))(x, w)
   want = jax.jit(lambda x, w: _value_and_grads(plain, x, w))(x, w)
@@ -145,7 +150,7 @@ def test_unsupported_arguments_use_the_plain_op():
   ]
   pad = ((1, 1), (1, 1))
   for lhs, rhs, kwargs in cases:
-    f = lambda x, w, kwargs=kwargs: conv.routed_conv(x, w, (1, 1), pad, **kwargs)
+    f = lambda x, w, kwargs=kwargs: cpu_conv.routed_conv(x, w, (1, 1), pad, **kwargs)
     assert _compiled_ops(f, lhs, rhs) == {'convolution'}, kwargs
     want = lax.conv_general_dilated(lhs, rhs, (1, 1), pad, **kwargs)
     np.testing.assert_array_equal(f(lhs, rhs), want)
@@ -154,7 +159,7 @@ def test_unsupported_arguments_use_the_plain_op():
 @pytest.mark.parametrize('padding', ['SAME', 'VALID', ((1, 1), (1, 1)), [(0, 1), (1, 0)]])
 def test_padding_forms(padding):
   x, w = _inputs((2, 3, 3, 8), (3, 3, 8, 4), jnp.float32)
-  got = conv.routed_conv(x, w, (1, 1), padding, dimension_numbers=DN)
+  got = cpu_conv.routed_conv(x, w, (1, 1), padding, dimension_numbers=DN)
   want = lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=DN)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -164,7 +169,7 @@ def test_flax_conv_drop_in():
   x, _ = _inputs((2, 2, 2, 16), (1, 1, 1, 1), jnp.float32)
   kwargs = dict(features=8, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=False)
   plain = nn.Conv(**kwargs)
-  routed = nn.Conv(**kwargs, conv_general_dilated=conv.routed_conv)
+  routed = nn.Conv(**kwargs, conv_general_dilated=cpu_conv.routed_conv)
   params = plain.init(jax.random.PRNGKey(0), x)
   assert jax.tree.structure(routed.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(params)
   loss = lambda m: lambda p, x: jnp.sum(jnp.tanh(m.apply(p, x)))
@@ -190,7 +195,7 @@ def test_max_pool_values_and_gradients(name, dtype):
   # Few distinct values (ReLU zeros among them): many ties, where the gradient must go
   # to the first maximum of each window, as lax.reduce_window's does.
   x = jnp.asarray(np.maximum(rng.integers(-2, 3, shape), 0), dtype)
-  fast = lambda x: conv.max_pool(x, window, strides=strides, padding=padding)
+  fast = lambda x: cpu_conv.max_pool(x, window, strides=strides, padding=padding)
   plain = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)
   got, want = jax.jit(fast)(x), jax.jit(plain)(x)
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
@@ -207,7 +212,7 @@ def test_max_pool_values_and_gradients(name, dtype):
 
 def test_max_pool_on_cpu_only():
   x = jnp.ones((2, 8, 8, 4))
-  f = lambda x: conv.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  f = lambda x: cpu_conv.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
   g = jax.grad(lambda x: jnp.sum(f(x) ** 2))
 
   def ops(fn, platform):

@@ -24,13 +24,13 @@ def _take(iterator, k):
 
 @pytest.fixture
 def mesh():
-  from jax_resnet import sharding
+  from jax_resnet import parallel
 
-  return sharding.create_mesh()
+  return parallel.create_mesh()
 
 
 def test_epoch_is_a_permutation_with_matching_labels(config, mesh):
-  from jax_resnet import sharding
+  from jax_resnet import parallel
   from jax_resnet.data import on_device
 
   config.batch_size, config.random_crop_pad, config.random_flip = 8, 0, False
@@ -40,7 +40,7 @@ def test_epoch_is_a_permutation_with_matching_labels(config, mesh):
   b = batches[0]
   assert b['image'].shape == (8, 8, 8, 1) and b['image'].dtype == np.uint8
   assert b['label'].dtype == np.int32
-  assert b['image'].sharding.spec == sharding.batch_sharded(mesh).spec
+  assert b['image'].sharding.spec == parallel.batch_sharded(mesh).spec
   first = np.concatenate([np.asarray(x['label']) for x in batches[:steps]])
   assert len(set(first.tolist())) == steps * 8  # no repeats within an epoch
   for x in batches:  # image content and label stay together
@@ -88,14 +88,14 @@ import json, sys
 import numpy as np
 import jax
 from configs import default
-from jax_resnet import sharding
+from jax_resnet import parallel
 from jax_resnet.data import on_device
 cfg = default.get_config()
 cfg.batch_size, cfg.random_crop_pad, cfg.random_flip = 16, 3, True
 rng = np.random.RandomState(0)
 images = rng.randint(0, 256, (40, 8, 8, 3)).astype(np.uint8)
 labels = rng.randint(0, 10, 40).astype(np.int32)
-it = on_device.device_batches(images, labels, sharding.create_mesh(), cfg, 2)
+it = on_device.device_batches(images, labels, parallel.create_mesh(), cfg, 2)
 out = [next(it) for _ in range(3)]
 print(json.dumps({'devices': jax.device_count(), 'tf': 'tensorflow' in sys.modules,
                   'shards': len(out[0]['image'].addressable_shards),

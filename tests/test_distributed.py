@@ -19,26 +19,30 @@ def devices_env(n):
 EIGHT_VS_ONE = textwrap.dedent("""
     import jax, numpy as np
     from configs import default
-    from jax_resnet import optim, sharding, steps
-    from jax_resnet.timeline import Timeline
+    from jax_resnet.training import optimizers
+    from jax_resnet import parallel
+    from jax_resnet.training import step_functions
+    from jax_resnet.training.timeline import Timeline
     assert jax.device_count() == 8
     config = default.get_config()
     config.image_size = 8
     config.schedule = 'constant'
     config.learning_rate = 0.1
-    model = steps.create_model(config, 10)
-    lr = optim.create_learning_rate_fn(config, Timeline(10, 100))
+    model = step_functions.create_model(config, 10)
+    lr = optimizers.create_learning_rate_fn(config, Timeline(10, 100))
     rng = np.random.RandomState(0)
     batches = [{'image': rng.randint(0, 256, (16, 8, 8, 3)).astype(np.uint8),
                 'label': rng.randint(0, 10, (16,)).astype(np.int32)} for _ in range(3)]
     out = {}
     for name, devices in (('one', jax.devices()[:1]), ('eight', jax.devices())):
-      mesh = sharding.create_mesh(devices)
-      state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (8, 8, 3), lr, mesh)
-      train_fn = steps.make_train_step(config, lr, 10, (127.,) * 3, (64.,) * 3, mesh)
+      mesh = parallel.create_mesh(devices)
+      state = step_functions.create_train_state(
+        jax.random.PRNGKey(0), config, model, (8, 8, 3), lr, mesh
+      )
+      train_fn = step_functions.make_train_step(config, lr, 10, (127.,) * 3, (64.,) * 3, mesh)
       losses = []
       for b in batches:
-        state, m = train_fn(state, sharding.to_global(b, mesh))
+        state, m = train_fn(state, parallel.to_global(b, mesh))
         losses.append(float(m.compute()['train_loss']))
       assert len(state.params['head']['kernel'].sharding.device_set) == len(devices)
       out[name + '_losses'] = np.array(losses)
@@ -86,9 +90,9 @@ def _final_params(workdir):
   process's one device whatever device count wrote it."""
   import jax
 
-  from jax_resnet import runs
+  from jax_resnet.runs import saved_run
 
-  run = runs.load(workdir, 'latest')
+  run = saved_run.load(workdir, 'latest')
   return run.step, np.concatenate([np.ravel(x) for x in jax.tree.leaves(run.state.params)])
 
 
@@ -116,7 +120,7 @@ def test_eight_devices_resume_on_one_and_back_close_to_an_uninterrupted_run(tmp_
   assert max(train_losses(workdir)) == 24
   # The trainer's FLOPs per image count every device's share: close on 8 and on 1 (a
   # missed device factor would be 8x). XLA counts 2.9% more on 8 devices at this size, the
-  # partitioned program's cross-device reductions (2026-11-23, with or without conv.py's
+  # partitioned program's cross-device reductions (2026-11-23, with or without cpu_conv.py's
   # routing).
   assert _flops_per_image(stages[0]) == pytest.approx(_flops_per_image(stages[1]), rel=0.05)
   uninterrupted = run_main(

@@ -18,12 +18,15 @@ from flax import serialization, traverse_util
 from test_predict import digits_config, train_digits
 from test_torchvision_weights import torchvision_state_dict_shapes
 
-from jax_resnet import export, runs, sharding, steps
-from jax_resnet import torchvision_weights as tw
-from jax_resnet.checkpointing import Checkpoints
+from jax_resnet import parallel
 from jax_resnet.data.common import DatasetInfo, imagenet_stats
 from jax_resnet.errors import ConfigError, DataError, NotFoundError, UserError
-from jax_resnet.predict import Predictor
+from jax_resnet.inference import export
+from jax_resnet.inference.predict import Predictor
+from jax_resnet.models import torchvision_layout as tw
+from jax_resnet.runs import saved_run
+from jax_resnet.runs.checkpointing import Checkpoints
+from jax_resnet.training import step_functions
 
 METADATA_FIELDS = {
   'format_version',
@@ -65,7 +68,7 @@ def write_checkpoint(workdir: str, config, info: DatasetInfo, step: int = 7, fil
   trained ones: nothing to compile, and a swapped or mistransposed tensor cannot pass.
   ``fill(rng, path, leaf)`` makes each array (default: uniform in [0.5, 1.5)). Returns its
   variables."""
-  _, abstract = runs.abstract_state(config, info, sharding.create_mesh())
+  _, abstract = saved_run.abstract_state(config, info, parallel.create_mesh())
   rng = np.random.RandomState(0)
   fill = fill or (lambda rng, path, leaf: rng.uniform(0.5, 1.5, leaf.shape))
   state = jax.tree_util.tree_map_with_path(
@@ -132,12 +135,12 @@ def test_export_reads_back_bit_for_bit_with_complete_metadata(digits_run, tmp_pa
   assert export.export_checkpoint(workdir, path, 'latest', export_format) == path
   variables, metadata = export.read_export(path)
 
-  saved = runs.load(workdir, 'latest')
+  saved = saved_run.load(workdir, 'latest')
   assert_identical(variables, jax.tree.map(np.asarray, saved.variables))
   # The trained weights, not those the run started from.
-  model = steps.create_model(config, 10)
+  model = step_functions.create_model(config, 10)
   shape = (config.image_size, config.image_size, 1)
-  fresh = steps.create_train_state(
+  fresh = step_functions.create_train_state(
     jax.random.PRNGKey(config.seed), config, model, shape, lambda step: 0.1
   )
   for key, value in flat(jax.tree.map(np.asarray, fresh.params)).items():
@@ -287,7 +290,7 @@ def eval_size_run(tmp_path_factory):
   )
   workdir = str(tmp_path_factory.mktemp('eval_size_run'))
   write_checkpoint(workdir, config, info, fill=usable_weights)
-  return workdir, runs.load(workdir, 'latest').state
+  return workdir, saved_run.load(workdir, 'latest').state
 
 
 def digit_images(count: int = 6, size: int = 8, seed: int = 0) -> np.ndarray:
@@ -296,7 +299,7 @@ def digit_images(count: int = 6, size: int = 8, seed: int = 0) -> np.ndarray:
 
 def test_predictor_prepares_images_at_the_eval_size(eval_size_run, tmp_path):
   """Train low, test high: predict feeds the model what eval fed it, at eval_image_size
-  (a 'pad' set's stored images, resized on the device as steps.eval_step does)."""
+  (a 'pad' set's stored images, resized on the device as step_functions.eval_step does)."""
   workdir, _ = eval_size_run
   predictor = Predictor.from_workdir(workdir, 'latest')
   assert predictor.image_shape == (12, 12, 1) and predictor.train_image_shape == (8, 8, 1)
@@ -305,7 +308,7 @@ def test_predictor_prepares_images_at_the_eval_size(eval_size_run, tmp_path):
   assert metadata['image_shape'] == [12, 12, 1] and metadata['train_image_shape'] == [8, 8, 1]
   images = digit_images()
   prepared = np.stack([predictor.prepare(image) for image in images])
-  on_device = np.asarray(steps.resize_images(jnp.asarray(images[..., None]), 12))
+  on_device = np.asarray(step_functions.resize_images(jnp.asarray(images[..., None]), 12))
   assert prepared.shape == on_device.shape == (len(images), 12, 12, 1)
   difference = np.abs(prepared.astype(int) - on_device.astype(int))
   assert difference.max() <= 1 and np.mean(difference > 0) < 0.01  # rare .5 ties
@@ -358,7 +361,7 @@ def test_predict_and_export_with_the_ema_weights(eval_size_run, tmp_path):
   assert exported.metadata['weights'] == 'ema'
   np.testing.assert_array_equal(exported(images), expected)
   with pytest.raises(ConfigError, match="weights='average'"):
-    runs.load(workdir, 'latest', weights='average')
+    saved_run.load(workdir, 'latest', weights='average')
 
 
 def test_torchvision_export_whose_tensors_are_another_model_is_a_user_error(tmp_path):

@@ -91,7 +91,7 @@ def test_misspelt_field_is_one_line_naming_the_fix(tmp_path):
   assert result.returncode == 1
   assert _console_lines(result) == [
     'error: --config.learnng_rate: no such config field. Did you mean '
-    '--config.learning_rate? The fields are in jax_resnet/default_config.py.'
+    '--config.learning_rate? The fields are in jax_resnet/configuration/defaults.py.'
   ]
 
 
@@ -117,10 +117,10 @@ def test_a_user_error_is_one_line_with_the_detail_in_the_log_file(tmp_path):
 
 BUG = """
 import runpy, sys
-from jax_resnet import training
+from jax_resnet.training import loop
 def broken(*args, **kwargs):
   raise RuntimeError('a bug in the trainer')
-training.train_and_evaluate = broken
+loop.train_and_evaluate = broken
 sys.argv = ['main.py'] + sys.argv[1:]
 runpy.run_path('main.py', run_name='__main__')
 """

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_resnet import mixing
+from jax_resnet.augment import mixing
 
 NUM_CLASSES = 10
 LABELS = jnp.arange(8)  # all different, so a row's own label weight is lam

@@ -3,14 +3,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_resnet import optim
-from jax_resnet.timeline import Timeline
+from jax_resnet.training import optimizers
+from jax_resnet.training.timeline import Timeline
 
 
 def test_onecycle_start_peak_end(config):
   config.learning_rate = 0.4
   total = 1000
-  fn = optim.create_learning_rate_fn(config, Timeline(100, total))
+  fn = optimizers.create_learning_rate_fn(config, Timeline(100, total))
   peak_step = int(config.onecycle_pct_start * total)
   assert float(fn(0)) == pytest.approx(0.4 / config.onecycle_div_factor)
   assert float(fn(peak_step)) == pytest.approx(0.4)
@@ -25,7 +25,7 @@ def test_cosine_warmup_end_and_final(config):
   config.learning_rate = 0.1
   config.warmup_epochs = 2
   config.final_learning_rate_fraction = 0.01
-  fn = optim.create_learning_rate_fn(config, Timeline(50, 1000))
+  fn = optimizers.create_learning_rate_fn(config, Timeline(50, 1000))
   assert float(fn(0)) == 0.0
   assert float(fn(50)) == pytest.approx(0.05)
   assert float(fn(100)) == pytest.approx(0.1)
@@ -35,7 +35,7 @@ def test_cosine_warmup_end_and_final(config):
 def test_multistep_decays_at_fractions(config):
   config.schedule = 'multistep'
   config.learning_rate = 0.1
-  fn = optim.create_learning_rate_fn(config, Timeline(10, 100))
+  fn = optimizers.create_learning_rate_fn(config, Timeline(10, 100))
   assert float(fn(49)) == pytest.approx(0.1)
   assert float(fn(51)) == pytest.approx(0.01)
   assert float(fn(80)) == pytest.approx(0.001)
@@ -46,7 +46,7 @@ def test_linear_scaling_rule(config):
   config.learning_rate = 0.1
   config.batch_size = 1024
   config.base_batch_size = 256
-  assert optim.peak_learning_rate(config) == pytest.approx(0.4)
+  assert optimizers.peak_learning_rate(config) == pytest.approx(0.4)
 
 
 def test_weight_decay_only_on_kernels(config):
@@ -56,7 +56,9 @@ def test_weight_decay_only_on_kernels(config):
   config.nesterov = False
   config.weight_decay = 0.1
   params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}
-  tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, Timeline(1, 10)))
+  tx = optimizers.create_optimizer(
+    config, optimizers.create_learning_rate_fn(config, Timeline(1, 10))
+  )
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_allclose(updates['kernel'], -0.1)
@@ -67,7 +69,7 @@ def test_weight_decay_only_on_kernels(config):
 def test_unknown_names_list_valid_ones(config, field, value):
   config[field] = value
   with pytest.raises(ValueError, match='Valid'):
-    optim.create_optimizer(config, optim.create_learning_rate_fn(config, Timeline(1, 10)))
+    optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, Timeline(1, 10)))
 
 
 def test_reduce_on_plateau_cuts_the_rate_after_flat_epochs(config):
@@ -78,8 +80,8 @@ def test_reduce_on_plateau_cuts_the_rate_after_flat_epochs(config):
   config.plateau_factor = 0.5
   config.plateau_patience = 2
   steps_per_epoch = 3
-  fn = optim.create_learning_rate_fn(config, Timeline(steps_per_epoch, 100))
-  tx = optim.create_optimizer(config, fn)
+  fn = optimizers.create_learning_rate_fn(config, Timeline(steps_per_epoch, 100))
+  tx = optimizers.create_optimizer(config, fn)
   params = {'kernel': jnp.ones((2, 2))}
   opt_state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
@@ -87,7 +89,7 @@ def test_reduce_on_plateau_cuts_the_rate_after_flat_epochs(config):
   for step in range(8 * steps_per_epoch):
     loss = 1.0 if step < steps_per_epoch else 2.0  # no better after epoch 1: a plateau
     _, opt_state = tx.update(grads, opt_state, params, value=jnp.float32(loss))
-    scales.append(float(optim.current_learning_rate(fn, step, opt_state)))
+    scales.append(float(optimizers.current_learning_rate(fn, step, opt_state)))
   # Epochs 2 and 3 do not improve on epoch 1: halved at epoch 3's last step, and again
   # two epochs later.
   np.testing.assert_allclose(scales[: 3 * steps_per_epoch - 1], 0.01)
@@ -98,14 +100,14 @@ def test_reduce_on_plateau_cuts_the_rate_after_flat_epochs(config):
 def test_every_optimizer_takes_the_loss_value(config):
   params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}
   grads = jax.tree.map(jnp.ones_like, params)
-  for name in optim.OPTIMIZERS:
-    for schedule in optim.SCHEDULES:
+  for name in optimizers.OPTIMIZERS:
+    for schedule in optimizers.SCHEDULES:
       config.optimizer, config.schedule = name, schedule
-      fn = optim.create_learning_rate_fn(config, Timeline(5, 50))
-      tx = optim.create_optimizer(config, fn)
+      fn = optimizers.create_learning_rate_fn(config, Timeline(5, 50))
+      tx = optimizers.create_optimizer(config, fn)
       updates, _ = tx.update(grads, tx.init(params), params, value=jnp.float32(1.0))
       assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
-      lr = float(optim.current_learning_rate(fn, 10, tx.init(params)))
+      lr = float(optimizers.current_learning_rate(fn, 10, tx.init(params)))
       assert lr == pytest.approx(float(fn(10)))
 
 
@@ -114,7 +116,9 @@ def test_lars_scales_each_layer_by_its_trust_ratio(config):
   for a kernel; biases and BN parameters skip both the decay and the ratio."""
   config.optimizer, config.momentum, config.weight_decay = 'lars', 0.0, 1e-3
   config.lars_trust_coefficient, config.schedule, config.learning_rate = 0.02, 'constant', 0.5
-  tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, Timeline(10, 100)))
+  tx = optimizers.create_optimizer(
+    config, optimizers.create_learning_rate_fn(config, Timeline(10, 100))
+  )
   rng = np.random.RandomState(0)
   params = {
     'conv': {'kernel': jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)},
@@ -143,7 +147,9 @@ def test_lamb_scales_each_layer_by_its_trust_ratio(config):
   grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
 
   def step(config):
-    tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, Timeline(10, 100)))
+    tx = optimizers.create_optimizer(
+      config, optimizers.create_learning_rate_fn(config, Timeline(10, 100))
+    )
     updates, _ = tx.update(grads, tx.init(params), params, value=jnp.float32(1.0))
     return jax.tree.map(np.asarray, updates)
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from jax_resnet import plot
+from jax_resnet.observe import plot
 
 pytest.importorskip('matplotlib')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ def test_plot_command_writes_a_png_of_two_runs(tmp_path):
   b = fake_run(tmp_path / 'resnet20', 0.0, steps_per_epoch=10, resumed=True)
   out = tmp_path / 'curves.png'
   result = subprocess.run(
-    [sys.executable, '-m', 'jax_resnet.plot', a, b, '--out', str(out)],
+    [sys.executable, '-m', 'jax_resnet.observe.plot', a, b, '--out', str(out)],
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -79,7 +79,7 @@ def test_missing_run_is_a_clear_error(tmp_path):
     [
       sys.executable,
       '-m',
-      'jax_resnet.plot',
+      'jax_resnet.observe.plot',
       str(tmp_path / 'nope'),
       '--out',
       str(tmp_path / 'x.png'),

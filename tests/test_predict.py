@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from jax_resnet import export, predict
 from jax_resnet.errors import NotFoundError, UserError
-from jax_resnet.predict import Predictor
+from jax_resnet.inference import export, predict
+from jax_resnet.inference.predict import Predictor
 
 IMAGE_SIZE = 12
 TOP_K = 3
@@ -51,12 +51,12 @@ def train_digits(tmp_path_factory) -> str:
   Trained once per session and shared with test_export.py: most of its 20 s on a 2-core
   CPU is compilation and start-up, which a shorter run would not save.
   """
-  from jax_resnet import training
+  from jax_resnet.training import loop
 
   session = tmp_path_factory.getbasetemp()
   if session not in _DIGITS_RUNS:
     workdir = str(tmp_path_factory.mktemp('digits_run'))
-    training.train_and_evaluate(digits_config(), workdir)
+    loop.train_and_evaluate(digits_config(), workdir)
     _DIGITS_RUNS[session] = workdir
   return _DIGITS_RUNS[session]
 
@@ -158,7 +158,7 @@ class Blocked:
     if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'sklearn'):
       raise ImportError(f'{name} is not installed here (blocked by the test)')
 sys.meta_path.insert(0, Blocked())
-from jax_resnet import predict
+from jax_resnet.inference import predict
 predictor = predict.Predictor.from_export(sys.argv[1], batch_size=512)
 predict.predict_files(predictor, [sys.argv[2]], sys.argv[3], top_k=int(sys.argv[4]))
 """

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from jax_resnet import profiling
+from jax_resnet.observe import profiling
 
 
 def _conv_grad():
@@ -77,20 +77,20 @@ def test_run_clock_parts_nest_without_double_counting(monkeypatch):
 
 
 def test_training_profiles_steps_and_writes_its_wall_time_by_part(config, tmp_path):
-  from jax_resnet import training
+  from jax_resnet.training import loop
 
   config.num_train_steps, config.log_every_steps = 8, 4
   config.profile_first_step, config.profile_steps = 2, 3
   config.steps_per_dispatch = 2  # dispatches of 2: the trace covers steps 3-6
   workdir = tmp_path / 'run'
-  training.train_and_evaluate(config, str(workdir))
+  loop.train_and_evaluate(config, str(workdir))
 
   profile = workdir / 'profile'
   assert list(profile.glob('plugins/profile/*/*.xplane.pb'))
   table = (profile / profiling.TOP_OPS_FILE).read_text()
   assert 'convolution' in table, table
 
-  timing = json.loads((workdir / training.TIMING_FILE).read_text())
+  timing = json.loads((workdir / loop.TIMING_FILE).read_text())
   parts = [f'{p}_s' for p in profiling.RunClock.PARTS]
   assert set(timing) == {'wall_s', 'unaccounted_s', 'start_step', *parts}
   assert all(timing[p] >= 0 for p in parts)

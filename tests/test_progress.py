@@ -1,6 +1,6 @@
 import io
 
-from jax_resnet import progress
+from jax_resnet.observe import progress
 
 
 class Clock:

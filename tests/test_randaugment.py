@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_resnet import augment
-from jax_resnet import randaugment as ra
+from jax_resnet.augment import image_ops
+from jax_resnet.augment import randaugment as ra
 
 # A small non-square image holding both extremes, so H/W mix-ups and 255 handling show. It has
 # over 255 pixels: PIL's Equalize (and so torchvision's) leaves smaller images unchanged.
@@ -201,7 +201,7 @@ def _matches(outputs, grid, table):
 
 
 def _keys(n, seed=0):
-  return augment.example_keys(jax.random.PRNGKey(seed), jnp.arange(n), 5)
+  return image_ops.example_keys(jax.random.PRNGKey(seed), jnp.arange(n), 5)
 
 
 def test_rand_augment_draws_an_op_per_example_deterministically():

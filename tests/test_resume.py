@@ -246,10 +246,10 @@ def test_exported_variables_are_the_trained_ones(reference):
   import jax.numpy as jnp
   from flax import serialization
 
-  from jax_resnet import models
+  from jax_resnet.models import resnet
 
   variables = serialization.msgpack_restore(export(reference[0]))
-  model = models.create_model('resnet20', 10)
+  model = resnet.create_model('resnet20', 10)
   logits = model.apply(variables, jnp.zeros((3, 8, 8, 1)), train=False)
   assert logits.shape == (3, 10) and np.isfinite(np.asarray(logits)).all()
   # The checkpoint's parameters, bit for bit, not a fresh initialisation.
@@ -357,8 +357,8 @@ def test_mismatched_flags_in_eval_and_export_rename_nothing(reference, tmp_path)
   --config.model neither fails nor damages the run, and training it again says it is
   finished instead of adding to its history. They take no lock: both run while a
   training run (here this process) holds the workdir's."""
-  from jax_resnet import workdir as workdir_lib
   from jax_resnet.errors import TrainingError
+  from jax_resnet.runs import workdirs as workdir_lib
 
   workdir = _copy(reference, tmp_path)
   before = _files(os.path.join(workdir, 'checkpoints'))
@@ -568,7 +568,7 @@ def test_sigkill_with_the_modern_recipe_resumes_bit_exact(tmp_path):
     [*ARGS, f'--workdir={reference}', '--mode=export', '--weights=ema', f'--export_path={ema_path}']
   )
   assert exported.returncode == 0, exported.stderr[-3000:]
-  from jax_resnet.export import read_export
+  from jax_resnet.inference.export import read_export
 
   variables, metadata = read_export(ema_path)
   assert metadata['weights'] == 'ema'

@@ -3,7 +3,7 @@
 import pytest
 
 from jax_resnet.errors import ConfigError
-from jax_resnet.timeline import Every, Timeline
+from jax_resnet.training.timeline import Every, Timeline
 
 
 def test_from_config_epochs_or_steps(config):

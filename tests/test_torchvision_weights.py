@@ -17,8 +17,8 @@ import pytest
 import safetensors
 from flax import traverse_util
 
-from jax_resnet import models
-from jax_resnet import torchvision_weights as tw
+from jax_resnet.models import resnet
+from jax_resnet.models import torchvision_layout as tw
 
 # torchvision's ResNets: blocks per layer, and whether the block is a Bottleneck.
 TORCHVISION_RESNETS = {
@@ -68,7 +68,7 @@ def torchvision_state_dict_shapes(model_name: str, num_classes: int = 1000) -> d
 
 @functools.cache
 def _variable_shapes(model_name: str, num_classes: int):
-  model = models.create_model(model_name, num_classes)
+  model = resnet.create_model(model_name, num_classes)
   x = jnp.zeros((1, 32, 32, 3))
   return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
 
@@ -236,7 +236,7 @@ def test_torchvision_forward_gives_the_same_logits(model_name):
   x_nchw = np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype(np.float32)
 
   expected = jax.jit(torchvision_forward, static_argnums=2)(state_dict, x_nchw, model_name)
-  model = models.create_model(model_name, 10)
+  model = resnet.create_model(model_name, 10)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))  # faster than op by op
   logits = apply(variables, x_nchw.transpose(0, 2, 3, 1))
   assert np.abs(expected).max() > 0.1  # the comparison is not between near-zero logits
@@ -313,7 +313,7 @@ def test_models_without_a_torchvision_layout(model_name):
 
 
 def test_cifar_stem_has_no_torchvision_layout():
-  model = models.create_model('resnet18', 10, stem='cifar')
+  model = resnet.create_model('resnet18', 10, stem='cifar')
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   with pytest.raises(ValueError, match=f"stem='cifar'.*{SUPPORTED}"):
@@ -322,7 +322,7 @@ def test_cifar_stem_has_no_torchvision_layout():
 
 def test_imports_neither_torch_nor_tensorflow():
   code = (
-    'import sys, jax_resnet.torchvision_weights; '
+    'import sys, jax_resnet.models.torchvision_layout; '
     "print([m for m in ('torch', 'tensorflow') if m in sys.modules])"
   )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

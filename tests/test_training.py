@@ -1,6 +1,6 @@
 """The training loop's pieces: dispatch sizes, periodic decisions."""
 
-from jax_resnet.training import dispatch_size
+from jax_resnet.training.loop import dispatch_size
 
 
 def test_multi_step_dispatches_end_at_every_log_eval_and_checkpoint_step():
@@ -22,7 +22,7 @@ def test_multi_step_dispatches_end_at_every_log_eval_and_checkpoint_step():
 
 def test_progressive_resizing_schedule(config):
   """FFCV's rule: linear between the epochs, rounded to the multiple, held outside."""
-  from jax_resnet.training import train_image_size
+  from jax_resnet.training.loop import train_image_size
 
   assert train_image_size(config, 3) is None  # off
   config.image_size, config.num_epochs = 192, 16
@@ -42,16 +42,20 @@ def test_stepper_compiles_one_program_per_progressive_resizing_size(config, monk
   import jax
   import numpy as np
 
-  from jax_resnet import optim, profiling, sharding, steps, training
-  from jax_resnet.timeline import Timeline
+  from jax_resnet import parallel
+  from jax_resnet.observe import profiling
+  from jax_resnet.training import loop, optimizers, step_functions
+  from jax_resnet.training.timeline import Timeline
 
   config.image_size, config.batch_size, config.schedule = 16, 8, 'constant'
   config.progressive_resizing, config.progressive_resizing_multiple = (8, 16, 0, 2), 8
   timeline = Timeline(2, 6)  # epochs 0, 1, 2 at 8, 16 (12 rounded up), 16 px
-  mesh = sharding.create_mesh()
-  lr_fn = optim.create_learning_rate_fn(config, timeline)
-  model = steps.create_model(config, 10)
-  state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (16, 16, 3), lr_fn, mesh)
+  mesh = parallel.create_mesh()
+  lr_fn = optimizers.create_learning_rate_fn(config, timeline)
+  model = step_functions.create_model(config, 10)
+  state = step_functions.create_train_state(
+    jax.random.PRNGKey(0), config, model, (16, 16, 3), lr_fn, mesh
+  )
   seen = []
 
   def apply_fn(variables, images, **kwargs):
@@ -60,9 +64,11 @@ def test_stepper_compiles_one_program_per_progressive_resizing_size(config, monk
 
   state = state.replace(apply_fn=apply_fn)
   made = []
-  make = steps.make_train_step
+  make = step_functions.make_train_step
   monkeypatch.setattr(
-    steps, 'make_train_step', lambda *a, **kw: made.append(kw['image_size']) or make(*a, **kw)
+    step_functions,
+    'make_train_step',
+    lambda *a, **kw: made.append(kw['image_size']) or make(*a, **kw),
   )
   info = types.SimpleNamespace(num_classes=10, mean=(127.0,) * 3, std=(64.0,) * 3)
   run = types.SimpleNamespace(
@@ -73,14 +79,14 @@ def test_stepper_compiles_one_program_per_progressive_resizing_size(config, monk
     mesh=mesh,
     teacher=None,
   )
-  stepper = training._Stepper(run, profiling.RunClock())
+  stepper = loop._Stepper(run, profiling.RunClock())
   rng = np.random.RandomState(0)
   batch = {
     'image': rng.randint(0, 256, (8, 16, 16, 3)).astype(np.uint8),
     'label': rng.randint(0, 10, (8,)).astype(np.int32),
   }
   for step in range(timeline.total_steps):
-    state, _ = stepper(state, [sharding.to_global(batch, mesh)], step)
+    state, _ = stepper(state, [parallel.to_global(batch, mesh)], step)
   assert made == [8, 16]  # one compilation per size, in the ramp's order
   assert seen == [(8, 8), (16, 16)]  # traced once each, at that size
   assert len(stepper.hlo_texts()) == 2 and int(state.step) == 6
@@ -89,8 +95,8 @@ def test_stepper_compiles_one_program_per_progressive_resizing_size(config, monk
 def test_checkpoints_follow_checkpoint_every_epochs_and_steps(config):
   """checkpoint_every_epochs=2 saves every second epoch and 0 only at the end (the loop
   used to save at every epoch end whatever the field said)."""
-  from jax_resnet.timeline import Timeline
-  from jax_resnet.training import _Events
+  from jax_resnet.training.loop import _Events
+  from jax_resnet.training.timeline import Timeline
 
   timeline = Timeline(steps_per_epoch=5, total_steps=20)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jax_resnet import validation
+from jax_resnet.configuration import validation
 
 CASES = [
   ('model', 'resnet51', "config.model='resnet51': unknown model. Valid names: .*resnet56"),

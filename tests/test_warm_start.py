@@ -6,17 +6,19 @@ import numpy as np
 import pytest
 from test_predict import digits_config, train_digits
 
-from jax_resnet import export, optim, sharding, steps, warm_start
-from jax_resnet import torchvision_weights as tw
+from jax_resnet import parallel
 from jax_resnet.errors import ConfigError
-from jax_resnet.timeline import Timeline
+from jax_resnet.inference import export
+from jax_resnet.models import torchvision_layout as tw
+from jax_resnet.training import optimizers, step_functions, warm_start
+from jax_resnet.training.timeline import Timeline
 
 
 def fresh_state(config, num_classes=10, image_shape=(12, 12, 1), seed=1):
-  model = steps.create_model(config, num_classes)
-  lr = optim.create_learning_rate_fn(config, Timeline(10, 100))
-  return steps.create_train_state(
-    jax.random.PRNGKey(seed), config, model, image_shape, lr, sharding.create_mesh()
+  model = step_functions.create_model(config, num_classes)
+  lr = optimizers.create_learning_rate_fn(config, Timeline(10, 100))
+  return step_functions.create_train_state(
+    jax.random.PRNGKey(seed), config, model, image_shape, lr, parallel.create_mesh()
   )
 
 
@@ -47,9 +49,9 @@ def digits_run(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def run_variables(digits_run):
-  from jax_resnet import runs
+  from jax_resnet.runs import saved_run
 
-  return jax.tree.map(np.asarray, runs.load(digits_run, 'best').variables)
+  return jax.tree.map(np.asarray, saved_run.load(digits_run, 'best').variables)
 
 
 @pytest.mark.parametrize('export_format', ['workdir', 'msgpack', 'safetensors'])
@@ -74,12 +76,12 @@ def test_init_from_workdir_step_and_latest(digits_run):
   differ, so loading the wrong one cannot pass)."""
   import os
 
-  from jax_resnet import runs
+  from jax_resnet.runs import saved_run
 
   steps_saved = sorted(int(s) for s in os.listdir(os.path.join(digits_run, 'checkpoints')))
   assert len(steps_saved) >= 2
   expected = {
-    suffix: jax.tree.map(np.asarray, runs.load(digits_run, which).variables)
+    suffix: jax.tree.map(np.asarray, saved_run.load(digits_run, which).variables)
     for suffix, which in (('latest', steps_saved[-1]), (str(steps_saved[0]), steps_saved[0]))
   }
   first, last = (leaves(expected[k]) for k in (str(steps_saved[0]), 'latest'))
@@ -226,13 +228,13 @@ def _train(config, num_steps=3, num_classes=10):
 
   state = fresh_state(config, num_classes, (8, 8, 3))
   before = jax.tree.map(np.array, (state.params, state.batch_stats))  # copies: donated
-  train_fn = steps.make_train_step(
+  train_fn = step_functions.make_train_step(
     config,
-    optim.create_learning_rate_fn(config, Timeline(10, 100)),
+    optimizers.create_learning_rate_fn(config, Timeline(10, 100)),
     num_classes,
     (127.0,) * 3,
     (64.0,) * 3,
-    sharding.create_mesh(),
+    parallel.create_mesh(),
   )
   for _ in range(num_steps):
     state, _ = train_fn(state, fixed_batch())
@@ -285,16 +287,16 @@ def test_frozen_batchnorm_keeps_the_running_statistics(config):
 
 
 def test_init_from_applies_once_then_the_run_resumes_its_own(digits_run, tmp_path, info_logs):
-  from jax_resnet import training
+  from jax_resnet.training import loop
 
   config = digits_config()
   config.init_from, config.num_train_steps = digits_run, 5
   workdir = str(tmp_path / 'finetune')
-  training.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   assert 'init_from ' in info_logs.text and 'loaded' in info_logs.text
   info_logs.clear()
   config.num_train_steps = 8
-  training.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   assert 'Resumed from' in info_logs.text and 'init_from ' not in info_logs.text
 
 
@@ -304,7 +306,8 @@ def test_fine_tune_torchvision_weights_on_a_class_folder_then_predict(config, tm
   re-initialised and trained faster; then predict on the folder's images."""
   from conftest import folder_config
 
-  from jax_resnet import predict, training
+  from jax_resnet.inference import predict
+  from jax_resnet.training import loop
 
   folder_config(config, tmp_path)
   config.model, config.batch_size, config.eval_batch_size = 'resnet18', 8, 8
@@ -318,11 +321,11 @@ def test_fine_tune_torchvision_weights_on_a_class_folder_then_predict(config, tm
   config.init_from, config.freeze = source, 'stem,stage1'
   config.head_learning_rate_multiplier, config.frozen_batchnorm = 10.0, True
   workdir = str(tmp_path / 'pets')
-  training.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   assert 're-initialised params/head/bias, params/head/kernel' in info_logs.text
-  from jax_resnet import runs
+  from jax_resnet.runs import saved_run
 
-  trained = runs.load(workdir, 'latest').state.params
+  trained = saved_run.load(workdir, 'latest').state.params
   kernel = lambda params, block: np.asarray(params[block]['Conv_0']['kernel'])
   frozen, trainable = 'stage1_block1', 'stage2_block1'
   np.testing.assert_array_equal(kernel(trained, frozen), kernel(weights['params'], frozen))

@@ -9,32 +9,32 @@ import time
 
 import pytest
 
-from jax_resnet import workdir
 from jax_resnet.errors import TrainingError
+from jax_resnet.runs import workdirs
 
 
 def test_a_workdir_that_is_a_file_is_named_as_a_file(tmp_path):
   path = tmp_path / 'run'
   path.write_text('')
   with pytest.raises(TrainingError, match=f'--workdir={path} is a file, not a directory'):
-    workdir.ensure_writable(str(path))
+    workdirs.ensure_writable(str(path))
 
 
 def test_a_checkpoints_path_that_is_a_file_fails_at_start(tmp_path):
   (tmp_path / 'checkpoints').write_text('')
   with pytest.raises(TrainingError, match='checkpoints is a file, but the checkpoints go there'):
-    workdir.ensure_writable(str(tmp_path))
+    workdirs.ensure_writable(str(tmp_path))
 
 
 def test_second_lock_names_the_holder(tmp_path):
-  with workdir.lock(str(tmp_path)):
+  with workdirs.lock(str(tmp_path)):
     with pytest.raises(TrainingError) as error:
-      with workdir.lock(str(tmp_path)):
+      with workdirs.lock(str(tmp_path)):
         pass
   message = str(error.value)
   assert f'PID {os.getpid()} on host {socket.gethostname()}' in message
   assert 'in use by another training run' in message
-  with workdir.lock(str(tmp_path)):  # released on exit
+  with workdirs.lock(str(tmp_path)):  # released on exit
     pass
 
 
@@ -44,8 +44,8 @@ def test_lock_dies_with_its_process(tmp_path):
     [
       sys.executable,
       '-c',
-      'import sys, time; from jax_resnet import workdir\n'
-      'with workdir.lock(sys.argv[1]):\n  print("locked", flush=True); time.sleep(60)',
+      'import sys, time; from jax_resnet.runs import workdirs\n'
+      'with workdirs.lock(sys.argv[1]):\n  print("locked", flush=True); time.sleep(60)',
       str(tmp_path),
     ],
     stdout=subprocess.PIPE,
@@ -53,12 +53,12 @@ def test_lock_dies_with_its_process(tmp_path):
   )
   assert holder.stdout.readline().strip() == 'locked'
   with pytest.raises(TrainingError, match=f'PID {holder.pid}'):
-    with workdir.lock(str(tmp_path)):
+    with workdirs.lock(str(tmp_path)):
       pass
   holder.send_signal(signal.SIGKILL)
   holder.wait()
   time.sleep(0.1)
-  with workdir.lock(str(tmp_path)):
+  with workdirs.lock(str(tmp_path)):
     pass
 
 
@@ -68,8 +68,8 @@ def test_start_over_moves_the_history_aside_and_deletes_nothing(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n')
   (tmp_path / 'events.out.tfevents.1.host').write_text('x')
   (tmp_path / 'jax_resnet.log').write_text('kept')
-  assert workdir.has_history(str(tmp_path))
-  moved = workdir.move_history_aside(str(tmp_path))
+  assert workdirs.has_history(str(tmp_path))
+  moved = workdirs.move_history_aside(str(tmp_path))
   assert moved == str(tmp_path / 'previous-0')
   assert sorted(os.listdir(moved)) == [
     'checkpoints',
@@ -78,6 +78,6 @@ def test_start_over_moves_the_history_aside_and_deletes_nothing(tmp_path):
     'metrics.jsonl',
   ]
   assert (tmp_path / 'previous-0' / 'checkpoints' / '22').is_dir()
-  assert not workdir.has_history(str(tmp_path))
+  assert not workdirs.has_history(str(tmp_path))
   assert (tmp_path / 'jax_resnet.log').read_text() == 'kept'
-  assert workdir.move_history_aside(str(tmp_path)) == str(tmp_path / 'previous-1')
+  assert workdirs.move_history_aside(str(tmp_path)) == str(tmp_path / 'previous-1')

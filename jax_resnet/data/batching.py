@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jax_resnet import sharding
+from jax_resnet import parallel
 from jax_resnet.data.common import FOLDER, DatasetInfo, shuffle_seed
 from jax_resnet.data.sources import Dataset, load_dataset
 from jax_resnet.data.tf_cpu import tf
@@ -145,7 +145,7 @@ def global_train_batches(dataset: Dataset, config, mesh, steps_per_epoch: int, s
       share = slice(jax.process_index(), None, jax.process_count())
       images, labels = images[share], labels[share]
     return on_device.device_batches(images, labels, mesh, config, steps_per_epoch, start_step)
-  local_batch = sharding.local_batch_size(config.batch_size, mesh)
-  return sharding.prefetch_to_device(
+  local_batch = parallel.local_batch_size(config.batch_size, mesh)
+  return parallel.prefetch_to_device(
     train_batches(dataset, config, local_batch, steps_per_epoch, start_step), mesh
   )

@@ -4,7 +4,7 @@ Every local device holds a copy of this process's uint8 train set. Each step the
 only picks the step's example indices from the epoch's permutation (a few hundred int32);
 the gather, pad-and-random-crop and flip run in one jitted function, and the batch comes
 out as global arrays sharded over the mesh's ``data`` axis, like
-``sharding.prefetch_to_device``'s output. Cutout and normalisation stay in the train step.
+``parallel.prefetch_to_device``'s output. Cutout and normalisation stay in the train step.
 
 Randomness is stateless: the epoch's permutation comes from
 ``fold_in(PRNGKey(config.seed), epoch)``, each example's crop and flip from that epoch
@@ -24,7 +24,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_resnet import augment, sharding
+from jax_resnet import parallel
+from jax_resnet.augment import image_ops
 
 CROP_TAG, FLIP_TAG = 0, 1
 
@@ -68,10 +69,10 @@ class DeviceData:
       images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
       labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
     self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    self.local_batch = sharding.local_batch_size(config.batch_size, mesh)
+    self.local_batch = parallel.local_batch_size(config.batch_size, mesh)
     self.images = self._copy_to_each_device(images)
     self.labels = self._copy_to_each_device(labels)
-    batch_sharding = sharding.batch_sharded(mesh)
+    batch_sharding = parallel.batch_sharded(mesh)
     self._step = jax.jit(
       functools.partial(
         _make_batch,
@@ -89,7 +90,7 @@ class DeviceData:
     global_shape = (self.mesh.devices.size, *array.shape)
     shards = [jax.device_put(array[None], d) for d in self.local_devices]
     return jax.make_array_from_single_device_arrays(
-      global_shape, NamedSharding(self.mesh, P(sharding.DATA_AXIS)), shards
+      global_shape, NamedSharding(self.mesh, P(parallel.DATA_AXIS)), shards
     )
 
   def batch(self, epoch: int, step_in_epoch: int, permutation: np.ndarray = None) -> dict:
@@ -99,7 +100,7 @@ class DeviceData:
     positions = (step_in_epoch * self.local_batch + np.arange(self.local_batch)) % self.num_local
     # A globally unique id: the process's block start plus the local index.
     ids = (permutation[positions] + jax.process_index() * self.num_max).astype(np.int32)
-    ids = jax.make_array_from_process_local_data(sharding.batch_sharded(self.mesh), ids)
+    ids = jax.make_array_from_process_local_data(parallel.batch_sharded(self.mesh), ids)
     return self._step(self.images, self.labels, ids, np.int32(epoch))
 
   def batches(self, steps_per_epoch: int, start_step: int = 0) -> Iterator[dict]:
@@ -131,12 +132,12 @@ def _make_batch(images, labels, ids, epoch, *, mesh, seed, num_max, pad, flip):
     local = ids % num_max
     batch = jnp.take(images[0], local, axis=0)
     if pad:
-      batch = augment.random_pad_crop(augment.example_keys(aug_key, ids, CROP_TAG), batch, pad)
+      batch = image_ops.random_pad_crop(image_ops.example_keys(aug_key, ids, CROP_TAG), batch, pad)
     if flip:
-      batch = augment.random_flip(augment.example_keys(aug_key, ids, FLIP_TAG), batch)
+      batch = image_ops.random_flip(image_ops.example_keys(aug_key, ids, FLIP_TAG), batch)
     return {'image': batch, 'label': jnp.take(labels[0], local, axis=0)}
 
-  data = P(sharding.DATA_AXIS)
+  data = P(parallel.DATA_AXIS)
   return jax.shard_map(
     per_device,
     mesh=mesh,

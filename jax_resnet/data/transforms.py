@@ -262,7 +262,7 @@ def eval_transform(config: ml_collections.ConfigDict, channels: int):
 
 def crop_style(config: ml_collections.ConfigDict, variable_size: bool) -> str:
   """'pad' or 'random_resized': ``config.train_crop``, with 'auto' decided by whether the
-  source's images vary in size (validated in ``jax_resnet.validation``)."""
+  source's images vary in size (validated in ``jax_resnet.configuration.validation``)."""
   if config.train_crop == 'auto':
     return 'random_resized' if variable_size else 'pad'
   return config.train_crop

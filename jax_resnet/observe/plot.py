@@ -1,6 +1,6 @@
 """Training curves: loss, top-1 and top-5 error and learning rate against epoch.
 
-  python -m jax_resnet.plot RUN_DIR [RUN_DIR ...] --out curves.png
+  python -m jax_resnet.observe.plot RUN_DIR [RUN_DIR ...] --out curves.png
 
 Each RUN_DIR holds the ``metrics.jsonl`` a training run writes; several runs are
 overlaid, each in its own colour and labelled with its directory's name (training

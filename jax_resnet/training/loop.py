@@ -21,27 +21,19 @@ import numpy as np
 import optax
 from absl import logging
 
-from jax_resnet import (
-  optim,
-  plot,
-  preemption,
-  profiling,
-  progress,
-  reporting,
-  sharding,
-  steps,
-  summary,
-  validation,
-  warm_start,
-)
-from jax_resnet import workdir as workdir_lib
-from jax_resnet.checkpointing import Checkpoints
+from jax_resnet import parallel
+from jax_resnet.configuration import validation
 from jax_resnet.data import batching
 from jax_resnet.data.common import shuffle_seed
 from jax_resnet.data.sources import Dataset, load_dataset
 from jax_resnet.errors import TrainingError
-from jax_resnet.evaluation import Evaluator
-from jax_resnet.timeline import Every, Timeline
+from jax_resnet.models import model_summary
+from jax_resnet.observe import metric_writers, plot, profiling, progress
+from jax_resnet.runs import workdirs as workdir_lib
+from jax_resnet.runs.checkpointing import Checkpoints
+from jax_resnet.training import optimizers, preemption, step_functions, warm_start
+from jax_resnet.training.evaluation import Evaluator
+from jax_resnet.training.timeline import Every, Timeline
 
 TIMING_FILE = 'timing.json'  # the latest run's wall time by part (profiling.RunClock)
 
@@ -56,11 +48,11 @@ class _Run:
   dataset: Dataset
   timeline: Timeline
   learning_rate_fn: optax.Schedule
-  state: steps.TrainState
+  state: step_functions.TrainState
   start_step: int
   checkpoints: Checkpoints
   evaluators: list
-  teacher: steps.Teacher | None = None
+  teacher: step_functions.Teacher | None = None
 
 
 def train_and_evaluate(
@@ -84,7 +76,7 @@ def train_and_evaluate(
   clock = profiling.RunClock(started_at)
   with preemption.StopRequest() as stop:
     with clock.part('setup'):
-      mesh = sharding.create_mesh()
+      mesh = parallel.create_mesh()
       validation.validate(config, mesh.devices.size)
       workdir_lib.ensure_writable(workdir)
     with _lock(workdir):
@@ -124,9 +116,9 @@ def _build(config: ml_collections.ConfigDict, workdir: str, mesh, resume_from: s
   dataset = load_dataset(config, workdir)
   info = dataset.info
   timeline = Timeline.from_config(config, info.num_train)
-  model = steps.create_model(config, info.num_classes)
-  learning_rate_fn = optim.create_learning_rate_fn(config, timeline)
-  state = steps.create_train_state(
+  model = step_functions.create_model(config, info.num_classes)
+  learning_rate_fn = optimizers.create_learning_rate_fn(config, timeline)
+  state = step_functions.create_train_state(
     jax.random.PRNGKey(config.seed), config, model, info.image_shape, learning_rate_fn, mesh
   )
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
@@ -134,7 +126,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str, mesh, resume_from: s
   if start_step == 0 and config.init_from:
     source = warm_start.load_source(config.init_from, config.model)
     state = warm_start.apply(state, source, info.class_names)
-  eval_fn = steps.make_eval_step(config, info.num_classes, info.mean, info.std, mesh)
+  eval_fn = step_functions.make_eval_step(config, info.num_classes, info.mean, info.std, mesh)
   evaluators = [Evaluator(dataset, eval_fn, mesh, config.eval_batch_size)]
   if config.ema_decay:  # the averaged weights, beside the raw ones: eval_top1_ema, ...
     evaluators.append(Evaluator(dataset, eval_fn, mesh, config.eval_batch_size, use_ema=True))
@@ -234,10 +226,10 @@ def _log_start(run: _Run, writer) -> None:
     plot.write_run_info(
       run.workdir, timeline.steps_per_epoch, model=config.model, dataset=config.dataset
     )
-    model = steps.create_model(config, info.num_classes)
+    model = step_functions.create_model(config, info.num_classes)
     logging.info(
       '%s',
-      summary.summarize(model, info.image_shape, flops=False).format(
+      model_summary.summarize(model, info.image_shape, flops=False).format(
         f'{config.model} ({info.num_classes} classes, {info.image_shape} images)'
       ),
     )
@@ -358,7 +350,7 @@ class _LoopParts(typing.NamedTuple):
   def start(cls, run: _Run, clock: profiling.RunClock) -> '_LoopParts':
     config, timeline = run.config, run.timeline
     with clock.part('logging'):
-      writer = reporting.create_writer(run.workdir)
+      writer = metric_writers.create_writer(run.workdir)
       _log_start(run, writer)
     with clock.part('input_wait'):
       batches = batching.global_train_batches(
@@ -404,10 +396,10 @@ def _finished(run: _Run) -> dict:
     run.start_step,
     run.timeline.total_steps,
   )
-  recorded = reporting.last_record(run.workdir, 'eval_top1')
+  recorded = metric_writers.last_record(run.workdir, 'eval_top1')
   if recorded:
     return {k: v for k, v in recorded.items() if k.startswith('eval_')}
-  writer = reporting.create_writer(run.workdir)
+  writer = metric_writers.create_writer(run.workdir)
   metrics = _evaluate(run, run.state, run.start_step, writer, save_best=False)
   writer.flush()
   return metrics
@@ -465,7 +457,7 @@ class _Stepper:
     args = (state, batches if k > 1 else batches[0])
     if (k, size) not in self._compiled:
       options = dict(mesh=run.mesh, teacher=run.teacher, image_size=size)
-      make = steps.make_multi_train_step if k > 1 else steps.make_train_step
+      make = step_functions.make_multi_train_step if k > 1 else step_functions.make_train_step
       with self._clock.part('compile'):
         compiled = make(*self._args, **options).lower(*args).compile()
       if k == 1 and not any(key[0] == 1 for key in self._compiled):
@@ -500,7 +492,7 @@ def dispatch_size(step: int, steps_per_dispatch: int, total_steps: int, periods)
 def _log_flops(compiled, batch) -> None:
   """Logs XLA's FLOPs per training image, from the single step (a multi-step program's
   scan body may be counted once)."""
-  flops = summary.xla_flops(compiled)
+  flops = model_summary.xla_flops(compiled)
   if flops:
     # The compiled SPMD program is one device's share of the global batch.
     devices = batch['label'].sharding.num_devices

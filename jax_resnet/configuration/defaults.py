@@ -3,7 +3,7 @@
 
 ``configs/default.py`` is this config; the experiment configs import it and change a few
 fields, so any of them accepts any ``--config.FIELD=VALUE`` override. The package reads
-fields as attributes, never with a fallback; ``jax_resnet.validation`` checks them all
+fields as attributes, never with a fallback; ``jax_resnet.configuration.validation`` checks them all
 before any data is read.
 Durations: ``*_epochs`` fields may be fractional; ``*_steps`` fields count optimizer
 steps; 0 turns a periodic action off.
@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Model.
-  config.model = 'resnet20'  # a name from jax_resnet.models.MODEL_NAMES
+  config.model = 'resnet20'  # a name from jax_resnet.models.resnet.MODEL_NAMES
   config.model_options = ml_collections.ConfigDict(
     {
       # 'imagenet' (7x7/2 conv + max-pool) or 'cifar' (one 3x3 conv); None: the model's own.
@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.remat = False  # recompute block activations in the backward pass: less memory
   config.stochastic_depth_rate = 0.0  # drop rate of the last block's branch (linear in depth)
 
-  # Weights in and fine-tuning (see jax_resnet/warm_start.py).
+  # Weights in and fine-tuning (see jax_resnet/training/warm_start.py).
   config.init_from = ''  # WORKDIR[:latest|:STEP], an export, or torchvision .safetensors
   config.freeze = ''  # '', 'backbone' (all but the head) or stages: 'stem,stage1,stage2'
   config.head_learning_rate_multiplier = 1.0  # the head's rate = this x the schedule's

@@ -11,7 +11,7 @@ import ml_collections
 import optax
 import optax.contrib
 
-from jax_resnet.timeline import Timeline
+from jax_resnet.training.timeline import Timeline
 
 OPTIMIZERS = ('sgd', 'adamw', 'adam', 'lars', 'lamb')
 SCHEDULES = ('onecycle', 'cosine', 'multistep', 'constant', 'plateau')

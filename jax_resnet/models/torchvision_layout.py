@@ -20,7 +20,7 @@ import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
-from jax_resnet import models
+from jax_resnet.models import resnet
 
 METADATA_KEY = 'jax_resnet'
 NUM_BATCHES_TRACKED = 'num_batches_tracked'
@@ -50,7 +50,7 @@ def _in_torchvision_layout(arch: dict) -> bool:
   )
 
 
-SUPPORTED_MODELS = tuple(n for n in models.MODEL_NAMES if _in_torchvision_layout(models.MODELS[n]))
+SUPPORTED_MODELS = tuple(n for n in resnet.MODEL_NAMES if _in_torchvision_layout(resnet.MODELS[n]))
 
 
 class HeadMismatchError(ValueError):
@@ -112,7 +112,7 @@ def _block(torch_name: str, flax_name: str, block_cls, in_channels: int, width: 
 
 def _layout(model_name: str, in_channels: int, num_classes: int | None) -> list[_Entry]:
   """Every tensor of torchvision's ``model_name`` in state_dict order; no head if None."""
-  arch = models.MODELS[model_name]
+  arch = resnet.MODELS[model_name]
   block_cls, widths = arch['block_cls'], arch['widths']
   entries = _conv('conv1', ('stem_conv',), widths[0], in_channels, _STEM_KERNEL)
   entries += _batch_norm('bn1', ('stem_bn',), widths[0])

@@ -1,7 +1,8 @@
 """Train state, the jitted train and eval steps, and their metrics.
 
 This module is the core of the trainer and imports no TensorFlow, so a synthetic-data
-benchmark runs where TensorFlow is absent. The loop that feeds it lives in training.py.
+benchmark runs where TensorFlow is absent. The loop that feeds it lives in
+training/loop.py.
 """
 
 import dataclasses
@@ -18,7 +19,10 @@ from clu import metrics
 from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 
-from jax_resnet import augment, conv, mixing, models, optim, randaugment, sharding
+from jax_resnet import parallel
+from jax_resnet.augment import image_ops, mixing, randaugment
+from jax_resnet.models import cpu_conv, resnet
+from jax_resnet.training import optimizers
 
 # Tags folded into a step's key for each random choice added after Cutout and dropout
 # (those two keep the split they always had, so earlier runs train the same).
@@ -130,12 +134,12 @@ def compute_dtype(config: ml_collections.ConfigDict):
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict:
-  """``config.model_options`` as ``models.create_model`` keywords; None: the model's own."""
+  """``config.model_options`` as ``resnet.create_model`` keywords; None: the model's own."""
   return {k: v for k, v in config.model_options.items() if v is not None}
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
-  """Every ``models.create_model`` keyword the config sets, except the compute dtype (an
+  """Every ``resnet.create_model`` keyword the config sets, except the compute dtype (an
   export records these; inference runs in float32)."""
   return {
     'dropout_rate': config.dropout_rate,
@@ -151,7 +155,7 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
   """The config's model with a ``num_classes``-way head."""
-  return models.create_model(
+  return resnet.create_model(
     config.model, num_classes, dtype=compute_dtype(config), **model_kwargs(config)
   )
 
@@ -170,8 +174,8 @@ def create_train_state(
   ``abstract=True`` returns its shapes, dtypes and shardings only (``ShapeDtypeStruct``
   leaves), nothing computed: the target of a checkpoint restore.
   """
-  mesh = mesh or sharding.create_mesh()
-  tx = optim.create_optimizer(config, learning_rate_fn)
+  mesh = mesh or parallel.create_mesh()
+  tx = optimizers.create_optimizer(config, learning_rate_fn)
   init_rng, state_rng = jax.random.split(rng)
 
   def init():
@@ -199,12 +203,12 @@ def create_train_state(
   # tensors 2-4x faster on CPU; the parameters are replicated, so nothing is lost.
   with jax.threefry_partitionable(False):
     if abstract:
-      replicated = sharding.replicated(mesh)
+      replicated = parallel.replicated(mesh)
       return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         jax.eval_shape(init),
       )
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))()
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -215,9 +219,9 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
 
 def preprocess(images, mean, std, dtype, cutout_size: int = 0, key=None):
   """uint8 batch -> normalised compute-dtype batch, with Cutout when training."""
-  x = augment.normalize(images, mean, std, jnp.float32)
+  x = image_ops.normalize(images, mean, std, jnp.float32)
   if cutout_size:
-    x = augment.cutout(key, x, cutout_size)
+    x = image_ops.cutout(key, x, cutout_size)
   return x.astype(dtype)
 
 
@@ -240,7 +244,7 @@ def augment_batch(key, images, labels, options: StepOptions):
   ids = jnp.arange(images.shape[0])
   images = resize_images(images, options.image_size)
   if options.randaugment_layers:
-    keys = augment.example_keys(jax.random.fold_in(key, RANDAUGMENT_TAG), ids, 0)
+    keys = image_ops.example_keys(jax.random.fold_in(key, RANDAUGMENT_TAG), ids, 0)
     images = randaugment.rand_augment(
       keys,
       images,
@@ -250,14 +254,14 @@ def augment_batch(key, images, labels, options: StepOptions):
       magnitude_std=options.randaugment_magnitude_std,
     )
   elif options.trivial_augment:
-    keys = augment.example_keys(jax.random.fold_in(key, RANDAUGMENT_TAG), ids, 0)
+    keys = image_ops.example_keys(jax.random.fold_in(key, RANDAUGMENT_TAG), ids, 0)
     images = randaugment.trivial_augment(keys, images)
-  x = augment.normalize(images, options.mean, options.std, jnp.float32)
+  x = image_ops.normalize(images, options.mean, options.std, jnp.float32)
   if options.cutout_size:
-    x = augment.cutout(cutout_key, x, options.cutout_size)
+    x = image_ops.cutout(cutout_key, x, options.cutout_size)
   if options.random_erasing_prob:
-    keys = augment.example_keys(jax.random.fold_in(key, ERASING_TAG), ids, 0)
-    x = augment.random_erasing(keys, x, options.random_erasing_prob)
+    keys = image_ops.example_keys(jax.random.fold_in(key, ERASING_TAG), ids, 0)
+    x = image_ops.random_erasing(keys, x, options.random_erasing_prob)
   if options.mixes:
     x, targets = mixing.mix_batch(
       jax.random.fold_in(key, MIX_TAG),
@@ -357,7 +361,7 @@ def train_step(
       state.dynamic_scale.value_and_grad(loss_fn, has_aux=True)(state.params)
     )
   # The loss goes to the optimizer too: reduce-on-plateau reads it.
-  new_state = optim.apply_gradients(state, grads, loss, batch_stats=batch_stats)
+  new_state = optimizers.apply_gradients(state, grads, loss, batch_stats=batch_stats)
   if state.dynamic_scale is not None:
     keep_finite = lambda new, old: jax.tree.map(functools.partial(jnp.where, is_finite), new, old)
     new_state = new_state.replace(
@@ -372,7 +376,9 @@ def train_step(
   step_metrics = TrainMetrics.single_from_model_output(
     loss=cross_entropy(logits, batch['label'], options.num_classes),
     top1=top_k_correct(logits, batch['label'], 1),
-    learning_rate=optim.current_learning_rate(learning_rate_fn, state.step, new_state.opt_state),
+    learning_rate=optimizers.current_learning_rate(
+      learning_rate_fn, state.step, new_state.opt_state
+    ),
   )
   return new_state, step_metrics
 
@@ -441,7 +447,7 @@ def make_train_step(
 ):
   """Jitted ``train_step`` for this config; the state is donated and kept replicated.
   ``image_size`` trains at that size (progressive resizing)."""
-  replicated = sharding.replicated(mesh)
+  replicated = parallel.replicated(mesh)
   options = StepOptions.of(config, num_classes, mean, std, image_size=image_size)
   return jax.jit(
     functools.partial(
@@ -457,14 +463,14 @@ def compiler_options(mesh) -> dict | None:
   """XLA options for a train step: on CPU, convolutions run on Eigen rather than YNNPACK,
   whose kernel gradients are 1.4-3x slower here (ResNet-20's step: 1.15-1.40x faster;
   benchmarks/RESULTS.md)."""
-  return conv.CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
+  return cpu_conv.CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
 
 
 def make_eval_step(config: ml_collections.ConfigDict, num_classes: int, mean, std, mesh):
   """Jitted ``eval_step`` for this config; metrics come back replicated."""
   return jax.jit(
     functools.partial(eval_step, options=StepOptions.of(config, num_classes, mean, std)),
-    out_shardings=sharding.replicated(mesh),
+    out_shardings=parallel.replicated(mesh),
   )
 
 
@@ -521,7 +527,7 @@ def make_multi_train_step(
   (``benchmarks/RESULTS.md``). Elsewhere the loop stays rolled, which keeps the compile
   time independent of k.
   """
-  replicated = sharding.replicated(mesh)
+  replicated = parallel.replicated(mesh)
   if unroll is None:
     unroll = mesh.devices.flat[0].platform == 'cpu'
   return jax.jit(

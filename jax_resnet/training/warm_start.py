@@ -27,9 +27,10 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from jax_resnet import export, runs
-from jax_resnet import torchvision_weights as tw
 from jax_resnet.errors import ConfigError, NotFoundError
+from jax_resnet.inference import export
+from jax_resnet.models import torchvision_layout as tw
+from jax_resnet.runs import saved_run
 
 COLLECTIONS = ('params', 'batch_stats')
 HEAD = 'head'
@@ -48,7 +49,7 @@ class Source:
 def load_source(init_from: str, model_name: str, field: str = 'init_from') -> Source:
   workdir, which = split(init_from)
   if workdir is not None:
-    run = runs.load(workdir, which)
+    run = saved_run.load(workdir, which)
     return Source(
       jax.tree.map(np.asarray, run.variables),
       f'{workdir} ({which} checkpoint, step {run.step}, {run.config.model})',
@@ -205,13 +206,18 @@ def _only_classes_differ(fresh, given, keys) -> bool:
 
 def load_teacher(config, num_classes: int):
   """The knowledge-distillation teacher named by ``config.distill_from`` (a run or an
-  export), computing in the student's dtype, as a ``steps.Teacher``."""
-  from jax_resnet import models, steps
+  export), computing in the student's dtype, as a ``step_functions.Teacher``."""
+  from jax_resnet.models import resnet
+  from jax_resnet.training import step_functions
 
   workdir, which = split(config.distill_from)
   if workdir is not None:
-    run = runs.load(workdir, which)
-    name, options, variables = run.config.model, steps.model_kwargs(run.config), run.variables
+    run = saved_run.load(workdir, which)
+    name, options, variables = (
+      run.config.model,
+      step_functions.model_kwargs(run.config),
+      run.variables,
+    )
     teacher_classes = run.info.num_classes
   elif not os.path.isfile(config.distill_from):
     load_source(config.distill_from, config.model, 'distill_from')  # names what is missing
@@ -224,7 +230,9 @@ def load_teacher(config, num_classes: int):
       f'config.distill_from={config.distill_from!r}: the teacher has {teacher_classes} '
       f'classes, this run {num_classes}; distillation needs the same classes.'
     )
-  model = models.create_model(name, num_classes, dtype=steps.compute_dtype(config), **options)
+  model = resnet.create_model(
+    name, num_classes, dtype=step_functions.compute_dtype(config), **options
+  )
   variables = jax.device_put(jax.tree.map(np.asarray, variables))
   logging.info('Distilling from %s (%s).', config.distill_from, name)
-  return steps.Teacher(model.apply, variables)
+  return step_functions.Teacher(model.apply, variables)

@@ -11,11 +11,13 @@ import dataclasses
 import jax
 import ml_collections
 
-from jax_resnet import default_config, optim, sharding, steps
-from jax_resnet.checkpointing import Checkpoints
+from jax_resnet import parallel
+from jax_resnet.configuration import defaults
 from jax_resnet.data.common import DatasetInfo
 from jax_resnet.errors import ConfigError, TrainingError
-from jax_resnet.timeline import Timeline
+from jax_resnet.runs.checkpointing import Checkpoints
+from jax_resnet.training import optimizers, step_functions
+from jax_resnet.training.timeline import Timeline
 
 
 @dataclasses.dataclass
@@ -27,7 +29,7 @@ class SavedRun:
   config: ml_collections.ConfigDict  # the config the checkpoint was written with
   info: DatasetInfo  # the training data's description (classes, image shape, mean/std)
   model: object  # models.ResNet
-  state: steps.TrainState
+  state: step_functions.TrainState
 
   @property
   def variables(self) -> dict:
@@ -37,7 +39,7 @@ class SavedRun:
 
 def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
   """The checkpoint's config, with any field added since it was written at its default."""
-  return default_config.merged_with_defaults(meta['config'])
+  return defaults.merged_with_defaults(meta['config'])
 
 
 def info_from_meta(meta: dict) -> DatasetInfo | None:
@@ -47,10 +49,10 @@ def info_from_meta(meta: dict) -> DatasetInfo | None:
 
 def abstract_state(config, info: DatasetInfo, mesh):
   """The (model, abstract train state) a checkpoint of ``config`` on ``info`` restores into."""
-  model = steps.create_model(config, info.num_classes)
+  model = step_functions.create_model(config, info.num_classes)
   timeline = Timeline.from_config(config, max(info.num_train, config.batch_size))
-  learning_rate_fn = optim.create_learning_rate_fn(config, timeline)
-  state = steps.create_train_state(
+  learning_rate_fn = optimizers.create_learning_rate_fn(config, timeline)
+  state = step_functions.create_train_state(
     jax.random.PRNGKey(0), config, model, info.image_shape, learning_rate_fn, mesh, abstract=True
   )
   return model, state
@@ -67,7 +69,7 @@ def load(workdir: str, which: str | int = 'best', mesh=None, weights: str = 'raw
   of the trained ones."""
   if weights not in WEIGHTS:
     raise ConfigError(f'weights={weights!r}: must be one of {", ".join(WEIGHTS)}.')
-  mesh = mesh or sharding.create_mesh()
+  mesh = mesh or parallel.create_mesh()
   checkpoints = Checkpoints(workdir, read_only=True)
   try:
     if which == 'best' and checkpoints.best_step() is None:
@@ -93,7 +95,7 @@ def load(workdir: str, which: str | int = 'best', mesh=None, weights: str = 'raw
       raise ConfigError(
         f'--weights=ema: the run in {workdir} kept no weight average (its ema_decay is 0).'
       )
-    state = steps.ema_state(state)
+    state = step_functions.ema_state(state)
   return SavedRun(workdir, int(meta['step']), state=state, **built)
 
 

@@ -10,9 +10,12 @@ from collections.abc import Mapping
 
 from absl import logging
 
-from jax_resnet import reporting, runs, sharding, steps
+from jax_resnet import parallel
 from jax_resnet.data import batching
 from jax_resnet.data.sources import Dataset, load_dataset
+from jax_resnet.observe import metric_writers
+from jax_resnet.runs import saved_run
+from jax_resnet.training import step_functions
 
 # Fields an evaluation may take from the command line rather than from the checkpoint:
 # which data to evaluate on and how to read it. Everything else (model, preprocessing
@@ -40,15 +43,15 @@ class Evaluator:
     self.eval_fn = eval_fn
     self.mesh = mesh
     self.use_ema = use_ema  # the state's EMA weights; metrics named eval_top1_ema, ...
-    self.local_batch = sharding.local_batch_size(global_batch, mesh)
+    self.local_batch = parallel.local_batch_size(global_batch, mesh)
     self.num_steps = batching.num_eval_steps(dataset.info, global_batch)
 
   def __call__(self, state) -> dict[str, float]:
     if self.use_ema:
-      state = steps.ema_state(state)
+      state = step_functions.ema_state(state)
     batches = batching.eval_batches(self.dataset, self.local_batch, self.num_steps)
     totals = None
-    for batch in sharding.prefetch_to_device(batches, self.mesh):
+    for batch in parallel.prefetch_to_device(batches, self.mesh):
       step_metrics = self.eval_fn(state, batch)
       totals = step_metrics if totals is None else totals.merge(step_metrics)
     suffix = '_ema' if self.use_ema else ''
@@ -65,14 +68,16 @@ def evaluate_checkpoint(
   (the command line's ``--config.FIELD`` values) may change only the eval data
   (``EVAL_DATA_FIELDS``), e.g. to evaluate on a folder of your own images.
   """
-  mesh = sharding.create_mesh()
-  run = runs.load(workdir, which, mesh, weights)
+  mesh = parallel.create_mesh()
+  run = saved_run.load(workdir, which, mesh, weights)
   config = eval_config(run.config, overrides or {})
   dataset = load_dataset(config, workdir, splits=('eval',), class_names=run.info.class_names)
-  eval_fn = steps.make_eval_step(config, run.info.num_classes, run.info.mean, run.info.std, mesh)
+  eval_fn = step_functions.make_eval_step(
+    config, run.info.num_classes, run.info.mean, run.info.std, mesh
+  )
   metrics = Evaluator(dataset, eval_fn, mesh, config.eval_batch_size)(run.state)
   if os.access(workdir, os.W_OK):
-    writer = reporting.create_writer(workdir)
+    writer = metric_writers.create_writer(workdir)
     writer.write_scalars(run.step, metrics)
     writer.flush()
   else:  # a finished run on a read-only mount: report, write nothing there

@@ -22,8 +22,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from jax_resnet import augment, export, models, runs
+from jax_resnet.augment import image_ops
 from jax_resnet.errors import NotFoundError, OutputError
+from jax_resnet.inference import export
+from jax_resnet.models import resnet
+from jax_resnet.runs import saved_run
 
 DEFAULT_BATCH_SIZE = 256
 # What a folder is searched for; files named explicitly or by a glob are tried whatever
@@ -51,7 +54,7 @@ class Predictor:
       str(i) for i in range(self.num_classes)
     )
     self.batch_size = batch_size
-    model = models.create_model(metadata['model'], self.num_classes, **metadata['model_options'])
+    model = resnet.create_model(metadata['model'], self.num_classes, **metadata['model_options'])
     self._variables = jax.device_put(jax.tree.map(np.asarray, variables))
     self._forward = jax.jit(
       functools.partial(
@@ -70,7 +73,7 @@ class Predictor:
   ) -> 'Predictor':
     """The ``which`` checkpoint ('best', 'latest' or a step) of a run, its trained
     weights or (``weights='ema'``) their average; only reads ``workdir``."""
-    run = runs.load(workdir, which, weights=weights)
+    run = saved_run.load(workdir, which, weights=weights)
     return cls(run.variables, export.inference_metadata(run), batch_size)
 
   @classmethod
@@ -139,7 +142,7 @@ class Predictor:
 def _probabilities(apply_fn, variables, images, mean, std, flip: bool):
   """Softmax of the eval-mode logits, averaged with the mirror image's when ``flip`` (the
   prepared image mirrored, as a train-time flip mirrors the resized one)."""
-  x = augment.normalize(images, mean, std)
+  x = image_ops.normalize(images, mean, std)
   probabilities = jax.nn.softmax(apply_fn(variables, x, train=False))
   if flip:
     mirrored = jax.nn.softmax(apply_fn(variables, x[:, :, ::-1], train=False))

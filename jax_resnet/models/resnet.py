@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_resnet import conv as conv_ops
+from jax_resnet.models import cpu_conv as conv_ops
 
 ModuleDef = Any
 
@@ -294,7 +294,7 @@ class ResNet(nn.Module):
       param_dtype=jnp.float32,
       kernel_init=KERNEL_INITS[self.kernel_init],
       # The same convolution, written as matrix products for the shapes XLA:CPU runs far
-      # below its rate (conv.py; 1x1 convs and kernels larger than their map); plain
+      # below its rate (cpu_conv.py; 1x1 convs and kernels larger than their map); plain
       # everywhere else and on every other platform.
       conv_general_dilated=conv_ops.routed_conv,
     )

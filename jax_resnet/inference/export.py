@@ -24,9 +24,10 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from jax_resnet import runs, steps
-from jax_resnet import torchvision_weights as tw
 from jax_resnet.errors import ConfigError, DataError, NotFoundError, OutputError
+from jax_resnet.models import torchvision_layout as tw
+from jax_resnet.runs import saved_run
+from jax_resnet.training import step_functions
 
 EXPORT_FORMATS = ('msgpack', 'safetensors', 'torchvision')
 # Bumped when a field changes meaning or goes away; new fields keep the version.
@@ -52,7 +53,7 @@ def export_checkpoint(
     )
   # Before the checkpoint is read: a wrong path fails in a second, not after the restore.
   ensure_writable(path, 'the export')
-  run = runs.load(workdir, which, weights=weights)
+  run = saved_run.load(workdir, which, weights=weights)
   metadata = {**inference_metadata(run, export_format), 'weights': weights}
   variables = jax.tree.map(np.asarray, run.variables)
   if export_format == 'torchvision':
@@ -70,11 +71,11 @@ def export_checkpoint(
   return path
 
 
-def inference_metadata(run: runs.SavedRun, export_format: str | None = None) -> dict:
+def inference_metadata(run: saved_run.SavedRun, export_format: str | None = None) -> dict:
   """What a predictor needs besides the weights, JSON-ready (tuples as lists); the
   ``export_format`` is None for a run read straight from its workdir.
 
-  ``model_options`` are the keywords ``steps.create_model`` passes, less ``dtype``:
+  ``model_options`` are the keywords ``step_functions.create_model`` passes, less ``dtype``:
   inference runs in float32 whatever the training compute dtype. ``image_shape`` is what
   the model takes at inference: eval's size (``config.eval_image_size`` when set: train
   low, test high); ``train_image_shape`` the size it trained at (the size of a 'pad'
@@ -85,7 +86,7 @@ def inference_metadata(run: runs.SavedRun, export_format: str | None = None) -> 
     'format_version': FORMAT_VERSION,
     'export_format': export_format,
     'model': config.model,
-    'model_options': steps.model_kwargs(config),
+    'model_options': step_functions.model_kwargs(config),
     'num_classes': info.num_classes,
     'image_shape': list(eval_image_shape(config, info)),
     'train_image_shape': list(info.image_shape),
@@ -102,7 +103,7 @@ def inference_metadata(run: runs.SavedRun, export_format: str | None = None) -> 
 
 def eval_image_shape(config, info) -> tuple[int, int, int]:
   """The images eval feeds the model (as ``data/transforms.eval_transform`` decodes and
-  ``steps.eval_step`` resizes them): ``config.eval_image_size`` square, else the training
+  ``step_functions.eval_step`` resizes them): ``config.eval_image_size`` square, else the training
   shape."""
   height, width, channels = info.image_shape
   size = config.eval_image_size
@@ -159,7 +160,7 @@ def write_torchvision(variables: dict, path: str, metadata: dict) -> None:
   """torchvision's ``state_dict`` keys and layouts, ``metadata`` in the header."""
   try:
     tensors = tw.to_torchvision(variables, metadata['model'])
-  except ValueError as e:  # a layout torchvision_weights knows but these variables lack
+  except ValueError as e:  # a layout torchvision_layout knows but these variables lack
     raise ConfigError(f"export_format='torchvision' cannot export {path}: {e}") from None
   _write_atomically(path, lambda tmp: tw.save_safetensors(tmp, tensors, metadata))
 

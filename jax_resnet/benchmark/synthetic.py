@@ -18,14 +18,14 @@ the step alone (as above) and the whole loop, and names the bottleneck. Only thi
 mode imports TensorFlow (through ``jax_resnet.data``).
 
 ``--profile=DIR`` then traces a few more steps into DIR (TensorBoard's profile plugin,
-xprof, or Perfetto opens it; see ``jax_resnet.profiling``), prints a table of the top
+xprof, or Perfetto opens it; see ``jax_resnet.observe.profiling``), prints a table of the top
 operations by device time with their shapes to stderr, writes it to DIR/top_ops.txt and
 adds it to the JSON as ``top_ops``.
 
 ``--compare`` runs a second config in the same process and adds ``ratio``: its images/s
 over the first's. Without TensorFlow installed, synthetic mode still runs: this module
 imports only jax, flax, optax, numpy, absl, ml_collections and the core modules (clu's
-``metrics`` module, through steps.py; clu itself does not need TensorFlow).
+``metrics`` module, through the step functions; clu itself does not need TensorFlow).
 """
 
 import functools
@@ -44,10 +44,16 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_resnet import optim, profiling, sharding, summary, validation
-from jax_resnet import steps as train_steps  # `steps` is also a count of steps here
+from jax_resnet import parallel
+from jax_resnet.configuration import validation
 from jax_resnet.data.common import KNOWN_SIZES, imagenet_stats
-from jax_resnet.timeline import Timeline
+from jax_resnet.models import model_summary
+from jax_resnet.observe import profiling
+from jax_resnet.training import optimizers
+from jax_resnet.training import (
+  step_functions as train_steps,  # `steps` is also a count of steps here
+)
+from jax_resnet.training.timeline import Timeline
 
 # Dense bf16 peak per device, TFLOP/s (vendor spec sheets); matched in order against
 # jax.Device.device_kind, so more specific names come first. None on CPU.
@@ -164,7 +170,7 @@ def _epoch_s(dataset: str, images_per_s: float) -> float | None:
 
 def _synthetic_batches(mesh, count: int, batch: int, image_shape, num_classes: int, seed=0):
   """``count`` global batches of random uint8 images and int32 labels, made on device."""
-  out = sharding.batch_sharded(mesh)
+  out = parallel.batch_sharded(mesh)
 
   @functools.partial(jax.jit, out_shardings={'image': out, 'label': out})
   def make(key):
@@ -185,7 +191,7 @@ def _batch_source(
   if config.data_on_device:
     from jax_resnet.data import on_device  # no TensorFlow
 
-    local = sharding.local_batch_size(config.batch_size, mesh)
+    local = parallel.local_batch_size(config.batch_size, mesh)
     n = max(num_batches, 2) * local
     rng = np.random.default_rng(config.seed)
     images = rng.integers(0, 256, (n, *image_shape), dtype=np.uint8)
@@ -214,7 +220,7 @@ def benchmark_step(
 ) -> dict:
   """Compiles and times the config's train step on synthetic device data (see FIELDS);
   with ``profile_dir``, then traces ``profile_steps`` more steps there (``top_ops``)."""
-  mesh = sharding.create_mesh()
+  mesh = parallel.create_mesh()
   devices = list(mesh.devices.flat)
   validation.check_divisible(config.batch_size, len(devices), 'batch_size')
   # Unknown data sets get ImageNet's size and classes: the benchmark needs no data.
@@ -229,7 +235,7 @@ def benchmark_step(
   warmup_dispatches = max(1, -(-warmup // k))
 
   timeline = Timeline.from_config(config, max(num_train, config.batch_size))
-  learning_rate_fn = optim.create_learning_rate_fn(config, timeline)
+  learning_rate_fn = optimizers.create_learning_rate_fn(config, timeline)
   model = train_steps.create_model(config, num_classes)
   state = train_steps.create_train_state(
     jax.random.PRNGKey(config.seed), config, model, image_shape, learning_rate_fn, mesh
@@ -328,10 +334,10 @@ def _step_flops(config, state, single_fn, batch, single, device_count: int):
       state = state.replace(apply_fn=train_steps.create_model(plain, num_classes).apply)
     lowered = single_fn.lower(state, batch)
     single = (lowered, lowered.compile())
-  flops = summary.xla_flops(single[1])
+  flops = model_summary.xla_flops(single[1])
   if flops is not None:
     return flops * device_count, 'compiled'
-  flops = summary.xla_flops(single[0])
+  flops = model_summary.xla_flops(single[0])
   return flops, 'lowered' if flops is not None else 'unavailable'
 
 
@@ -415,7 +421,7 @@ def benchmark_pipeline(
   """Input alone, step alone and the whole loop on the config's real data source."""
   from jax_resnet.data import batching, sources  # TensorFlow: only in this mode
 
-  mesh = sharding.create_mesh()
+  mesh = parallel.create_mesh()
   dataset = sources.load_dataset(config, splits=('train',))
   info = dataset.info
   timeline = Timeline.from_config(config, max(info.num_train, config.batch_size))
@@ -440,7 +446,7 @@ def benchmark_pipeline(
   )
 
   # The whole loop: the trainer's single-step loop, one sync at the end.
-  learning_rate_fn = optim.create_learning_rate_fn(config, timeline)
+  learning_rate_fn = optimizers.create_learning_rate_fn(config, timeline)
   model = train_steps.create_model(config, info.num_classes)
   state = train_steps.create_train_state(
     jax.random.PRNGKey(config.seed), config, model, info.image_shape, learning_rate_fn, mesh
@@ -535,8 +541,3 @@ def main(argv):
     with open(FLAGS.json_out, 'w') as f:
       f.write(text + '\n')
   print(text, flush=True)
-
-
-if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)

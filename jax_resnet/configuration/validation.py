@@ -12,9 +12,10 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from jax_resnet import models, optim, steps
 from jax_resnet.data import common as data_common
 from jax_resnet.errors import ConfigError, TrainingError
+from jax_resnet.models import resnet
+from jax_resnet.training import optimizers, step_functions
 
 # Fields a resumed run may change: they touch neither the train state nor what it means
 # (durations, periodic actions, where the data lives, input and memory performance).
@@ -86,14 +87,14 @@ def _choice(config, field: str, valid, what: str = '') -> None:
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
   """Raises ConfigError for the first field that cannot work; ``device_count``, when
   given, also checks that the global batches split evenly over the devices."""
-  if config.model not in models.MODELS:
-    _fail(config, 'model', f'unknown model. Valid names: {", ".join(models.MODEL_NAMES)}.')
-  _choice(config, 'optimizer', optim.OPTIMIZERS, 'optimizer')
-  _choice(config, 'half_precision_dtype', tuple(steps.HALF_PRECISION_DTYPES))
-  _choice(config, 'schedule', optim.SCHEDULES, 'schedule')
-  _choice(config, 'model_options.kernel_init', tuple(models.KERNEL_INITS), 'kernel_init')
+  if config.model not in resnet.MODELS:
+    _fail(config, 'model', f'unknown model. Valid names: {", ".join(resnet.MODEL_NAMES)}.')
+  _choice(config, 'optimizer', optimizers.OPTIMIZERS, 'optimizer')
+  _choice(config, 'half_precision_dtype', tuple(step_functions.HALF_PRECISION_DTYPES))
+  _choice(config, 'schedule', optimizers.SCHEDULES, 'schedule')
+  _choice(config, 'model_options.kernel_init', tuple(resnet.KERNEL_INITS), 'kernel_init')
   if config.model_options.stem is not None:
-    _choice(config, 'model_options.stem', models.STEMS, 'stem')
+    _choice(config, 'model_options.stem', resnet.STEMS, 'stem')
   _choice(config, 'train_crop', data_common.CROP_STYLES, 'crop style')
   check_dataset_name(config.dataset)
   for field in POSITIVE:
@@ -120,7 +121,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 
 
 def _check_sizes(config) -> None:
-  min_size = models.min_image_size(config.model, **steps.model_options(config))
+  min_size = resnet.min_image_size(config.model, **step_functions.model_options(config))
   if config.image_size < min_size:
     _fail(
       config,
@@ -168,8 +169,8 @@ def _check_schedule(config) -> None:
 
 
 def _check_fine_tuning(config) -> None:
-  groups = optim.frozen_groups(config.freeze)
-  arch = models.MODELS[config.model]
+  groups = optimizers.frozen_groups(config.freeze)
+  arch = resnet.MODELS[config.model]
   known = ['backbone', 'head', 'stem', 'final_bn']
   known += [f'stage{i + 1}' for i in range(len(arch['stage_sizes']))]
   unknown = [g for g in groups if g not in known]
@@ -202,7 +203,7 @@ def _check_recipe(config) -> None:
   for field in ('ema_decay', 'stochastic_depth_rate'):
     if not 0 <= config[field] < 1:
       _fail(config, field, 'must be in [0, 1).')
-  if config.stochastic_depth_rate and not models.MODELS[config.model]['residual']:
+  if config.stochastic_depth_rate and not resnet.MODELS[config.model]['residual']:
     _fail(config, 'stochastic_depth_rate', f'needs skip connections; {config.model} has none.')
   if not 0 <= config.randaugment_magnitude <= config.randaugment_bins - 1:
     _fail(
@@ -217,7 +218,7 @@ def _check_recipe(config) -> None:
   if config.distill_from and not config.distill_temperature > 0:
     _fail(config, 'distill_temperature', 'must be positive.')
   _check_progressive_resizing(config)
-  min_size = models.min_image_size(config.model, **steps.model_options(config))
+  min_size = resnet.min_image_size(config.model, **step_functions.model_options(config))
   if config.eval_image_size and config.eval_image_size < min_size:
     _fail(config, 'eval_image_size', f'must be 0 (image_size) or at least {min_size}.')
 
@@ -228,7 +229,7 @@ def _check_progressive_resizing(config) -> None:
   if len(config.progressive_resizing) != 4:
     _fail(config, 'progressive_resizing', 'is (start_size, end_size, start_epoch, end_epoch).')
   start, end, first, last = config.progressive_resizing
-  min_size = models.min_image_size(config.model, **steps.model_options(config))
+  min_size = resnet.min_image_size(config.model, **step_functions.model_options(config))
   if not (min_size <= start and min_size <= end <= config.image_size):
     _fail(
       config,
