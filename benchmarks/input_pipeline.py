@@ -90,7 +90,9 @@ def cpu_seconds() -> float:
 
 def bench_tf(root: str, num_images: int, batch: int = 64, antialias: bool = False) -> dict:
   from configs import default
+  from jax_resnet.configuration.options import from_config
   from jax_resnet.data import batching, sources
+  from jax_resnet.data.common import InputOptions
 
   config = default.get_config()
   config.dataset = 'folder'
@@ -105,7 +107,7 @@ def bench_tf(root: str, num_images: int, batch: int = 64, antialias: bool = Fals
   steps = max(1, num_images // batch)
   # One long epoch, as on ImageNet: the few files wrap around (train_batches repeats a
   # short shard) instead of a new tf.data graph being started every batch.
-  batches = batching.train_batches(dataset, config, batch, steps + 10)
+  batches = batching.train_batches(dataset, from_config(InputOptions, config), batch, steps + 10)
   for _ in range(5):  # warm-up: graph building, autotune, cache fill
     next(batches)
   wall, cpu = time.perf_counter(), cpu_seconds()
@@ -179,8 +181,9 @@ def bench_cifar(steps: int, batch: int = 256) -> dict:
 
   from configs import default
   from jax_resnet import parallel
+  from jax_resnet.configuration.options import from_config
   from jax_resnet.data import batching, on_device, transforms
-  from jax_resnet.data.common import DatasetInfo
+  from jax_resnet.data.common import DatasetInfo, InputOptions
   from jax_resnet.data.sources import Dataset
 
   config = default.get_config()
@@ -209,20 +212,21 @@ def bench_cifar(steps: int, batch: int = 256) -> dict:
       'host_cpu_s_per_batch': cpu / steps,
     }
 
+  options = from_config(InputOptions, config)
   info = DatasetInfo(10, 50_000, 0, (32, 32, 3), (0.0,) * 3, (1.0,) * 3)
   dataset = Dataset(
     info,
     train=tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels}),
     eval=None,
-    train_transform=transforms.pad_transform(config),
+    train_transform=transforms.pad_transform(transforms.transform_options(config)),
   )
   timed(
     'tf_data',
     parallel.prefetch_to_device(
-      batching.train_batches(dataset, config, batch, steps_per_epoch), mesh
+      batching.train_batches(dataset, options, batch, steps_per_epoch), mesh
     ),
   )
-  timed('device_data', on_device.device_batches(images, labels, mesh, config, steps_per_epoch))
+  timed('device_data', on_device.device_batches(images, labels, mesh, options, steps_per_epoch))
   results['speedup'] = results['device_data']['batches_per_s'] / results['tf_data']['batches_per_s']
   return results
 

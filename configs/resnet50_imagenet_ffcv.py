@@ -16,7 +16,8 @@ from configs import resnet50_imagenet
 def get_config():
   config = resnet50_imagenet.get_config()
   config.image_size = 192
-  config.progressive_resizing = (160, 192, 11, 13)
+  config.progressive_resizing_sizes = (160, 192)
+  config.progressive_resizing_epochs = (11, 13)
   config.eval_image_size = 256
   config.eval_flip = True
   config.batch_size = 1024

@@ -14,6 +14,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_resnet.errors import ConfigError
+
 DATA_AXIS = 'data'
 
 
@@ -55,3 +57,14 @@ def prefetch_to_device(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator
     yield queue.popleft()
     for batch in itertools.islice(iterator, 1):
       queue.append(to_global(batch, mesh))
+
+
+def check_divisible(global_batch_size: int, device_count: int, field: str) -> None:
+  """A global batch must split evenly over the devices; the error suggests a size."""
+  if global_batch_size <= 0 or global_batch_size % device_count:
+    suggestion = max(1, round(global_batch_size / device_count)) * device_count
+    raise ConfigError(
+      f'config.{field}={global_batch_size} must be a positive multiple of the device '
+      f'count {device_count} ({jax.process_count()} process(es) x '
+      f'{jax.local_device_count()} local devices). Try --config.{field}={suggestion}.'
+    )

@@ -2,10 +2,9 @@ import os
 import sys
 import tempfile
 
-import numpy as np
 import pytest
+from helpers import ROOT, digits_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # Many tests start main.py with the same small model: a persistent XLA compilation cache
@@ -30,9 +29,9 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 SLOWEST_FIRST = (
   'test_resume.py',
   'test_configs.py',
-  'test_distributed.py',
-  'test_steps.py',
-  'test_main.py',
+  'test_parallel.py',
+  'test_step_functions.py',
+  'test_cli.py',
   'test_benchmark.py',
   'test_warm_start.py',
   'test_models.py',
@@ -47,75 +46,33 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def config():
   """The default config, unlocked, with small sizes for CPU tests."""
-  from configs import default
+  from jax_resnet.configuration import defaults
 
-  cfg = default.get_config()
+  cfg = defaults.get_config()
   cfg.batch_size = 32
   cfg.eval_batch_size = 64
   cfg.image_size = 8
   return cfg
 
 
-def run_main(args, env=None, timeout=600):
-  """Runs main.py in a subprocess and returns the CompletedProcess.
+@pytest.fixture(scope='session')
+def digits_run(tmp_path_factory) -> str:
+  """The workdir of a 2-epoch digits run (``helpers.digits_config``; about 60% top-1,
+  accuracy is not the point), trained once per test run: pytest-xdist's workers share it
+  through a file lock. Tests only read it."""
+  from filelock import FileLock
 
-  ``env`` adds variables; a None value removes one.
-  """
-  import subprocess
+  from jax_resnet.training import loop
 
-  full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
-  full_env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  return subprocess.run(
-    [sys.executable, os.path.join(ROOT, 'main.py'), *args],
-    cwd=ROOT,
-    env=full_env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
-
-
-def photo_folder(root, per_class=(5, 4, 4), size=(96, 72), seed=0, extras=True):
-  """Class folders of JPEG crops of scikit-learn's two sample photographs.
-
-  With ``extras``, the first class also gets a grayscale PNG, a CMYK JPEG and an RGBA
-  PNG, and the second a corrupt .jpg. Returns the number of decodable files.
-  """
-  from PIL import Image
-  from sklearn.datasets import load_sample_images
-
-  photos = load_sample_images().images
-  rng = np.random.RandomState(seed)
-  count = 0
-  for c, n in enumerate(per_class):
-    folder = root / f'class_{c}'
-    folder.mkdir(parents=True)
-    for i in range(n):
-      photo = photos[(c + i) % 2]
-      y, x = rng.randint(0, 100), rng.randint(0, 200)
-      crop = Image.fromarray(photo[y : y + 300, x : x + 400]).resize(size)
-      crop.save(folder / f'{i}.JPEG', quality=90)
-      count += 1
-  if extras:
-    base = Image.fromarray(photos[0][:200, :300])
-    base.convert('L').save(root / 'class_0' / 'gray.png')
-    base.convert('CMYK').save(root / 'class_0' / 'cmyk.jpg')
-    base.convert('RGBA').save(root / 'class_0' / 'rgba.png')
-    count += 3
-    (root / 'class_1' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
-  return count
-
-
-def folder_config(config, tmp_path):
-  train_n = photo_folder(tmp_path / 'train')
-  eval_n = photo_folder(tmp_path / 'eval', per_class=(3, 2, 2), seed=1, extras=False)
-  config.dataset = 'folder'
-  config.train_dir = str(tmp_path / 'train')
-  config.eval_dir = str(tmp_path / 'eval')
-  config.image_size = 32
-  config.random_crop_pad = 0
-  config.random_flip = True
-  return train_n, eval_n
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent  # this run's folder, above each worker's own
+  workdir = base / 'digits_run'
+  with FileLock(str(base / 'digits_run.lock')):
+    if not (workdir / 'trained').exists():
+      loop.train_and_evaluate(digits_config(), str(workdir))
+      (workdir / 'trained').write_text('')
+  return str(workdir)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT, train_setup
 
 TINY = [
   '--config.image_size=8',
@@ -114,10 +114,11 @@ def test_cli_json_and_compare_without_tensorflow(tmp_path):
 @pytest.mark.parametrize('data_on_device', [False, True])
 def test_pipeline_mode_times_input_step_and_loop(config, data_on_device):
   """--mode=pipeline on the real (digits) source: every field, and a named bottleneck."""
+  from jax_resnet import benchmark
   from jax_resnet.benchmark import synthetic
 
   config.data_on_device = data_on_device
-  result = synthetic.run(config, mode='pipeline', steps=2, warmup=1, num_batches=2)
+  result = benchmark.run(config, mode='pipeline', steps=2, warmup=1, num_batches=2)
   for field, kind in synthetic.FIELDS.items():
     if field != 'mode':
       assert isinstance(result[field], kind), (field, result[field])
@@ -149,29 +150,25 @@ def test_multi_step_equals_single_steps(config, unroll):
   """
   import jax
 
-  from jax_resnet import parallel
   from jax_resnet.benchmark import synthetic
   from jax_resnet.data.common import imagenet_stats
-  from jax_resnet.training import optimizers, step_functions
-  from jax_resnet.training.timeline import Timeline
+  from jax_resnet.training.step_functions import make_train_step
 
   config.image_size, config.batch_size, config.cutout_size = 8, 8, 3
   config.dropout_rate = 0.1  # per-step keys must match too
-  mesh = parallel.create_mesh()
-  lr = optimizers.create_learning_rate_fn(config, Timeline(10, 100))
-  model = step_functions.create_model(config, 10)
-  shape = (8, 8, 3)
   mean, std = imagenet_stats(3)
-  batches = synthetic._synthetic_batches(mesh, 3, 8, shape, 10)
-  train_fn = step_functions.make_train_step(config, lr, 10, mean, std, mesh)
-  multi_fn = step_functions.make_multi_train_step(config, lr, 10, mean, std, mesh, unroll)
+  built = train_setup(config, mean=mean, std=std)
+  mesh, lr = built.mesh, built.learning_rate_fn
+  batches = synthetic._synthetic_batches(mesh, 3, 8, (8, 8, 3), 10)
+  train_fn = built.train_fn
+  multi_fn = make_train_step(built.options, lr, mesh, steps_per_dispatch=3, unroll=unroll)
 
-  single = step_functions.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
+  single = built.state
   totals = None
   for batch in batches:
     single, metrics = train_fn(single, batch)
     totals = metrics if totals is None else totals.merge(metrics)
-  multi = step_functions.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr, mesh)
+  multi = train_setup(config, mean=mean, std=std).state
   # One while loop more than a single step has (its RNG's own) iff the scan is rolled;
   # CPU's default unrolls it (XLA:CPU runs the rolled loop body tens of times slower).
   whiles = lambda fn, *args: fn.lower(*args).as_text().count('stablehlo.while')

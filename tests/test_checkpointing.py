@@ -6,20 +6,14 @@ import os
 import jax
 import numpy as np
 import pytest
+from helpers import train_setup
 
-from jax_resnet import parallel
 from jax_resnet.runs.checkpointing import Checkpoints, IncompatibleCheckpointError, failure_reason
-from jax_resnet.training import optimizers, step_functions
-from jax_resnet.training.timeline import Timeline
 
 
 def _state(config, model_name):
   config.model = model_name
-  model = step_functions.create_model(config, 10)
-  lr = optimizers.create_learning_rate_fn(config, Timeline(10, 100))
-  return step_functions.create_train_state(
-    jax.random.PRNGKey(0), config, model, (8, 8, 1), lr, parallel.create_mesh()
-  )
+  return train_setup(config, image_shape=(8, 8, 1)).state
 
 
 @pytest.fixture(scope='module')
@@ -79,7 +73,7 @@ def test_incompatible_checkpoint_is_reported_and_left_as_it_is(tmp_path, states)
     checkpoints.restore('latest', lambda meta: states[1])  # resnet32 into resnet20's
   message = str(error.value)
   assert 'does not fit the model' in message and 'It is intact and left as it is' in message
-  assert 'stage1_block4' in message and 'not in the checkpoint' in message
+  assert 'stage1_block4' in message and 'found nothing' in message
   assert _listing(tmp_path) == before  # nothing renamed or deleted
   checkpoints.close()
 
@@ -143,7 +137,8 @@ BEFORE_LAYOUT_FLAGS = [
   '--config.num_train_steps=6',
   '--config.batch_size=32',
   '--config.ema_decay=0.9',
-  '--config.progressive_resizing=(8,16,0,1)',
+  '--config.progressive_resizing_sizes=(8,16)',
+  '--config.progressive_resizing_epochs=(0,1)',
   '--config.progressive_resizing_multiple=8',
   '--config.keep_checkpoints=1',
   '--config.digits_classes=0123',
@@ -184,7 +179,7 @@ def test_a_checkpoint_from_before_the_layout_change_resumes(tmp_path):
   field names of the time, is compatible with today's) and runs to the new end."""
   import json
 
-  from conftest import run_main
+  from helpers import run_main
 
   workdir = _before_layout_copy(tmp_path)
   result = run_main(['--config=configs/default.py', f'--workdir={workdir}', *BEFORE_LAYOUT_FLAGS])

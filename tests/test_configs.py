@@ -56,23 +56,22 @@ def two_steps(name) -> dict:
   """Builds the config's model and runs two train steps; returns what they gave."""
   import jax
   import numpy as np
+  from helpers import train_setup
 
-  from jax_resnet import parallel
-  from jax_resnet.training import optimizers, step_functions
   from jax_resnet.training.timeline import Timeline
 
   config = small(load(name))
   channels, num_classes = DATASETS[config.dataset]
   size = config.image_size
-  lr_fn = optimizers.create_learning_rate_fn(config, Timeline.from_config(config, 10 * BATCH))
-  model = step_functions.create_model(config, num_classes)
-  mesh = parallel.create_mesh()
-  state = step_functions.create_train_state(
-    jax.random.PRNGKey(0), config, model, (size, size, channels), lr_fn, mesh
+  built = train_setup(
+    config,
+    num_classes,
+    image_shape=(size, size, channels),
+    timeline=Timeline.from_config(config, 10 * BATCH),
+    mean=(127.0,) * channels,
+    std=(64.0,) * channels,
   )
-  train_fn = step_functions.make_train_step(
-    config, lr_fn, num_classes, (127.0,) * channels, (64.0,) * channels, mesh
-  )
+  state, train_fn, model = built.state, built.train_fn, built.model
   rng = np.random.RandomState(0)
   batch = {
     'image': rng.randint(0, 256, (BATCH, size, size, channels)).astype(np.uint8),

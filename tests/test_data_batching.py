@@ -1,6 +1,7 @@
 """Train batches (deterministic, resumable) and eval batches (each example once)."""
 
 import numpy as np
+from helpers import input_options
 
 from jax_resnet.data import batching, sources
 
@@ -8,9 +9,15 @@ from jax_resnet.data import batching, sources
 def test_train_batches_are_deterministic_and_resume_mid_epoch(config):
   ds = sources.load_dataset(config)
   steps = ds.info.num_train // 32
-  first = [b for _, b in zip(range(steps + 3), batching.train_batches(ds, config, 32, steps))]
+  first = [
+    b
+    for _, b in zip(range(steps + 3), batching.train_batches(ds, input_options(config), 32, steps))
+  ]
   resumed = [
-    b for _, b in zip(range(5), batching.train_batches(ds, config, 32, steps, start_step=steps - 2))
+    b
+    for _, b in zip(
+      range(5), batching.train_batches(ds, input_options(config), 32, steps, start_step=steps - 2)
+    )
   ]
   for a, b in zip(first[steps - 2 :], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT, input_options
 
 
 def _toy(n=50, size=8):
@@ -36,7 +36,9 @@ def test_epoch_is_a_permutation_with_matching_labels(config, mesh):
   config.batch_size, config.random_crop_pad, config.random_flip = 8, 0, False
   images, labels = _toy(50)
   steps = 50 // 8
-  batches = _take(on_device.device_batches(images, labels, mesh, config, steps), 2 * steps)
+  batches = _take(
+    on_device.device_batches(images, labels, mesh, input_options(config), steps), 2 * steps
+  )
   b = batches[0]
   assert b['image'].shape == (8, 8, 8, 1) and b['image'].dtype == np.uint8
   assert b['label'].dtype == np.int32
@@ -60,7 +62,9 @@ def test_crop_and_flip_happen_on_device_and_resume_exactly(config, mesh):
   )  # columns 1..8: a flip reverses them
   labels = np.zeros(64, np.int32)
   steps = 4
-  run = _take(on_device.device_batches(images, labels, mesh, config, steps), steps + 3)
+  run = _take(
+    on_device.device_batches(images, labels, mesh, input_options(config), steps), steps + 3
+  )
   out = np.concatenate([np.asarray(b['image']) for b in run])[..., 0]
   zero_rows = (out == 0).all(2).sum(1)
   zero_cols = (out == 0).all(1).sum(1)
@@ -70,7 +74,10 @@ def test_crop_and_flip_happen_on_device_and_resume_exactly(config, mesh):
   flipped = (np.diff(middle.astype(int), axis=1) < 0).all(1)
   assert 0.25 < flipped.mean() < 0.75
   resumed = _take(
-    on_device.device_batches(images, labels, mesh, config, steps, start_step=steps - 1), 4
+    on_device.device_batches(
+      images, labels, mesh, input_options(config), steps, start_step=steps - 1
+    ),
+    4,
   )
   for a, b in zip(run[steps - 1 :], resumed):
     np.testing.assert_array_equal(np.asarray(a['image']), np.asarray(b['image']))
@@ -80,22 +87,27 @@ def test_rejects_non_uint8(config, mesh):
   from jax_resnet.data import on_device
 
   with pytest.raises(ValueError, match='uint8 NHWC'):
-    on_device.DeviceData(np.zeros((4, 8, 8, 3), np.float32), np.zeros(4), mesh, config)
+    on_device.DeviceData(
+      np.zeros((4, 8, 8, 3), np.float32), np.zeros(4), mesh, input_options(config)
+    )
 
 
 _SCRIPT = r"""
 import json, sys
 import numpy as np
 import jax
-from configs import default
 from jax_resnet import parallel
+from jax_resnet.configuration import defaults
+from jax_resnet.configuration.options import from_config
 from jax_resnet.data import on_device
-cfg = default.get_config()
+from jax_resnet.data.common import InputOptions
+cfg = defaults.get_config()
 cfg.batch_size, cfg.random_crop_pad, cfg.random_flip = 16, 3, True
 rng = np.random.RandomState(0)
 images = rng.randint(0, 256, (40, 8, 8, 3)).astype(np.uint8)
 labels = rng.randint(0, 10, 40).astype(np.int32)
-it = on_device.device_batches(images, labels, parallel.create_mesh(), cfg, 2)
+options = from_config(InputOptions, cfg)
+it = on_device.device_batches(images, labels, parallel.create_mesh(), options, 2)
 out = [next(it) for _ in range(3)]
 print(json.dumps({'devices': jax.device_count(), 'tf': 'tensorflow' in sys.modules,
                   'shards': len(out[0]['image'].addressable_shards),

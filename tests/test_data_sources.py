@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import folder_config, photo_folder
+from helpers import folder_config, input_options, photo_folder
 
 from jax_resnet.data import batching, folder, sources
 from jax_resnet.data.common import CLASS_INDEX_FILE
@@ -27,7 +27,7 @@ def test_digits_split_is_fixed_and_complete(config):
 def test_digits_upsampled(config):
   config.image_size = 16
   ds = sources.load_dataset(config)
-  batch = next(batching.train_batches(ds, config, 32, 10))
+  batch = next(batching.train_batches(ds, input_options(config), 32, 10))
   assert batch['image'].shape == (32, 16, 16, 1) and batch['image'].dtype == np.uint8
   assert batch['label'].dtype == np.int32
 
@@ -41,7 +41,7 @@ def test_cifar10_through_mock_data(config):
     ds = sources.load_dataset(config)
     assert ds.info.num_classes == 10 and ds.info.image_shape == (32, 32, 3)
     assert ds.info.num_train == 70
-    batch = next(batching.train_batches(ds, config, 16, 4))
+    batch = next(batching.train_batches(ds, input_options(config), 16, 4))
     assert batch['image'].shape == (16, 32, 32, 3) and batch['image'].dtype == np.uint8
     assert batch['label'].min() >= 0 and batch['label'].max() < 10
     steps = batching.num_eval_steps(ds.info, 32)
@@ -76,7 +76,7 @@ def test_folder_dataset_converts_modes_and_skips_corrupt_files(
   again = sources.load_dataset(config, str(workdir))
   assert again.num_skipped == {'train': 1, 'eval': 0} and 'corrupt.jpg' in caplog.text
   # Two epochs of train batches, all decoded (grey, CMYK, RGBA included) to RGB uint8.
-  batches = [b for _, b in zip(range(4), batching.train_batches(ds, config, 8, 2))]
+  batches = [b for _, b in zip(range(4), batching.train_batches(ds, input_options(config), 8, 2))]
   for b in batches:
     assert b['image'].shape == (8, 32, 32, 3) and b['image'].dtype == np.uint8
     assert b['image'].std() > 5  # real photographs, not blank
@@ -122,11 +122,16 @@ def test_imagenet_through_mock_data_decodes_jpeg_bytes_and_resumes(config):
     assert ds.decodes and ds.info.num_classes == 1000
     assert ds.info.image_shape == (24, 24, 3) and ds.info.num_train == 37
     assert ds.train.element_spec['image'].dtype.name == 'string'  # undecoded JPEG bytes
-    first = [b for _, b in zip(range(6), batching.train_batches(ds, config, 8, 4))]
+    first = [b for _, b in zip(range(6), batching.train_batches(ds, input_options(config), 8, 4))]
     for b in first:
       assert b['image'].shape == (8, 24, 24, 3) and b['image'].dtype == np.uint8
       assert b['label'].min() >= 0 and b['label'].max() < 1000
-    resumed = [b for _, b in zip(range(3), batching.train_batches(ds, config, 8, 4, start_step=3))]
+    resumed = [
+      b
+      for _, b in zip(
+        range(3), batching.train_batches(ds, input_options(config), 8, 4, start_step=3)
+      )
+    ]
     for a, b in zip(first[3:], resumed):
       np.testing.assert_array_equal(a['image'], b['image'])
       np.testing.assert_array_equal(a['label'], b['label'])
@@ -144,7 +149,7 @@ def test_cifar100_through_mock_data_and_in_memory_arrays(config):
   with tfds.testing.mock_data(num_examples=45):
     ds = sources.load_dataset(config)
     assert not ds.decodes and ds.info.num_classes == 100
-    batch = next(batching.train_batches(ds, config, 16, 2))
+    batch = next(batching.train_batches(ds, input_options(config), 16, 2))
     assert batch['image'].shape == (16, 32, 32, 3)
     images, labels, info = batching.load_arrays(config)
   assert images.shape == (45, 32, 32, 3) and images.dtype == np.uint8
@@ -162,7 +167,7 @@ def test_digits_arrays_match_the_tf_data_source(config):
 
 
 def test_folder_trains_through_main(tmp_path):
-  from conftest import run_main
+  from helpers import run_main
 
   photo_folder(tmp_path / 'train')
   photo_folder(tmp_path / 'eval', per_class=(3, 2, 2), seed=1, extras=False)
@@ -274,7 +279,7 @@ def test_undecodable_file_is_named_without_verification(config, tmp_path, caplog
   train_n, _ = folder_config(config, tmp_path)
   ds = sources.load_dataset(config)
   assert ds.info.num_train == train_n + 1  # not checked at start: corrupt.jpg is listed
-  batches = [b for _, b in zip(range(3), batching.train_batches(ds, config, 8, 2))]
+  batches = [b for _, b in zip(range(3), batching.train_batches(ds, input_options(config), 8, 2))]
   assert all(b['image'].shape == (8, 32, 32, 3) for b in batches)
   assert 'Skipping' in caplog.text and 'corrupt.jpg' in caplog.text
 

@@ -144,7 +144,9 @@ def test_train_transform_colour_is_off_by_default_and_changes_the_image_when_on(
   config.image_size, config.random_flip, config.color_jitter_prob = 24, True, 1.0
   example = {'image': tf.io.encode_jpeg(_photo(48, 64)), 'label': 3}
   seed = tf.constant([2, 9], tf.int64)
-  plain = transforms.random_resized_transform(config, 3)(example, seed)
+  plain = transforms.random_resized_transform(transforms.transform_options(config), 3)(
+    example, seed
+  )
   window = lambda shape: transforms.random_resized_crop_window(shape, seed)
   by_hand = tf.image.stateless_random_flip_left_right(
     transforms.decode_and_crop(example['image'], window, 24),
@@ -154,7 +156,7 @@ def test_train_transform_colour_is_off_by_default_and_changes_the_image_when_on(
   assert int(plain['label']) == 3
   for field, value in (('inception_color', True), ('color_jitter_brightness', 0.4)):
     config[field] = value
-    on = transforms.random_resized_transform(config, 3)
+    on = transforms.random_resized_transform(transforms.transform_options(config), 3)
     out = on(example, seed)['image'].numpy()
     assert out.shape == (24, 24, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, on(example, seed)['image'].numpy())
@@ -195,12 +197,18 @@ def test_eval_transform_decodes_at_eval_image_size(config):
 
   config.image_size, config.eval_image_size = 24, 40
   example = {'image': tf.io.encode_jpeg(_photo(48, 64)), 'label': 1}
-  evaluated = transforms.eval_transform(config, 3)(example)['image'].numpy()
-  trained = transforms.random_resized_transform(config, 3)(example, tf.constant([0, 1], tf.int64))
+  evaluated = transforms.eval_transform(transforms.transform_options(config), 3)(example)[
+    'image'
+  ].numpy()
+  trained = transforms.random_resized_transform(transforms.transform_options(config), 3)(
+    example, tf.constant([0, 1], tf.int64)
+  )
   assert evaluated.shape == (40, 40, 3) and trained['image'].shape == (24, 24, 3)
   window = lambda shape: transforms.center_crop_window(shape, config.eval_crop_fraction)
   np.testing.assert_array_equal(
     evaluated, transforms.decode_and_crop(example['image'], window, 40).numpy()
   )
   config.eval_image_size = 0  # off: image_size
-  assert transforms.eval_transform(config, 3)(example)['image'].shape == (24, 24, 3)
+  assert transforms.eval_transform(transforms.transform_options(config), 3)(example)[
+    'image'
+  ].shape == (24, 24, 3)

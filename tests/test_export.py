@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization, traverse_util
-from test_predict import digits_config, train_digits
-from test_torchvision_weights import torchvision_state_dict_shapes
+from helpers import digits_config, torchvision_state_dict_shapes, train_setup
 
 from jax_resnet import parallel
+from jax_resnet.augment.pipeline import resize_images
 from jax_resnet.data.common import DatasetInfo, imagenet_stats
 from jax_resnet.errors import ConfigError, DataError, NotFoundError, UserError
 from jax_resnet.inference import export
@@ -26,7 +26,6 @@ from jax_resnet.inference.predict import Predictor
 from jax_resnet.models import torchvision_layout as tw
 from jax_resnet.runs import saved_run
 from jax_resnet.runs.checkpointing import Checkpoints
-from jax_resnet.training import step_functions
 
 METADATA_FIELDS = {
   'format_version',
@@ -55,12 +54,6 @@ def small_config(**fields):
   config = default.get_config()
   config.update(fields)
   return config
-
-
-@pytest.fixture(scope='module')
-def digits_run(tmp_path_factory):
-  """(workdir, config) of the session's small digits run (shared with test_predict.py)."""
-  return train_digits(tmp_path_factory), digits_config()
 
 
 def write_checkpoint(workdir: str, config, info: DatasetInfo, step: int = 7, fill=None) -> dict:
@@ -130,7 +123,7 @@ def snapshot(folder: str) -> dict:
 
 @pytest.mark.parametrize('export_format', ['msgpack', 'safetensors'])
 def test_export_reads_back_bit_for_bit_with_complete_metadata(digits_run, tmp_path, export_format):
-  workdir, config = digits_run
+  workdir, config = digits_run, digits_config()
   path = str(tmp_path / 'out' / f'digits.{export_format}')
   assert export.export_checkpoint(workdir, path, 'latest', export_format) == path
   variables, metadata = export.read_export(path)
@@ -138,11 +131,8 @@ def test_export_reads_back_bit_for_bit_with_complete_metadata(digits_run, tmp_pa
   saved = saved_run.load(workdir, 'latest')
   assert_identical(variables, jax.tree.map(np.asarray, saved.variables))
   # The trained weights, not those the run started from.
-  model = step_functions.create_model(config, 10)
   shape = (config.image_size, config.image_size, 1)
-  fresh = step_functions.create_train_state(
-    jax.random.PRNGKey(config.seed), config, model, shape, lambda step: 0.1
-  )
+  fresh = train_setup(config, image_shape=shape).state
   for key, value in flat(jax.tree.map(np.asarray, fresh.params)).items():
     assert not np.array_equal(flat(variables['params'])[key], value), key
 
@@ -219,7 +209,7 @@ def test_predictor_from_any_export_equals_the_workdirs(resnet18_run, tmp_path):
 
 
 def test_torchvision_format_of_a_cifar_model_is_one_user_error(digits_run, tmp_path):
-  workdir, _ = digits_run
+  workdir = digits_run
   path = tmp_path / 'digits.safetensors'
   with pytest.raises(ConfigError, match="'resnet20'.*torchvision has no layout"):
     export.export_checkpoint(workdir, str(path), 'latest', 'torchvision')
@@ -299,7 +289,7 @@ def digit_images(count: int = 6, size: int = 8, seed: int = 0) -> np.ndarray:
 
 def test_predictor_prepares_images_at_the_eval_size(eval_size_run, tmp_path):
   """Train low, test high: predict feeds the model what eval fed it, at eval_image_size
-  (a 'pad' set's stored images, resized on the device as step_functions.eval_step does)."""
+  (a 'pad' set's stored images, resized on the device as the eval step does)."""
   workdir, _ = eval_size_run
   predictor = Predictor.from_workdir(workdir, 'latest')
   assert predictor.image_shape == (12, 12, 1) and predictor.train_image_shape == (8, 8, 1)
@@ -308,7 +298,7 @@ def test_predictor_prepares_images_at_the_eval_size(eval_size_run, tmp_path):
   assert metadata['image_shape'] == [12, 12, 1] and metadata['train_image_shape'] == [8, 8, 1]
   images = digit_images()
   prepared = np.stack([predictor.prepare(image) for image in images])
-  on_device = np.asarray(step_functions.resize_images(jnp.asarray(images[..., None]), 12))
+  on_device = np.asarray(resize_images(jnp.asarray(images[..., None]), 12))
   assert prepared.shape == on_device.shape == (len(images), 12, 12, 1)
   difference = np.abs(prepared.astype(int) - on_device.astype(int))
   assert difference.max() <= 1 and np.mean(difference > 0) < 0.01  # rare .5 ties
@@ -336,7 +326,7 @@ def test_predictor_crops_imagenet_style_images_at_the_eval_size(tmp_path):
   data = io.BytesIO()
   Image.fromarray(image).save(data, 'PNG')
   example = {'image': tf.constant(data.getvalue()), 'label': tf.constant(0)}
-  expected = transforms.eval_transform(config, 3)(example)
+  expected = transforms.eval_transform(transforms.transform_options(config), 3)(example)
   prepared = predictor.prepare(image)
   assert prepared.shape == tuple(expected['image'].shape) == (40, 40, 3)
   difference = np.abs(prepared.astype(int) - expected['image'].numpy().astype(int))
@@ -366,7 +356,7 @@ def test_predict_and_export_with_the_ema_weights(eval_size_run, tmp_path):
 
 def test_torchvision_export_whose_tensors_are_another_model_is_a_user_error(tmp_path):
   """A torchvision-format file whose metadata names another model than its tensors."""
-  from test_torchvision_weights import random_variables
+  from helpers import random_variables
 
   path = str(tmp_path / 'mislabelled.safetensors')
   metadata = {'export_format': 'torchvision', 'model': 'resnet34', 'num_classes': 1000}

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_resnet.models import resnet
+from jax_resnet import models
 
 TORCHVISION_PARAMS = {
   'resnet18': 11_689_512,
@@ -21,14 +21,14 @@ TIMM_PARAMS = {
   'seresnet50': 28_088_024,
   'resnet50d': 25_576_264,
 }
-# Our widths (resnet._SMALL_CIFAR), 10 classes; the study reports 4.2-4.8 M parameters.
+# Our widths (models.registry._SMALL_CIFAR), 10 classes; the study reports 4.2-4.8 M parameters.
 SMALL_CIFAR_PARAMS = {
   'resnet26_small': 4_643_114,
   'resnet34_small': 4_593_578,
   'resnet50_small': 4_382_250,
 }
 NEW_NAMES = tuple(
-  n for n in resnet.MODEL_NAMES if n.startswith('seresnet') or n.endswith(('d', '_small'))
+  n for n in models.MODEL_NAMES if n.startswith('seresnet') or n.endswith(('d', '_small'))
 )
 PAPER_PARAMS = {
   'resnet20': 0.27e6,
@@ -51,19 +51,19 @@ def count(tree):
 
 @pytest.mark.parametrize('name,expected', sorted(TORCHVISION_PARAMS.items()))
 def test_imagenet_parameter_counts_equal_torchvision(name, expected):
-  variables = abstract_variables(resnet.create_model(name, 1000), 64)
+  variables = abstract_variables(models.create_model(name, 1000), 64)
   assert count(variables['params']) == expected
 
 
 @pytest.mark.parametrize('name,expected', sorted(PAPER_PARAMS.items()))
 def test_cifar_parameter_counts_match_paper(name, expected):
-  n = count(abstract_variables(resnet.create_model(name, 10), 32)['params'])
+  n = count(abstract_variables(models.create_model(name, 10), 32)['params'])
   assert abs(n - expected) / expected < 0.02
 
 
-@pytest.mark.parametrize('name', resnet.MODEL_NAMES)
+@pytest.mark.parametrize('name', models.MODEL_NAMES)
 def test_output_shape_for_every_model(name):
-  model = resnet.create_model(name, 7)
+  model = models.create_model(name, 7)
   size = 32
   variables = abstract_variables(model, size)
   out = jax.eval_shape(
@@ -76,7 +76,7 @@ def test_output_shape_for_every_model(name):
 
 def test_plain_twin_has_same_parameters_but_different_function():
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
-  res, plain = resnet.create_model('resnet20', 10), resnet.create_model('plain20', 10)
+  res, plain = models.create_model('resnet20', 10), models.create_model('plain20', 10)
   init_apply = lambda m: jax.jit(
     lambda x: (lambda v: (v, m.apply(v, x, train=False)))(
       m.init(jax.random.PRNGKey(0), x, train=False)
@@ -97,8 +97,8 @@ def test_plain_twin_has_no_skip_connection(depth):
   so its logits no longer depend on the image."""
   size = 16 if depth == 20 else 32
   x = jax.random.normal(jax.random.PRNGKey(1), (4, size, size, 3))
-  res = resnet.create_model(f'resnet{depth}', 10)
-  plain = resnet.create_model(f'plain{depth}', 10)
+  res = models.create_model(f'resnet{depth}', 10)
+  plain = models.create_model(f'plain{depth}', 10)
   with jax.threefry_partitionable(False):
     variables = jax.jit(lambda x: res.init(jax.random.PRNGKey(0), x, train=False))(x)
   variables = jax.tree.map(
@@ -113,7 +113,7 @@ def test_plain_twin_has_no_skip_connection(depth):
 
 
 def test_bf16_compute_keeps_fp32_params():
-  model = resnet.create_model('resnet20', 10, dtype=jnp.bfloat16)
+  model = models.create_model('resnet20', 10, dtype=jnp.bfloat16)
   x = jnp.ones((2, 16, 16, 3))
   v = model.init(jax.random.PRNGKey(0), x, train=False)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v))
@@ -122,8 +122,8 @@ def test_bf16_compute_keeps_fp32_params():
 
 def test_zero_init_residual_option():
   x = jnp.ones((1, 16, 16, 3))
-  on = resnet.create_model('resnet20', 10).init(jax.random.PRNGKey(0), x, train=False)
-  off = resnet.create_model('resnet20', 10, zero_init_residual=False).init(
+  on = models.create_model('resnet20', 10).init(jax.random.PRNGKey(0), x, train=False)
+  off = models.create_model('resnet20', 10, zero_init_residual=False).init(
     jax.random.PRNGKey(0), x, train=False
   )
   block = 'stage1_block1'
@@ -133,7 +133,7 @@ def test_zero_init_residual_option():
 
 
 def test_dropout_needs_rng_only_in_training():
-  model = resnet.create_model('resnet20', 10, dropout_rate=0.5)
+  model = models.create_model('resnet20', 10, dropout_rate=0.5)
   x = jnp.ones((4, 8, 8, 3))
   v = model.init(jax.random.PRNGKey(0), x, train=False)
   a, _ = model.apply(
@@ -146,16 +146,16 @@ def test_dropout_needs_rng_only_in_training():
 
 
 def test_cifar_stem_option_on_imagenet_depth():
-  model = resnet.create_model('resnet18', 10, stem='cifar')
+  model = models.create_model('resnet18', 10, stem='cifar')
   v = abstract_variables(model, 32)
   assert v['params']['stem_conv']['kernel'].shape == (3, 3, 3, 64)
 
 
 def test_unknown_model_lists_valid_names():
   with pytest.raises(ValueError, match='resnet50.*|Valid names'):
-    resnet.create_model('resnet51', 10)
+    models.create_model('resnet51', 10)
   with pytest.raises(ValueError, match='Unknown model options'):
-    resnet.create_model('resnet20', 10, width=3)
+    models.create_model('resnet20', 10, width=3)
 
 
 def test_remat_same_gradients_fewer_saved_activations():
@@ -165,8 +165,8 @@ def test_remat_same_gradients_fewer_saved_activations():
   the compiler then uses less memory is the backend's business: XLA:CPU does not.)
   """
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 32, 32, 3))
-  plain_model = resnet.create_model('resnet20', 10, zero_init_residual=False)
-  remat_model = resnet.create_model('resnet20', 10, zero_init_residual=False, remat=True)
+  plain_model = models.create_model('resnet20', 10, zero_init_residual=False)
+  remat_model = models.create_model('resnet20', 10, zero_init_residual=False, remat=True)
   with jax.threefry_partitionable(False):
     v = jax.jit(lambda: plain_model.init(jax.random.PRNGKey(0), x[:1], train=False))()
   assert jax.tree.structure(v) == jax.tree.structure(abstract_variables(remat_model, 32))
@@ -216,42 +216,42 @@ def test_new_names_are_registered():
 
 @pytest.mark.parametrize('name', NEW_NAMES)
 def test_new_models_run_with_finite_outputs(name):
-  model = resnet.create_model(name, 7)
-  size = resnet.min_image_size(name)
+  model = models.create_model(name, 7)
+  size = models.min_image_size(name)
   out = model.apply(random_variables(model, size), jnp.ones((1, size, size, 3)), train=False)
   assert out.shape == (1, 7) and bool(jnp.isfinite(out).all())
 
 
 @pytest.mark.parametrize('name,expected', sorted(TIMM_PARAMS.items()))
 def test_se_and_resnet_d_parameter_counts_equal_timm(name, expected):
-  variables = abstract_variables(resnet.create_model(name, 1000), 64)
+  variables = abstract_variables(models.create_model(name, 1000), 64)
   assert count(variables['params']) == expected
 
 
 @pytest.mark.parametrize('name,expected', sorted(SMALL_CIFAR_PARAMS.items()))
 def test_small_cifar_models_fit_the_studys_budget(name, expected):
-  model = resnet.create_model(name, 10)
+  model = models.create_model(name, 10)
   params = abstract_variables(model, 32)['params']
   assert 4.2e6 <= count(params) <= 4.8e6 and count(params) == expected
   assert params['stem_conv']['kernel'].shape[:2] == (3, 3)
-  assert resnet.min_image_size(name) == 8  # no stem downsampling: three strided stages
+  assert models.min_image_size(name) == 8  # no stem downsampling: three strided stages
 
 
 def test_se_width_rounds_like_timm():
   # make_divisible(channels / 16, 8, round_limit=0): the nearest multiple of 8, at least 8.
-  widths = [resnet.se_channels(c, 1 / 16) for c in (64, 120, 200, 256, 2048)]
+  widths = [models.blocks.se_channels(c, 1 / 16) for c in (64, 120, 200, 256, 2048)]
   assert widths == [8, 8, 16, 16, 128]
 
 
 def test_se_module_in_every_block():
-  params = abstract_variables(resnet.create_model('seresnet18', 10), 32)['params']
+  params = abstract_variables(models.create_model('seresnet18', 10), 32)['params']
   blocks = [k for k in params if k.startswith('stage')]
   assert len(blocks) == 8 and all(set(params[k]['se']) == {'fc1', 'fc2'} for k in blocks)
   assert params['stage1_block1']['se']['fc1']['kernel'].shape == (1, 1, 64, 8)
   assert params['stage4_block2']['se']['fc2']['kernel'].shape == (1, 1, 32, 512)
   assert (
     'se'
-    not in abstract_variables(resnet.create_model('resnet18', 10), 32)['params']['stage1_block1']
+    not in abstract_variables(models.create_model('resnet18', 10), 32)['params']['stage1_block1']
   )
 
 
@@ -261,8 +261,8 @@ def test_se_gate_scales_the_branch_before_the_residual_add():
   scales the branch after its last BN and before the add."""
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
   small = dict(stage_sizes=(1, 1), widths=(16, 32))  # two blocks, the second strided
-  se = resnet.create_model('resnet20', 10, se_ratio=0.25, **small)
-  plain = resnet.create_model('resnet20', 10, **small)
+  se = models.create_model('resnet20', 10, se_ratio=0.25, **small)
+  plain = models.create_model('resnet20', 10, **small)
   v = random_variables(se, 8)
   se_params, halved = dict(v['params']), dict(v['params'])
   for name, block in v['params'].items():
@@ -279,7 +279,7 @@ def test_se_gate_scales_the_branch_before_the_residual_add():
 
 
 def test_resnet_d_has_a_deep_stem_that_downsamples_by_four():
-  model = resnet.create_model('resnet50d', 1000)
+  model = models.create_model('resnet50d', 1000)
   _, variables = jax.eval_shape(
     lambda: model.init_with_output(
       jax.random.PRNGKey(0), jnp.zeros((2, 64, 64, 3)), train=False, capture_intermediates=True
@@ -292,13 +292,13 @@ def test_resnet_d_has_a_deep_stem_that_downsamples_by_four():
   stage1 = variables['intermediates']['stage1_block1']['__call__'][0]
   assert stage1.shape == (2, 16, 16, 256)
   assert params['stage2_block1']['proj_conv']['kernel'].shape == (1, 1, 256, 512)
-  assert resnet.min_image_size('resnet50d') == resnet.min_image_size('resnet50') == 32
+  assert models.min_image_size('resnet50d') == models.min_image_size('resnet50') == 32
 
 
 def test_resnet_d_shortcut_average_pools_then_projects_at_stride_1():
   """On a 5x5 input the 2x2/2 pool keeps the odd last row and column, averaged over the
   pixels that exist (timm's AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False))."""
-  block = resnet.BasicBlock(
+  block = models.blocks.BasicBlock(
     filters=4,
     conv=functools.partial(nn.Conv, use_bias=False),
     norm=functools.partial(nn.BatchNorm, use_running_average=True),
@@ -320,14 +320,14 @@ def test_resnet_d_shortcut_average_pools_then_projects_at_stride_1():
 
 
 def test_drop_path_rates_are_linear_from_zero_to_the_rate():
-  assert resnet.drop_path_rates(0.8, (3, 3, 3)) == pytest.approx([0.1 * b for b in range(9)])
-  assert resnet.drop_path_rates(0.0, (2, 2)) == [0.0] * 4
+  assert models.blocks.drop_path_rates(0.8, (3, 3, 3)) == pytest.approx([0.1 * b for b in range(9)])
+  assert models.blocks.drop_path_rates(0.0, (2, 2)) == [0.0] * 4
 
 
 def test_stochastic_depth_is_the_identity_at_eval():
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
-  on = resnet.create_model('resnet20', 10, stochastic_depth_rate=0.5, zero_init_residual=False)
-  off = resnet.create_model('resnet20', 10, zero_init_residual=False)
+  on = models.create_model('resnet20', 10, stochastic_depth_rate=0.5, zero_init_residual=False)
+  off = models.create_model('resnet20', 10, zero_init_residual=False)
   v = random_variables(off, 8)
   assert jax.tree.structure(v) == jax.tree.structure(abstract_variables(on, 8))
   np.testing.assert_array_equal(on.apply(v, x, train=False), off.apply(v, x, train=False))
@@ -342,8 +342,8 @@ def branch_contribution():
   width_b * (m / (1 - p_b) - 1), m = 0 or 1. Returns m / (1 - p_b) per example."""
   n = 1024
   x = jax.random.normal(jax.random.PRNGKey(1), (n, 4, 4, 3))
-  drop = resnet.create_model('resnet20', 1, stochastic_depth_rate=0.8)
-  keep = resnet.create_model('resnet20', 1)
+  drop = models.create_model('resnet20', 1, stochastic_depth_rate=0.8)
+  keep = models.create_model('resnet20', 1)
   v = random_variables(keep, 4)
   zero_branch = lambda bn: jax.tree.map(jnp.zeros_like, bn)
   base = {
@@ -390,9 +390,9 @@ def test_stochastic_depth_is_deterministic_for_a_dropout_key(branch_contribution
 
 def test_invalid_regularisers_are_refused():
   with pytest.raises(ValueError, match='residual'):
-    resnet.create_model('plain20', 10, stochastic_depth_rate=0.1)
+    models.create_model('plain20', 10, stochastic_depth_rate=0.1)
   with pytest.raises(ValueError, match=r'\[0, 1\)'):
-    resnet.create_model('resnet20', 10, stochastic_depth_rate=1.0)
+    models.create_model('resnet20', 10, stochastic_depth_rate=1.0)
   with pytest.raises(ValueError, match='se_ratio'):
-    resnet.create_model('resnet20', 10, se_ratio=-0.1)
-  resnet.create_model('plain20', 10, stochastic_depth_rate=0.0, se_ratio=1 / 16)
+    models.create_model('resnet20', 10, se_ratio=-0.1)
+  models.create_model('plain20', 10, stochastic_depth_rate=0.0, se_ratio=1 / 16)

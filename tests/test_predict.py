@@ -12,58 +12,18 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT, digits_config, run_python
 
 from jax_resnet.errors import NotFoundError, UserError
-from jax_resnet.inference import export, predict
+from jax_resnet.inference import export, image_prep, predict
 from jax_resnet.inference.predict import Predictor
 
 IMAGE_SIZE = 12
 TOP_K = 3
 ONE_IMAGE = 1.5 / 359  # of the digits test split, in accuracy
-
-
-def digits_config(image_size: int = IMAGE_SIZE):
-  from configs import default
-
-  config = default.get_config()
-  config.image_size = image_size
-  config.batch_size = 32
-  config.num_epochs = 2
-  config.eval_every_epochs = 0  # once, at the end
-  config.log_every_steps = 100
-  config.random_flip = True
-  config.bn_momentum = 0.5  # running statistics that settle within 90 steps
-  return config
-
-
-_DIGITS_RUNS = {}  # pytest's base temporary folder -> that session's digits workdir
-
-
-def train_digits(tmp_path_factory) -> str:
-  """The workdir of a 2-epoch digits run (about 60% top-1; accuracy is not the point).
-
-  Trained once per session and shared with test_export.py: most of its 20 s on a 2-core
-  CPU is compilation and start-up, which a shorter run would not save.
-  """
-  from jax_resnet.training import loop
-
-  session = tmp_path_factory.getbasetemp()
-  if session not in _DIGITS_RUNS:
-    workdir = str(tmp_path_factory.mktemp('digits_run'))
-    loop.train_and_evaluate(digits_config(), workdir)
-    _DIGITS_RUNS[session] = workdir
-  return _DIGITS_RUNS[session]
-
-
-@pytest.fixture(scope='module')
-def digits_run(tmp_path_factory):
-  return train_digits(tmp_path_factory)
 
 
 @pytest.fixture(scope='module')
@@ -170,18 +130,6 @@ atexit.register(lambda: print('tensorflow imported:', 'tensorflow' in sys.module
 sys.argv = ['main.py'] + sys.argv[1:]
 runpy.run_path('main.py', run_name='__main__')
 """
-
-
-def run_python(script: str, *args: str) -> subprocess.CompletedProcess:
-  """``script`` in a fresh Python process at the repository root, with ``args``."""
-  return subprocess.run(
-    [sys.executable, '-c', script, *args],
-    cwd=ROOT,
-    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
 
 
 def test_predict_from_an_export_without_tensorflow_or_training_data(
@@ -368,7 +316,9 @@ def test_crop_and_resize_match_tensorflow_eval():
       expected = transforms.decode_and_crop(
         tf.constant(data.getvalue()), window, size, channels, antialias
       ).numpy()
-      found = predict.resize_bilinear(predict.center_crop(image, 0.875), (size, size), antialias)
+      found = image_prep.resize_bilinear(
+        image_prep.center_crop(image, 0.875), (size, size), antialias
+      )
       assert found.shape == expected.shape
       differences.append(np.abs(found.astype(int) - expected.astype(int)).ravel())
   differences = np.concatenate(differences)

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_main
+from helpers import ROOT, run_main
 
 ARGS = [
   '--config=configs/default.py',
@@ -246,10 +246,10 @@ def test_exported_variables_are_the_trained_ones(reference):
   import jax.numpy as jnp
   from flax import serialization
 
-  from jax_resnet.models import resnet
+  from jax_resnet import models
 
   variables = serialization.msgpack_restore(export(reference[0]))
-  model = resnet.create_model('resnet20', 10)
+  model = models.create_model('resnet20', 10)
   logits = model.apply(variables, jnp.zeros((3, 8, 8, 1)), train=False)
   assert logits.shape == (3, 10) and np.isfinite(np.asarray(logits)).all()
   # The checkpoint's parameters, bit for bit, not a fresh initialisation.
@@ -289,7 +289,7 @@ def test_unwritable_workdir_is_reported(tmp_path):
   blocker.write_text('not a directory')
   result = run_main([*ARGS, f'--workdir={blocker}/run'])
   assert result.returncode == 1
-  assert 'Cannot write to --workdir' in result.stderr
+  assert 'Cannot write the run (--workdir) to' in result.stderr
 
 
 @pytest.fixture
@@ -463,7 +463,13 @@ def test_a_second_training_on_a_busy_workdir_stops_at_start(reference, tmp_path)
   while not (os.path.exists(lock) and str(first.pid) in open(lock).read()):
     assert time.time() < deadline and first.poll() is None
     time.sleep(0.05)
-  second = run_main([*ARGS, f'--workdir={workdir}', '--config.learning_rate=0.1'])
+  # Paused while the second starts, so it cannot finish first (a race this test lost when
+  # the machine was loaded and the second's start-up outlasted the whole first run).
+  first.send_signal(signal.SIGSTOP)
+  try:
+    second = run_main([*ARGS, f'--workdir={workdir}', '--config.learning_rate=0.1'])
+  finally:
+    first.send_signal(signal.SIGCONT)
   out, err = first.communicate(timeout=300)
   assert first.returncode == 0, err[-3000:]
   assert second.returncode == 1

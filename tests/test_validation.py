@@ -3,6 +3,7 @@
 import pytest
 
 from jax_resnet.configuration import validation
+from jax_resnet.errors import ConfigError
 
 CASES = [
   ('model', 'resnet51', "config.model='resnet51': unknown model. Valid names: .*resnet56"),
@@ -163,3 +164,53 @@ def test_values_that_would_be_silently_wrong_are_refused(field, value, message):
   config[field] = value
   with pytest.raises(ValueError, match=message):
     validation.validate(config)
+
+
+def test_off_is_the_field_types_zero_in_every_default(config):
+  """Off, or not set, is written one way: 0, '' or (); no None and no -1 in the defaults."""
+  from jax_resnet.configuration import defaults
+
+  def leaves(tree, prefix=''):
+    for key, value in tree.items():
+      if hasattr(value, 'items'):
+        yield from leaves(value, f'{prefix}{key}.')
+      else:
+        yield prefix + key, value
+
+  values = dict(leaves(defaults.get_config()))
+  assert not [name for name, value in values.items() if value is None]
+  assert not [name for name, value in values.items() if isinstance(value, int) and value < 0]
+
+
+def test_progressive_resizing_fields_are_checked_by_their_new_names(config):
+  config.progressive_resizing_sizes = (8, 16, 0, 4)  # the old four-number form
+  with pytest.raises(ConfigError, match=r'config.progressive_resizing_sizes=.*start_size, end'):
+    validation.validate(config)
+  config.progressive_resizing_sizes, config.progressive_resizing_epochs = (8, 8), (3, 1)
+  with pytest.raises(ConfigError, match='config.progressive_resizing_epochs='):
+    validation.validate(config)
+  config.progressive_resizing_sizes = ()
+  with pytest.raises(ConfigError, match='progressive_resizing_epochs.*needs progressive_resizing'):
+    validation.validate(config)
+
+
+def test_a_config_saved_with_the_old_names_and_off_values_reads_as_today(config):
+  """progressive_resizing (sizes and epochs in one tuple), num_train_steps=-1 and a None
+  stem, as checkpoints before the rename recorded them, become today's fields; such a
+  checkpoint resumes under today's config (tests/test_checkpointing.py restores one)."""
+  import json
+
+  from jax_resnet.configuration import defaults
+
+  saved = json.loads(config.to_json_best_effort())
+  for name in ('progressive_resizing_sizes', 'progressive_resizing_epochs'):
+    del saved[name]
+  saved.update(progressive_resizing=[8, 16, 0, 2], num_train_steps=-1)
+  saved['model_options']['stem'] = None
+  merged = defaults.merged_with_defaults(saved)
+  assert merged.progressive_resizing_sizes == (8, 16)
+  assert merged.progressive_resizing_epochs == (0, 2)
+  assert merged.num_train_steps == 0 and merged.model_options.stem == ''
+  assert 'progressive_resizing' not in merged
+  config.progressive_resizing_sizes, config.progressive_resizing_epochs = (8, 16), (0, 2)
+  validation.check_resumable(saved, config)  # no difference left to refuse

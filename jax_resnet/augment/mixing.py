@@ -5,22 +5,15 @@ batch's middle example is paired with itself; timm requires an even batch). All 
 choices come from one key and are made with ``jnp.where`` on traced values, so one compiled
 step covers mix or no mix, Mixup or CutMix; the alphas and probabilities are static.
 
-The returned targets are soft label vectors, ready for ``optax.softmax_cross_entropy`` or
-``binary_cross_entropy`` below. Label smoothing is applied here, before the mixing, as timm
+The returned targets are soft label vectors, ready for the losses of ``jax_resnet.loss_functions``.
+Label smoothing (``loss_functions.smooth_one_hot``) is applied here, before the mixing, as timm
 does: the loss must then not smooth again.
 """
 
 import jax
 import jax.numpy as jnp
-import optax
 
-
-def smooth_one_hot(labels, num_classes: int, label_smoothing: float = 0.0):
-  """timm's one-hot: off value smoothing / num_classes, on value 1 - smoothing + off."""
-  off_value = label_smoothing / num_classes
-  on_value = 1.0 - label_smoothing + off_value
-  one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  return one_hot * (on_value - off_value) + off_value
+from jax_resnet.loss_functions import smooth_one_hot
 
 
 def mixup_targets(labels, num_classes: int, lam, label_smoothing: float = 0.0):
@@ -123,19 +116,3 @@ def mix_batch(
       lam = jnp.where(cutmix, 1.0 - jnp.mean(inside, dtype=jnp.float32), lam)
     mixed = jnp.where(cutmix, jnp.where(inside, flipped, images), mixed)
   return mixed, mixup_targets(labels, num_classes, lam, label_smoothing)
-
-
-def binary_cross_entropy(logits, targets, target_threshold: float | None = None):
-  """Per-example sigmoid BCE, averaged over classes: timm's ``BinaryCrossEntropy``.
-
-  timm reduces with ``binary_cross_entropy_with_logits(reduction='mean')``, the mean over
-  batch and classes, so the batch mean of this is exactly timm's loss (its gradient is
-  1/num_classes of the BCE summed over classes, which learning rates tuned in timm assume).
-  ``target_threshold`` binarises soft targets (above it 1, else 0), timm's
-  ``--bce-target-thresh``.
-  """
-  targets = targets.astype(jnp.float32)
-  if target_threshold is not None:
-    targets = (targets > target_threshold).astype(jnp.float32)
-  losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets)
-  return jnp.mean(losses, axis=-1)

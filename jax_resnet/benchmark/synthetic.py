@@ -1,36 +1,24 @@
 """Train-step throughput: the real jitted step on synthetic data already on the device.
 
-  python -m jax_resnet.benchmark --config=configs/resnet50_imagenet.py \\
-      [--config.FIELD=VALUE ...] [--steps=20] [--warmup=3] [--json_out=PATH] \\
-      [--compare=OTHER_CONFIG.py [--compare.FIELD=VALUE ...]] [--mode=synthetic|pipeline] \\
-      [--profile=DIR]
-
-``--mode=synthetic`` (default) builds the model, optimizer and schedule from the config,
-makes uint8 images and labels on the device (a rotating set of ``--num_batches``
-batches, so no step reads the same buffer twice in a row; with
-``config.data_on_device`` a synthetic data set on the device, cropped and flipped
-there each step as in real training) and runs the real train step (normalisation,
+``benchmark_step`` (``python -m jax_resnet.benchmark``'s default mode) builds the model,
+optimizer and schedule from the config, makes uint8 images and labels on the device (a
+rotating set of ``--num_batches`` batches, so no step reads the same buffer twice in a
+row; with ``config.data_on_device`` a synthetic data set on the device, cropped and
+flipped there each step as in real training) and runs the real train step (normalisation,
 Cutout, bf16 compute, donated state; ``config.steps_per_dispatch`` steps per call).
 It prints one JSON object (see ``FIELDS``).
-
-``--mode=pipeline`` measures, on the config's real data source, the input pipeline alone,
-the step alone (as above) and the whole loop, and names the bottleneck. Only this
-mode imports TensorFlow (through ``jax_resnet.data``).
 
 ``--profile=DIR`` then traces a few more steps into DIR (TensorBoard's profile plugin,
 xprof, or Perfetto opens it; see ``jax_resnet.observe.profiling``), prints a table of the top
 operations by device time with their shapes to stderr, writes it to DIR/top_ops.txt and
 adds it to the JSON as ``top_ops``.
 
-``--compare`` runs a second config in the same process and adds ``ratio``: its images/s
-over the first's. Without TensorFlow installed, synthetic mode still runs: this module
-imports only jax, flax, optax, numpy, absl, ml_collections and the core modules (clu's
-``metrics`` module, through the step functions; clu itself does not need TensorFlow).
+Without TensorFlow installed this runs: it imports only jax, flax, optax, numpy, absl,
+ml_collections and the core modules (clu's ``metrics`` module, through the step
+functions; clu itself does not need TensorFlow).
 """
 
 import functools
-import gc
-import json
 import os
 import statistics
 import sys
@@ -41,18 +29,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from jax_resnet import parallel
-from jax_resnet.configuration import validation
-from jax_resnet.data.common import KNOWN_SIZES, imagenet_stats
+from jax_resnet.configuration.options import from_config
+from jax_resnet.data.common import KNOWN_SIZES, InputOptions, imagenet_stats
 from jax_resnet.models import model_summary
 from jax_resnet.observe import profiling
-from jax_resnet.training import optimizers
-from jax_resnet.training import (
-  step_functions as train_steps,  # `steps` is also a count of steps here
-)
+from jax_resnet.training import build
+from jax_resnet.training.step_functions import make_train_step
 from jax_resnet.training.timeline import Timeline
 
 # Dense bf16 peak per device, TFLOP/s (vendor spec sheets); matched in order against
@@ -106,36 +91,6 @@ FIELDS = {
   'mfu': (float, type(None)),
 }
 
-FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Config file to benchmark.', lock_config=False
-)
-_COMPARE = config_flags.DEFINE_config_file(
-  'compare',
-  None,
-  'A second config file run in the same process; the JSON gains '
-  '"ratio" (its images/s over --config\'s). Override with --compare.FIELD=VALUE.',
-  lock_config=False,
-)
-flags.DEFINE_enum(
-  'mode',
-  'synthetic',
-  ['synthetic', 'pipeline'],
-  'synthetic: the train step on device-resident synthetic data. pipeline: '
-  'input alone, step alone and the whole loop on the real data source.',
-)
-flags.DEFINE_integer('steps', 20, 'Timed train steps (rounded up to whole dispatches).')
-flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-flags.DEFINE_integer('num_batches', 4, 'Synthetic batches on the device, used in turn.')
-flags.DEFINE_integer('num_classes', None, 'Head size; default from config.dataset.')
-flags.DEFINE_string('json_out', None, 'Also write the JSON object to this file.')
-flags.DEFINE_string(
-  'profile',
-  None,
-  'Also trace --profile_steps steps into this directory and print the top operations.',
-)
-flags.DEFINE_integer('profile_steps', 3, 'Steps traced with --profile.')
-
 
 def peak_bf16_tflops(device_kind: str) -> float | None:
   for name, tflops in PEAK_BF16_TFLOPS:
@@ -163,7 +118,7 @@ def _temp_memory(compiled) -> int | None:
     return None
 
 
-def _epoch_s(dataset: str, images_per_s: float) -> float | None:
+def epoch_s(dataset: str, images_per_s: float) -> float | None:
   """Seconds for one epoch of a known training set at this rate."""
   return KNOWN_SIZES[dataset][0] / images_per_s if dataset in KNOWN_SIZES else None
 
@@ -196,7 +151,7 @@ def _batch_source(
     rng = np.random.default_rng(config.seed)
     images = rng.integers(0, 256, (n, *image_shape), dtype=np.uint8)
     labels = rng.integers(0, num_classes, (n,), dtype=np.int32)
-    data = on_device.DeviceData(images, labels, mesh, config)
+    data = on_device.DeviceData(images, labels, mesh, from_config(InputOptions, config))
     per_epoch = n // local
     permutation = on_device.epoch_permutation(config.seed, 0, n)
     return lambda step: data.batch(0, step % per_epoch, permutation)
@@ -204,6 +159,11 @@ def _batch_source(
     mesh, num_batches, config.batch_size, image_shape, num_classes, config.seed
   )
   return lambda step: batches[step % len(batches)]
+
+
+def _known_size(dataset: str) -> tuple[int, int]:
+  """(training examples, classes) of a known data set, else ImageNet's."""
+  return KNOWN_SIZES.get(dataset, KNOWN_SIZES['imagenet2012'])
 
 
 def benchmark_step(
@@ -221,40 +181,24 @@ def benchmark_step(
   """Compiles and times the config's train step on synthetic device data (see FIELDS);
   with ``profile_dir``, then traces ``profile_steps`` more steps there (``top_ops``)."""
   mesh = parallel.create_mesh()
-  devices = list(mesh.devices.flat)
-  validation.check_divisible(config.batch_size, len(devices), 'batch_size')
+  parallel.check_divisible(config.batch_size, mesh.devices.size, 'batch_size')
   # Unknown data sets get ImageNet's size and classes: the benchmark needs no data.
-  num_train, default_classes = KNOWN_SIZES.get(config.dataset, KNOWN_SIZES['imagenet2012'])
-  num_classes = num_classes or default_classes
+  num_classes = num_classes or _known_size(config.dataset)[1]
   image_shape = tuple(image_shape or (config.image_size, config.image_size, 3))
   if mean is None or std is None:
     mean, std = imagenet_stats(image_shape[-1])
-  mean, std = tuple(mean), tuple(std)
   k = config.steps_per_dispatch
-  dispatches = max(1, -(-steps // k))
-  warmup_dispatches = max(1, -(-warmup // k))
-
-  timeline = Timeline.from_config(config, max(num_train, config.batch_size))
-  learning_rate_fn = optimizers.create_learning_rate_fn(config, timeline)
-  model = train_steps.create_model(config, num_classes)
-  state = train_steps.create_train_state(
-    jax.random.PRNGKey(config.seed), config, model, image_shape, learning_rate_fn, mesh
-  )
+  dispatches, warmup_dispatches = max(1, -(-steps // k)), max(1, -(-warmup // k))
+  state, single_fn, step_fn = train_functions(config, num_classes, mean, std, image_shape, mesh)
   batch_at = _batch_source(config, mesh, image_shape, num_classes, num_batches)
-  step_options = (config, learning_rate_fn, num_classes, mean, std, mesh)
-  single_fn = train_steps.make_train_step(*step_options)
-  if k == 1:
-    step_fn, args_at = single_fn, batch_at
-  else:
-    step_fn = train_steps.make_multi_train_step(*step_options)
-    args_at = lambda i: [batch_at(i * k + j) for j in range(k)]
+  args_at = batch_at if k == 1 else (lambda i: [batch_at(i * k + j) for j in range(k)])
 
   start = time.perf_counter()
   lowered = step_fn.lower(state, args_at(0))
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   single = (lowered, compiled) if k == 1 and not config.remat else None
-  flops, flops_source = _step_flops(config, state, single_fn, batch_at(0), single, len(devices))
+  flops, flops_source = _step_flops(config, state, single_fn, batch_at(0), single, mesh)
 
   for i in range(warmup_dispatches):
     state, metrics = compiled(state, args_at(i))
@@ -268,17 +212,65 @@ def benchmark_step(
     first = warmup_dispatches + 2 * dispatches
     state, top_ops = _profile(compiled, state, args_at, first, profile_dir, profile_steps, k)
   del state
+  timing = dict(
+    compile_s=compile_s,
+    times=times,
+    pipelined_s=pipelined_s,
+    loss=loss,
+    flops=flops,
+    flops_source=flops_source,
+    warmup_steps=warmup_dispatches * k,
+    timed_steps=dispatches * k,
+  )
+  result = _step_result(config, mesh, compiled, **timing)
+  if top_ops is not None:
+    result['profile_dir'] = profile_dir
+    result['top_ops'] = top_ops
+  _log_step_result(result)
+  return result
 
+
+def train_functions(config, num_classes: int, mean, std, image_shape, mesh):
+  """(initial state, jitted single step, jitted step of ``config.steps_per_dispatch``
+  steps) for the config, as the trainer builds them."""
+  timeline = Timeline.from_config(config, max(_known_size(config.dataset)[0], config.batch_size))
+  model = build.model_from_config(config, num_classes)
+  state, learning_rate_fn = build.train_state_from_config(
+    config, model, image_shape, timeline, mesh
+  )
+  options = build.step_options(config, num_classes, mean, std)
+  single_fn = make_train_step(options, learning_rate_fn, mesh)
+  k = config.steps_per_dispatch
+  step_fn = (
+    single_fn if k == 1 else make_train_step(options, learning_rate_fn, mesh, steps_per_dispatch=k)
+  )
+  return state, single_fn, step_fn
+
+
+def _step_result(
+  config,
+  mesh,
+  compiled,
+  *,
+  compile_s,
+  times,
+  pipelined_s,
+  loss,
+  flops,
+  flops_source,
+  warmup_steps,
+  timed_steps,
+) -> dict:
+  """The FIELDS of one synthetic measurement."""
+  devices = list(mesh.devices.flat)
   global_batch = config.batch_size
-  images_per_s = dispatches * k * global_batch / pipelined_s
+  images_per_s = timed_steps * global_batch / pipelined_s
   flops_per_image = flops / global_batch if flops else None
   peak = peak_bf16_tflops(devices[0].device_kind)
-  mfu = (
-    flops_per_image * images_per_s / (peak * 1e12 * len(devices))
-    if peak and flops_per_image
-    else None
-  )
-  result = {
+  mfu = None
+  if peak and flops_per_image:
+    mfu = flops_per_image * images_per_s / (peak * 1e12 * len(devices))
+  return {
     'mode': 'synthetic',
     'device_kind': devices[0].device_kind,
     'platform': devices[0].platform,
@@ -289,12 +281,12 @@ def benchmark_step(
     'model': config.model,
     'image_size': int(config.image_size),
     'global_batch': int(global_batch),
-    'dtype': jnp.dtype(train_steps.compute_dtype(config)).name,
+    'dtype': jnp.dtype(build.compute_dtype(config)).name,
     'remat': config.remat,
-    'steps_per_dispatch': k,
+    'steps_per_dispatch': config.steps_per_dispatch,
     'data_on_device': config.data_on_device,
-    'warmup_steps': warmup_dispatches * k,
-    'timed_steps': dispatches * k,
+    'warmup_steps': warmup_steps,
+    'timed_steps': timed_steps,
     'compile_s': compile_s,
     'step_s_median': statistics.median(times),
     'step_s_p90': float(np.percentile(times, 90)),
@@ -305,19 +297,14 @@ def benchmark_step(
     'flops_per_image': flops_per_image,
     'flops_source': flops_source,
     'dataset': config.dataset,
-    'epoch_s': _epoch_s(config.dataset, images_per_s),
+    'epoch_s': epoch_s(config.dataset, images_per_s),
     'peak_bf16_tflops_per_device': peak,
     'mfu': mfu,
     'train_loss': loss,
   }
-  if top_ops is not None:
-    result['profile_dir'] = profile_dir
-    result['top_ops'] = top_ops
-  _log_step_result(result)
-  return result
 
 
-def _step_flops(config, state, single_fn, batch, single, device_count: int):
+def _step_flops(config, state, single_fn, batch, single, mesh):
   """(FLOPs of one global train step, where they came from).
 
   From XLA's cost analysis of the compiled (per-device, SPMD partitioned) program, times
@@ -331,12 +318,12 @@ def _step_flops(config, state, single_fn, batch, single, device_count: int):
       plain = config.copy_and_resolve_references()
       plain.remat = False
       num_classes = state.params['head']['bias'].shape[0]
-      state = state.replace(apply_fn=train_steps.create_model(plain, num_classes).apply)
+      state = state.replace(apply_fn=build.model_from_config(plain, num_classes).apply)
     lowered = single_fn.lower(state, batch)
     single = (lowered, lowered.compile())
   flops = model_summary.xla_flops(single[1])
   if flops is not None:
-    return flops * device_count, 'compiled'
+    return flops * mesh.devices.size, 'compiled'
   flops = model_summary.xla_flops(single[0])
   return flops, 'lowered' if flops is not None else 'unavailable'
 
@@ -413,131 +400,3 @@ def _log_step_result(result: dict) -> None:
     f'{flops / 1e9:.3f}' if flops else 'n/a',
     f'{mfu:.1%}' if mfu is not None else 'n/a',
   )
-
-
-def benchmark_pipeline(
-  config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 3, num_batches: int = 4
-) -> dict:
-  """Input alone, step alone and the whole loop on the config's real data source."""
-  from jax_resnet.data import batching, sources  # TensorFlow: only in this mode
-
-  mesh = parallel.create_mesh()
-  dataset = sources.load_dataset(config, splits=('train',))
-  info = dataset.info
-  timeline = Timeline.from_config(config, max(info.num_train, config.batch_size))
-  source = 'device_data' if config.data_on_device else 'tf.data'
-  make_batches = lambda: batching.global_train_batches(
-    dataset, config, mesh, timeline.steps_per_epoch, 0
-  )
-
-  # Input alone: batches pulled and copied to the device, no step.
-  batches = make_batches()
-  for _ in range(warmup):
-    jax.block_until_ready(next(batches))
-  start = time.perf_counter()
-  for _ in range(steps):
-    jax.block_until_ready(next(batches))
-  input_s = time.perf_counter() - start
-  del batches
-
-  # Step alone, on synthetic data of the same shape.
-  step = benchmark_step(
-    config, steps, warmup, num_batches, info.num_classes, info.mean, info.std, info.image_shape
-  )
-
-  # The whole loop: the trainer's single-step loop, one sync at the end.
-  learning_rate_fn = optimizers.create_learning_rate_fn(config, timeline)
-  model = train_steps.create_model(config, info.num_classes)
-  state = train_steps.create_train_state(
-    jax.random.PRNGKey(config.seed), config, model, info.image_shape, learning_rate_fn, mesh
-  )
-  train_fn = train_steps.make_train_step(
-    config, learning_rate_fn, info.num_classes, info.mean, info.std, mesh
-  )
-  batches = make_batches()
-  for _ in range(warmup):
-    state, _ = train_fn(state, next(batches))
-  jax.block_until_ready(state)
-  start = time.perf_counter()
-  totals = None
-  for _ in range(steps):
-    state, metrics = train_fn(state, next(batches))
-    totals = metrics if totals is None else totals.merge(metrics)
-  jax.block_until_ready((state, totals))
-  loop_s = time.perf_counter() - start
-  del state, totals, batches
-
-  images = steps * config.batch_size
-  input_ips, loop_ips = images / input_s, images / loop_s
-  result = dict(step)
-  result.update(
-    {
-      'mode': 'pipeline',
-      'dataset': config.dataset,
-      'input_source': source,
-      'input_images_per_s': input_ips,
-      'step_images_per_s': step['images_per_s'],
-      'loop_images_per_s': loop_ips,
-      'images_per_s': loop_ips,
-      'epoch_s': _epoch_s(config.dataset, loop_ips),
-      'bottleneck': 'input' if input_ips < step['images_per_s'] else 'step',
-    }
-  )
-  logging.info(
-    '%s on %s (%s): input %.1f img/s, step %.1f img/s, loop %.1f img/s: bottleneck %s',
-    config.model,
-    config.dataset,
-    source,
-    input_ips,
-    step['images_per_s'],
-    loop_ips,
-    result['bottleneck'],
-  )
-  return result
-
-
-def run(config: ml_collections.ConfigDict, mode: str = 'synthetic', **kwargs) -> dict:
-  if mode == 'pipeline':
-    kwargs.pop('num_classes', None)
-    return benchmark_pipeline(config, **kwargs)
-  return benchmark_step(config, **kwargs)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  kwargs = dict(
-    steps=FLAGS.steps,
-    warmup=FLAGS.warmup,
-    num_batches=FLAGS.num_batches,
-    num_classes=FLAGS.num_classes,
-  )
-  if FLAGS.mode == 'synthetic' and FLAGS.profile:
-    kwargs.update(profile_steps=FLAGS.profile_steps)
-  elif FLAGS.profile:
-    raise app.UsageError('--profile traces the synthetic step: drop --mode=pipeline.')
-
-  def measure(flag, config):
-    if FLAGS.profile:  # --compare's trace and table in DIR/compare
-      kwargs['profile_dir'] = FLAGS.profile if flag == 'config' else f'{FLAGS.profile}/compare'
-    result = run(config, FLAGS.mode, **kwargs)
-    result['config_file'] = config_flags.get_config_filename(FLAGS[flag])
-    result['overrides'] = {
-      k: str(v) for k, v in config_flags.get_override_values(FLAGS[flag]).items()
-    }
-    gc.collect()
-    return result
-
-  result = measure('config', _CONFIG.value)
-  if _COMPARE.value is not None:
-    other = measure('compare', _COMPARE.value)
-    ratio = other['images_per_s'] / result['images_per_s']
-    result = {'mode': FLAGS.mode, 'config': result, 'compare': other, 'ratio': ratio}
-    logging.info('ratio (--compare images/s over --config images/s): %.3f', ratio)
-    print(f'ratio {ratio:.3f}', file=sys.stderr)
-  text = json.dumps(result)
-  if FLAGS.json_out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
-    with open(FLAGS.json_out, 'w') as f:
-      f.write(text + '\n')
-  print(text, flush=True)

@@ -6,7 +6,7 @@ fields, so any of them accepts any ``--config.FIELD=VALUE`` override. The packag
 fields as attributes, never with a fallback; ``jax_resnet.configuration.validation`` checks them all
 before any data is read.
 Durations: ``*_epochs`` fields may be fractional; ``*_steps`` fields count optimizer
-steps; 0 turns a periodic action off.
+steps. Off, or not set, is written one way, the field type's zero: 0, '' or ().
 """
 
 import ml_collections
@@ -16,11 +16,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Model.
-  config.model = 'resnet20'  # a name from jax_resnet.models.resnet.MODEL_NAMES
+  config.model = 'resnet20'  # a name from jax_resnet.models.MODEL_NAMES
   config.model_options = ml_collections.ConfigDict(
     {
-      # 'imagenet' (7x7/2 conv + max-pool) or 'cifar' (one 3x3 conv); None: the model's own.
-      'stem': ml_collections.FieldReference(None, field_type=str),
+      # 'imagenet' (7x7/2 conv + max-pool), 'cifar' (one 3x3 conv) or 'deep'; '': the
+      # model's own.
+      'stem': '',
       'kernel_init': 'he_normal',  # he_normal, he_uniform or lecun_normal
     }
   )
@@ -111,7 +112,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.distill_temperature = 4.0  # softens both distributions; the loss is scaled by T^2
 
   # Resolution.
-  config.progressive_resizing = ()  # (start_size, end_size, start_epoch, end_epoch); () off
+  # Progressive resizing (FFCV): train at sizes growing linearly from the first to the
+  # second, over the epochs (start, end; (): the whole run); the data is made at image_size.
+  config.progressive_resizing_sizes = ()  # (start_size, end_size), e.g. (160, 192); () off
+  config.progressive_resizing_epochs = ()  # (start_epoch, end_epoch); (): every epoch
   config.progressive_resizing_multiple = 32  # sizes in between are rounded to this
   config.eval_image_size = 0  # evaluate at this size (train low, test high); 0: image_size
   config.eval_flip = False  # average the logits with the mirrored images' at eval
@@ -133,7 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Duration and periodic actions.
   config.num_epochs = 20  # passes over the training set
-  config.num_train_steps = -1  # > 0 overrides num_epochs (tests, benchmarks)
+  config.num_train_steps = 0  # overrides num_epochs when set (tests, benchmarks); 0 off
   config.steps_per_dispatch = 1  # train steps per jitted call; > 1 for small models
   config.log_every_steps = 20  # train metrics, progress and the divergence check
   config.eval_every_epochs = 5.0  # 0: evaluate at the end only
@@ -151,8 +155,26 @@ def get_config() -> ml_collections.ConfigDict:
 
 def merged_with_defaults(saved: dict) -> ml_collections.ConfigDict:
   """A config written (as JSON) by this or an older version, with the fields it lacks at
-  their defaults; fields this version no longer has are dropped."""
-  return _merge(get_config(), saved)
+  their defaults; fields this version no longer has are dropped, renamed ones carried
+  over (``migrated``)."""
+  return _merge(get_config(), migrated(saved))
+
+
+def migrated(saved: dict) -> dict:
+  """A saved config (JSON) in today's field names and values: what older versions wrote
+  as ``progressive_resizing`` (sizes and epochs in one tuple), a ``num_train_steps`` of
+  -1 or a ``model_options.stem`` of None (both meaning off) is written as now."""
+  saved = dict(saved)
+  if 'progressive_resizing' in saved:
+    old = list(saved.pop('progressive_resizing') or ())  # JSON: a list
+    saved['progressive_resizing_sizes'] = old[:2]
+    saved['progressive_resizing_epochs'] = old[2:]
+  if isinstance(saved.get('num_train_steps'), int) and saved['num_train_steps'] < 0:
+    saved['num_train_steps'] = 0
+  options = saved.get('model_options')
+  if isinstance(options, dict) and 'stem' in options and options['stem'] is None:
+    saved['model_options'] = {**options, 'stem': ''}
+  return saved
 
 
 def _merge(config: ml_collections.ConfigDict, saved: dict) -> ml_collections.ConfigDict:

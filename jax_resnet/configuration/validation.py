@@ -12,10 +12,11 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from jax_resnet import loss_functions, models, parallel
+from jax_resnet.configuration import defaults
 from jax_resnet.data import common as data_common
 from jax_resnet.errors import ConfigError, TrainingError
-from jax_resnet.models import resnet
-from jax_resnet.training import optimizers, step_functions
+from jax_resnet.training import build, optimizers, schedules
 
 # Fields a resumed run may change: they touch neither the train state nor what it means
 # (durations, periodic actions, where the data lives, input and memory performance).
@@ -58,6 +59,7 @@ POSITIVE = (
   'steps_per_dispatch',
 )
 NON_NEGATIVE = (
+  'num_train_steps',
   'checkpoint_every_steps',
   'checkpoint_every_epochs',
   'random_crop_pad',
@@ -87,14 +89,14 @@ def _choice(config, field: str, valid, what: str = '') -> None:
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
   """Raises ConfigError for the first field that cannot work; ``device_count``, when
   given, also checks that the global batches split evenly over the devices."""
-  if config.model not in resnet.MODELS:
-    _fail(config, 'model', f'unknown model. Valid names: {", ".join(resnet.MODEL_NAMES)}.')
+  if config.model not in models.MODELS:
+    _fail(config, 'model', f'unknown model. Valid names: {", ".join(models.MODEL_NAMES)}.')
   _choice(config, 'optimizer', optimizers.OPTIMIZERS, 'optimizer')
-  _choice(config, 'half_precision_dtype', tuple(step_functions.HALF_PRECISION_DTYPES))
-  _choice(config, 'schedule', optimizers.SCHEDULES, 'schedule')
-  _choice(config, 'model_options.kernel_init', tuple(resnet.KERNEL_INITS), 'kernel_init')
-  if config.model_options.stem is not None:
-    _choice(config, 'model_options.stem', resnet.STEMS, 'stem')
+  _choice(config, 'half_precision_dtype', tuple(build.HALF_PRECISION_DTYPES))
+  _choice(config, 'schedule', schedules.SCHEDULES, 'schedule')
+  _choice(config, 'model_options.kernel_init', tuple(models.KERNEL_INITS), 'kernel_init')
+  if config.model_options.stem:
+    _choice(config, 'model_options.stem', models.STEMS, 'stem')
   _choice(config, 'train_crop', data_common.CROP_STYLES, 'crop style')
   check_dataset_name(config.dataset)
   for field in POSITIVE:
@@ -117,11 +119,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
   _check_recipe(config)
   if device_count is not None:
     for field in ('batch_size', 'eval_batch_size'):
-      check_divisible(config[field], device_count, field)
+      parallel.check_divisible(config[field], device_count, field)
 
 
 def _check_sizes(config) -> None:
-  min_size = resnet.min_image_size(config.model, **step_functions.model_options(config))
+  min_size = models.min_image_size(config.model, **build.model_options(config))
   if config.image_size < min_size:
     _fail(
       config,
@@ -170,7 +172,7 @@ def _check_schedule(config) -> None:
 
 def _check_fine_tuning(config) -> None:
   groups = optimizers.frozen_groups(config.freeze)
-  arch = resnet.MODELS[config.model]
+  arch = models.MODELS[config.model]
   known = ['backbone', 'head', 'stem', 'final_bn']
   known += [f'stage{i + 1}' for i in range(len(arch['stage_sizes']))]
   unknown = [g for g in groups if g not in known]
@@ -180,12 +182,9 @@ def _check_fine_tuning(config) -> None:
     _fail(config, 'head_learning_rate_multiplier', 'must be positive.')
 
 
-LOSSES = ('softmax', 'bce')
-
-
 def _check_recipe(config) -> None:
   """The training techniques of the modern recipes: ranges and combinations."""
-  _choice(config, 'loss', LOSSES, 'loss')
+  _choice(config, 'loss', loss_functions.LOSSES, 'loss')
   for field in (
     'mixup_alpha',
     'cutmix_alpha',
@@ -203,7 +202,7 @@ def _check_recipe(config) -> None:
   for field in ('ema_decay', 'stochastic_depth_rate'):
     if not 0 <= config[field] < 1:
       _fail(config, field, 'must be in [0, 1).')
-  if config.stochastic_depth_rate and not resnet.MODELS[config.model]['residual']:
+  if config.stochastic_depth_rate and not models.MODELS[config.model]['residual']:
     _fail(config, 'stochastic_depth_rate', f'needs skip connections; {config.model} has none.')
   if not 0 <= config.randaugment_magnitude <= config.randaugment_bins - 1:
     _fail(
@@ -218,27 +217,34 @@ def _check_recipe(config) -> None:
   if config.distill_from and not config.distill_temperature > 0:
     _fail(config, 'distill_temperature', 'must be positive.')
   _check_progressive_resizing(config)
-  min_size = resnet.min_image_size(config.model, **step_functions.model_options(config))
+  min_size = models.min_image_size(config.model, **build.model_options(config))
   if config.eval_image_size and config.eval_image_size < min_size:
     _fail(config, 'eval_image_size', f'must be 0 (image_size) or at least {min_size}.')
 
 
 def _check_progressive_resizing(config) -> None:
-  if not config.progressive_resizing:
+  sizes, epochs = config.progressive_resizing_sizes, config.progressive_resizing_epochs
+  if not sizes:
+    if epochs:
+      _fail(config, 'progressive_resizing_epochs', 'needs progressive_resizing_sizes.')
     return
-  if len(config.progressive_resizing) != 4:
-    _fail(config, 'progressive_resizing', 'is (start_size, end_size, start_epoch, end_epoch).')
-  start, end, first, last = config.progressive_resizing
-  min_size = resnet.min_image_size(config.model, **step_functions.model_options(config))
-  if not (min_size <= start and min_size <= end <= config.image_size):
+  if len(sizes) != 2:
+    _fail(config, 'progressive_resizing_sizes', 'is (start_size, end_size), or () for off.')
+  min_size = models.min_image_size(config.model, **build.model_options(config))
+  if not all(min_size <= size <= config.image_size for size in sizes):
     _fail(
       config,
-      'progressive_resizing',
-      f'sizes must be in [{min_size}, image_size='
-      f'{config.image_size}] (the data is made at image_size, then resized down).',
+      'progressive_resizing_sizes',
+      f'must be in [{min_size}, image_size={config.image_size}] (the data is made at '
+      'image_size, then resized down).',
     )
-  if not 0 <= first <= last <= config.num_epochs:
-    _fail(config, 'progressive_resizing', 'needs 0 <= start_epoch <= end_epoch <= num_epochs.')
+  if epochs and (len(epochs) != 2 or not 0 <= epochs[0] <= epochs[1] <= config.num_epochs):
+    _fail(
+      config,
+      'progressive_resizing_epochs',
+      f'is (start_epoch, end_epoch) with 0 <= start <= end <= num_epochs={config.num_epochs}, '
+      'or () for the whole run.',
+    )
   if config.progressive_resizing_multiple <= 0:
     _fail(config, 'progressive_resizing_multiple', 'must be positive.')
 
@@ -253,19 +259,6 @@ def _check_digits_classes(config) -> None:
       'digits_classes',
       "keeps a subset of the digits data set's classes: two or more of 0-9, e.g. '01234', "
       "with config.dataset='digits'.",
-    )
-
-
-def check_divisible(global_batch_size: int, device_count: int, field: str) -> None:
-  """A global batch must split evenly over the devices; the error suggests a size."""
-  import jax
-
-  if global_batch_size <= 0 or global_batch_size % device_count:
-    suggestion = max(1, round(global_batch_size / device_count)) * device_count
-    raise ConfigError(
-      f'config.{field}={global_batch_size} must be a positive multiple of the device '
-      f'count {device_count} ({jax.process_count()} process(es) x '
-      f'{jax.local_device_count()} local devices). Try --config.{field}={suggestion}.'
     )
 
 
@@ -287,6 +280,7 @@ def check_dataset_name(name: str) -> None:
 
 def check_resumable(saved: Mapping, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume under a config that changes the model, optimizer or data."""
+  saved = defaults.migrated(saved)
   current = json.loads(config.to_json_best_effort())
   # Fields only one side knows (added or retired by a newer version) are not compared.
   differing = sorted(

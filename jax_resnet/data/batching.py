@@ -1,7 +1,7 @@
 """Batches from a ``Dataset``: process-local numpy dicts, ``image`` uint8 NHWC and
 ``label`` int32, plus for eval a float ``mask`` that is 0 on padding.
 
-Train batches are reshuffled each epoch with ``shuffle_seed(config.seed, epoch)``, and
+Train batches are reshuffled each epoch with ``shuffle_seed(options.seed, epoch)``, and
 each example's augmentation is keyed by (that seed, the example's index), so an epoch's
 batches are the same however many threads decode them and wherever a run resumes; on
 resume the examples before ``start_step`` are skipped before any read or decode. Eval
@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jax_resnet import parallel
-from jax_resnet.data.common import FOLDER, DatasetInfo, shuffle_seed
+from jax_resnet.data.common import FOLDER, DatasetInfo, InputOptions, shuffle_seed
 from jax_resnet.data.sources import Dataset, load_dataset
 from jax_resnet.data.tf_cpu import tf
 from jax_resnet.errors import ConfigError
@@ -31,26 +31,26 @@ NOT_IN_MEMORY = (
 
 def train_batches(
   dataset: Dataset,
-  config: ml_collections.ConfigDict,
+  options: InputOptions,
   local_batch: int,
   steps_per_epoch: int,
   start_step: int = 0,
 ) -> Iterator[dict]:
   """Process-local train batches from ``start_step`` on, epoch after epoch.
 
-  Each epoch is reshuffled with a seed derived from (config.seed, epoch). On resume,
+  Each epoch is reshuffled with a seed derived from (options.seed, epoch). On resume,
   the examples before ``start_step`` are skipped before any read, decode or augmentation.
   """
   epoch, skip = divmod(start_step, steps_per_epoch)
-  options = tf.data.Options()
-  options.deterministic = bool(config.deterministic_input)
+  tf_options = tf.data.Options()
+  tf_options.deterministic = bool(options.deterministic_input)
   transform = dataset.train_transform
   while True:
-    epoch_seed = shuffle_seed(config.seed, epoch)
+    epoch_seed = shuffle_seed(options.seed, epoch)
     ds = dataset.train.enumerate()
     shards = 1 if dataset.replicated_train else jax.process_count()
     per_step = local_batch * jax.process_count() // shards  # examples this stream gives
-    buffer = max(1, min(config.shuffle_buffer, dataset.info.num_train // shards))
+    buffer = max(1, min(options.shuffle_buffer, dataset.info.num_train // shards))
     ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
     # repeat(): a process whose shard is a little short (dropped files) wraps around
     # instead of ending its epoch before the others.
@@ -70,7 +70,7 @@ def train_batches(
     if dataset.decodes:  # a file that went bad after loading: skip it, never crash
       ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    yield from tfds.as_numpy(ds.with_options(options))
+    yield from tfds.as_numpy(ds.with_options(tf_options))
     epoch, skip = epoch + 1, 0
 
 
@@ -134,18 +134,20 @@ def load_arrays(config: ml_collections.ConfigDict, workdir: str | None = None):
   return images, labels, dataset.info
 
 
-def global_train_batches(dataset: Dataset, config, mesh, steps_per_epoch: int, start_step: int):
+def global_train_batches(
+  dataset: Dataset, options: InputOptions, mesh, steps_per_epoch: int, start_step: int
+):
   """Global train batches on the device from ``start_step`` on: made there from the whole
-  set for small in-memory sets with ``config.data_on_device``, else from tf.data."""
-  if config.data_on_device:
+  set for small in-memory sets with ``options.data_on_device``, else from tf.data."""
+  if options.data_on_device:
     from jax_resnet.data import on_device
 
     images, labels = train_arrays(dataset)
     if dataset.replicated_train:  # on_device wants this process's share
       share = slice(jax.process_index(), None, jax.process_count())
       images, labels = images[share], labels[share]
-    return on_device.device_batches(images, labels, mesh, config, steps_per_epoch, start_step)
-  local_batch = parallel.local_batch_size(config.batch_size, mesh)
+    return on_device.device_batches(images, labels, mesh, options, steps_per_epoch, start_step)
+  local_batch = parallel.local_batch_size(options.batch_size, mesh)
   return parallel.prefetch_to_device(
-    train_batches(dataset, config, local_batch, steps_per_epoch, start_step), mesh
+    train_batches(dataset, options, local_batch, steps_per_epoch, start_step), mesh
   )

@@ -65,6 +65,19 @@ class DatasetInfo:
     return cls(**record)
 
 
+@dataclasses.dataclass(frozen=True)
+class InputOptions:
+  """How training batches are drawn, whichever the source (the config's field names)."""
+
+  seed: int  # the shuffle and every host or on-device augmentation
+  batch_size: int  # global, over all devices of all hosts
+  shuffle_buffer: int
+  deterministic_input: bool  # tf.data keeps order: bit-exact resume
+  data_on_device: bool  # the whole uint8 set on the device (digits, CIFAR)
+  random_crop_pad: int  # on the device: pad-and-random-crop
+  random_flip: bool  # on the device: horizontal flips
+
+
 def imagenet_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """ImageNet's mean and std for ``channels`` channels (grey: the channel average)."""
   return channel_stats(IMAGENET_MEAN, IMAGENET_STD, channels)

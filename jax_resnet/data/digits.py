@@ -11,7 +11,7 @@ import numpy as np
 from jax_resnet.data.common import DatasetInfo
 from jax_resnet.data.sources import Dataset
 from jax_resnet.data.tf_cpu import tf
-from jax_resnet.data.transforms import pad_transform
+from jax_resnet.data.transforms import pad_transform, transform_options
 
 SPLIT_SEED = 0  # fixed: the digits train/test split never changes
 TEST_FRACTION = 0.2
@@ -65,5 +65,9 @@ def load(config, workdir, splits, class_names) -> Dataset:
       {'image': x_test[index::count], 'label': y_test[index::count]}
     )
   return Dataset(
-    info, train=train, eval=eval_, train_transform=pad_transform(config), replicated_train=True
+    info,
+    train=train,
+    eval=eval_,
+    train_transform=pad_transform(transform_options(config)),
+    replicated_train=True,
   )

@@ -22,7 +22,7 @@ from absl import logging
 from jax_resnet.data.common import CLASS_INDEX_FILE, DatasetInfo, imagenet_stats
 from jax_resnet.data.sources import Dataset
 from jax_resnet.data.tf_cpu import tf
-from jax_resnet.data.transforms import eval_transform, random_resized_transform
+from jax_resnet.data.transforms import eval_transform, random_resized_transform, transform_options
 from jax_resnet.errors import DataError, NotFoundError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -254,12 +254,14 @@ def load(config, workdir, splits, class_names) -> Dataset:
     eval_ = source(*shards['eval']).map(_read, tf.data.AUTOTUNE)
     if config.cache:
       eval_ = eval_.cache()
-    eval_ = eval_.map(eval_transform(config, 3), tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+    eval_ = eval_.map(eval_transform(transform_options(config), 3), tf.data.AUTOTUNE).ignore_errors(
+      log_warning=True
+    )
   return Dataset(
     info,
     train=train,
     eval=eval_,
-    train_transform=random_resized_transform(config, 3),
+    train_transform=random_resized_transform(transform_options(config), 3),
     decodes=True,
     num_skipped=skipped,
   )

@@ -7,7 +7,7 @@ out as global arrays sharded over the mesh's ``data`` axis, like
 ``parallel.prefetch_to_device``'s output. Cutout and normalisation stay in the train step.
 
 Randomness is stateless: the epoch's permutation comes from
-``fold_in(PRNGKey(config.seed), epoch)``, each example's crop and flip from that epoch
+``fold_in(PRNGKey(options.seed), epoch)``, each example's crop and flip from that epoch
 key and the example's index, so resuming at any step reproduces the same batches, and
 the batches do not depend on how many devices share the work.
 
@@ -19,13 +19,13 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_resnet import parallel
 from jax_resnet.augment import image_ops
+from jax_resnet.data.common import InputOptions
 
 CROP_TAG, FLIP_TAG = 0, 1
 
@@ -43,16 +43,14 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
 class DeviceData:
   """This process's uint8 train arrays on its devices, and the batches drawn from them."""
 
-  def __init__(
-    self, images: np.ndarray, labels: np.ndarray, mesh: Mesh, config: ml_collections.ConfigDict
-  ):
+  def __init__(self, images: np.ndarray, labels: np.ndarray, mesh: Mesh, options: InputOptions):
     images, labels = np.asarray(images), np.asarray(labels, np.int32)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
       raise ValueError(
         f'Expected uint8 NHWC images and as many labels; got images '
         f'{images.dtype} {images.shape}, labels {labels.shape}.'
       )
-    self.mesh, self.config = mesh, config
+    self.mesh, self.seed = mesh, int(options.seed)
     self.num_local = len(labels)
     if self.num_local == 0:
       raise ValueError('No training examples on this process.')
@@ -69,7 +67,7 @@ class DeviceData:
       images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
       labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
     self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    self.local_batch = parallel.local_batch_size(config.batch_size, mesh)
+    self.local_batch = parallel.local_batch_size(options.batch_size, mesh)
     self.images = self._copy_to_each_device(images)
     self.labels = self._copy_to_each_device(labels)
     batch_sharding = parallel.batch_sharded(mesh)
@@ -77,10 +75,10 @@ class DeviceData:
       functools.partial(
         _make_batch,
         mesh=mesh,
-        seed=int(config.seed),
+        seed=self.seed,
         num_max=self.num_max,
-        pad=int(config.random_crop_pad),
-        flip=bool(config.random_flip),
+        pad=int(options.random_crop_pad),
+        flip=bool(options.random_flip),
       ),
       out_shardings={'image': batch_sharding, 'label': batch_sharding},
     )
@@ -96,7 +94,7 @@ class DeviceData:
   def batch(self, epoch: int, step_in_epoch: int, permutation: np.ndarray = None) -> dict:
     """The global batch of one step: {'image' uint8 NHWC, 'label' int32}."""
     if permutation is None:
-      permutation = epoch_permutation(self.config.seed, epoch, self.num_local)
+      permutation = epoch_permutation(self.seed, epoch, self.num_local)
     positions = (step_in_epoch * self.local_batch + np.arange(self.local_batch)) % self.num_local
     # A globally unique id: the process's block start plus the local index.
     ids = (permutation[positions] + jax.process_index() * self.num_max).astype(np.int32)
@@ -107,7 +105,7 @@ class DeviceData:
     """Global batches from ``start_step`` on, epoch after epoch (dispatched async)."""
     epoch, step = divmod(start_step, steps_per_epoch)
     while True:
-      permutation = epoch_permutation(self.config.seed, epoch, self.num_local)
+      permutation = epoch_permutation(self.seed, epoch, self.num_local)
       for s in range(step, steps_per_epoch):
         yield self.batch(epoch, s, permutation)
       epoch, step = epoch + 1, 0
@@ -117,12 +115,12 @@ def device_batches(
   images: np.ndarray,
   labels: np.ndarray,
   mesh: Mesh,
-  config: ml_collections.ConfigDict,
+  options: InputOptions,
   steps_per_epoch: int,
   start_step: int = 0,
 ) -> Iterator[dict]:
   """Global train batches made on the device from process-local uint8 arrays."""
-  return DeviceData(images, labels, mesh, config).batches(steps_per_epoch, start_step)
+  return DeviceData(images, labels, mesh, options).batches(steps_per_epoch, start_step)
 
 
 def _make_batch(images, labels, ids, epoch, *, mesh, seed, num_max, pad, flip):

@@ -17,6 +17,7 @@ from jax_resnet.data.transforms import (
   pad_transform,
   random_resized_transform,
   resize_if_needed,
+  transform_options,
 )
 from jax_resnet.errors import NotFoundError
 
@@ -37,7 +38,7 @@ def load(config, workdir, splits, class_names) -> Dataset:
   del workdir, class_names  # tfds knows its classes
   builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
   shape = tuple(builder.info.features['image'].shape)
-  style = crop_style(config, variable_size=shape[0] is None or shape[1] is None)
+  style = crop_style(config.train_crop, variable_size=shape[0] is None or shape[1] is None)
   channels = shape[-1] or 3
   decoders = {'image': tfds.decode.SkipDecoding()} if style == 'random_resized' else None
   wanted = {'train': config.train_split, 'eval': config.eval_split}
@@ -86,20 +87,23 @@ def load(config, workdir, splits, class_names) -> Dataset:
     if config.cache:
       ready = {k: ds.cache() for k, ds in ready.items()}
     return Dataset(
-      info, train=ready.get('train'), eval=ready.get('eval'), train_transform=pad_transform(config)
+      info,
+      train=ready.get('train'),
+      eval=ready.get('eval'),
+      train_transform=pad_transform(transform_options(config)),
     )
   ready = {k: ds.map(as_int) for k, ds in sources.items()}
   if config.cache:  # the encoded bytes: cheap to hold for CIFAR-sized sets, not for ImageNet
     ready = {k: ds.cache() for k, ds in ready.items()}
   eval_ = ready.get('eval')
   if eval_ is not None:
-    eval_ = eval_.map(eval_transform(config, channels), tf.data.AUTOTUNE)
+    eval_ = eval_.map(eval_transform(transform_options(config), channels), tf.data.AUTOTUNE)
     eval_ = eval_.ignore_errors(log_warning=True)
   return Dataset(
     info,
     train=ready.get('train'),
     eval=eval_,
-    train_transform=random_resized_transform(config, channels),
+    train_transform=random_resized_transform(transform_options(config), channels),
     decodes=True,
   )
 

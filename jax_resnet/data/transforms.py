@@ -11,15 +11,42 @@ Two train augmentations (``config.train_crop``):
   resize-shorter-side to ``image_size / 0.875`` then centre crop.
 
 A transform factory (``pad_transform``, ``random_resized_transform``,
-``eval_transform``) reads its config fields once and returns
+``eval_transform``) takes ``TransformOptions`` and returns
 ``transform(example, seed) -> {'image': uint8 HWC, 'label': int32}``.
 """
 
+import dataclasses
 import math
 
-import ml_collections
-
 from jax_resnet.data.tf_cpu import tf
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformOptions:
+  """What the host transforms do (the config's field names; see its comments)."""
+
+  image_size: int
+  eval_image_size: int  # 0: image_size
+  random_crop_pad: int
+  random_flip: bool
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  crop_attempts: int
+  eval_crop_fraction: float
+  resize_antialias: bool
+  color_jitter_prob: float
+  color_jitter_brightness: float
+  color_jitter_contrast: float
+  color_jitter_saturation: float
+  color_jitter_hue: float
+  inception_color: bool
+
+
+def transform_options(config) -> TransformOptions:
+  """The host transforms' options, read from a config by field name."""
+  from jax_resnet.configuration.options import from_config
+
+  return from_config(TransformOptions, config)
 
 
 def crop_and_flip(image, seed, pad: int, flip: bool):
@@ -35,8 +62,8 @@ def crop_and_flip(image, seed, pad: int, flip: bool):
   return image
 
 
-def pad_transform(config: ml_collections.ConfigDict):
-  pad, flip = config.random_crop_pad, config.random_flip
+def pad_transform(options: TransformOptions):
+  pad, flip = options.random_crop_pad, options.random_flip
 
   def transform(example, seed):
     return {'image': crop_and_flip(example['image'], seed, pad, flip), 'label': example['label']}
@@ -215,21 +242,21 @@ def _pillow_check(data, name):
   return data
 
 
-def random_resized_transform(config: ml_collections.ConfigDict, channels: int):
-  size = config.image_size
-  scale = tuple(config.crop_scale)
-  ratio = tuple(config.crop_ratio)
-  attempts = int(config.crop_attempts)
-  flip = config.random_flip
+def random_resized_transform(options: TransformOptions, channels: int):
+  size = options.image_size
+  scale = tuple(options.crop_scale)
+  ratio = tuple(options.crop_ratio)
+  attempts = int(options.crop_attempts)
+  flip = options.random_flip
   jitter = dict(
-    brightness=config.color_jitter_brightness,
-    contrast=config.color_jitter_contrast,
-    saturation=config.color_jitter_saturation,
-    hue=config.color_jitter_hue,
-    prob=config.color_jitter_prob,
+    brightness=options.color_jitter_brightness,
+    contrast=options.color_jitter_contrast,
+    saturation=options.color_jitter_saturation,
+    hue=options.color_jitter_hue,
+    prob=options.color_jitter_prob,
   )
-  inception = config.inception_color and channels == 3
-  antialias = config.resize_antialias
+  inception = options.inception_color and channels == 3
+  antialias = options.resize_antialias
   fold = tf.random.experimental.stateless_fold_in
 
   def transform(example, seed):
@@ -245,11 +272,11 @@ def random_resized_transform(config: ml_collections.ConfigDict, channels: int):
   return transform
 
 
-def eval_transform(config: ml_collections.ConfigDict, channels: int):
-  """Decodes the centre crop straight at the eval size (``config.eval_image_size`` when
-  set: train low, test high, as FixRes and FFCV do)."""
-  size, fraction = config.eval_image_size or config.image_size, config.eval_crop_fraction
-  antialias = config.resize_antialias
+def eval_transform(options: TransformOptions, channels: int):
+  """Decodes the centre crop straight at the eval size (``eval_image_size`` when set:
+  train low, test high, as FixRes and FFCV do)."""
+  size = options.eval_image_size or options.image_size
+  fraction, antialias = options.eval_crop_fraction, options.resize_antialias
 
   def transform(example):
     image = decode_and_crop(
@@ -260,9 +287,9 @@ def eval_transform(config: ml_collections.ConfigDict, channels: int):
   return transform
 
 
-def crop_style(config: ml_collections.ConfigDict, variable_size: bool) -> str:
+def crop_style(train_crop: str, variable_size: bool) -> str:
   """'pad' or 'random_resized': ``config.train_crop``, with 'auto' decided by whether the
   source's images vary in size (validated in ``jax_resnet.configuration.validation``)."""
-  if config.train_crop == 'auto':
+  if train_crop == 'auto':
     return 'random_resized' if variable_size else 'pad'
-  return config.train_crop
+  return train_crop

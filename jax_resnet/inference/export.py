@@ -22,19 +22,18 @@ import flax.serialization
 import jax
 import numpy as np
 from absl import logging
-from flax import traverse_util
 
+from jax_resnet import trees
 from jax_resnet.errors import ConfigError, DataError, NotFoundError, OutputError
 from jax_resnet.models import torchvision_layout as tw
 from jax_resnet.runs import saved_run
-from jax_resnet.training import step_functions
+from jax_resnet.runs.workdirs import ensure_writable
+from jax_resnet.training import build
 
 EXPORT_FORMATS = ('msgpack', 'safetensors', 'torchvision')
 # Bumped when a field changes meaning or goes away; new fields keep the version.
 FORMAT_VERSION = 1
 SIDECAR_SUFFIX = '.json'
-_KEY_SEPARATOR = '/'
-_COLLECTIONS = ('params', 'batch_stats')
 
 
 def export_checkpoint(
@@ -75,7 +74,7 @@ def inference_metadata(run: saved_run.SavedRun, export_format: str | None = None
   """What a predictor needs besides the weights, JSON-ready (tuples as lists); the
   ``export_format`` is None for a run read straight from its workdir.
 
-  ``model_options`` are the keywords ``step_functions.create_model`` passes, less ``dtype``:
+  ``model_options`` are the keywords ``build.model_from_config`` passes, less ``dtype``:
   inference runs in float32 whatever the training compute dtype. ``image_shape`` is what
   the model takes at inference: eval's size (``config.eval_image_size`` when set: train
   low, test high); ``train_image_shape`` the size it trained at (the size of a 'pad'
@@ -86,9 +85,9 @@ def inference_metadata(run: saved_run.SavedRun, export_format: str | None = None
     'format_version': FORMAT_VERSION,
     'export_format': export_format,
     'model': config.model,
-    'model_options': step_functions.model_kwargs(config),
+    'model_options': build.model_options(config),
     'num_classes': info.num_classes,
-    'image_shape': list(eval_image_shape(config, info)),
+    'image_shape': list(eval_image_shape(config.eval_image_size, info)),
     'train_image_shape': list(info.image_shape),
     'mean': [float(m) for m in info.mean],
     'std': [float(s) for s in info.std],
@@ -101,13 +100,13 @@ def inference_metadata(run: saved_run.SavedRun, export_format: str | None = None
   }
 
 
-def eval_image_shape(config, info) -> tuple[int, int, int]:
+def eval_image_shape(eval_image_size: int, info) -> tuple[int, int, int]:
   """The images eval feeds the model (as ``data/transforms.eval_transform`` decodes and
-  ``step_functions.eval_step`` resizes them): ``config.eval_image_size`` square, else the training
-  shape."""
+  the eval step resizes them): ``eval_image_size`` square, else the training shape."""
   height, width, channels = info.image_shape
-  size = config.eval_image_size
-  return (size, size, channels) if size else (height, width, channels)
+  if eval_image_size:
+    return (eval_image_size, eval_image_size, channels)
+  return (height, width, channels)
 
 
 def check_torchvision_layout(metadata: dict) -> None:
@@ -120,19 +119,6 @@ def check_torchvision_layout(metadata: dict) -> None:
       f"default stem='imagenet'; this run's model is {described}, which torchvision has no "
       "layout for. Use export_format='safetensors' or 'msgpack'."
     )
-
-
-def ensure_writable(path: str, what: str) -> None:
-  """Creates ``path``'s folder; an OutputError naming ``path`` if it cannot be written."""
-  if os.path.isdir(path):
-    raise OutputError(f'Cannot write {what} to {path}: it is a directory.')
-  folder = os.path.dirname(os.path.abspath(path))
-  try:
-    os.makedirs(folder, exist_ok=True)
-  except OSError as e:
-    raise OutputError(f'Cannot write {what} to {path}: {e.strerror or e}.') from None
-  if not os.access(folder, os.W_OK):
-    raise OutputError(f'Cannot write {what} to {path}: {folder} is not writable.')
 
 
 def sidecar_path(path: str) -> str:
@@ -151,7 +137,7 @@ def write_msgpack(variables: dict, path: str, metadata: dict | None = None) -> N
 
 def write_safetensors(variables: dict, path: str, metadata: dict) -> None:
   """The flat Flax variables (``params/.../kernel``), ``metadata`` in the header."""
-  flat = traverse_util.flatten_dict(_weights_only(variables), sep=_KEY_SEPARATOR)
+  flat = trees.flatten(trees.weights_only(variables))
   tensors = {key: np.asarray(value) for key, value in flat.items()}
   _write_atomically(path, lambda tmp: tw.save_safetensors(tmp, tensors, metadata))
 
@@ -198,7 +184,7 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
     except ValueError as e:  # tensors that are not the model its metadata names
       raise DataError(f'{path} does not hold the weights its metadata describes: {e}') from None
     return variables, metadata
-  return traverse_util.unflatten_dict(tensors, sep=_KEY_SEPARATOR), metadata
+  return trees.unflatten(tensors), metadata
 
 
 def _read_msgpack(path: str) -> tuple[dict, dict]:
@@ -227,10 +213,6 @@ def is_safetensors(path: str) -> bool:
   if len(head) < 9 or head[8:9] != b'{':
     return False
   return int.from_bytes(head[:8], 'little') <= os.path.getsize(path) - 8
-
-
-def _weights_only(variables: dict) -> dict:
-  return {key: variables[key] for key in _COLLECTIONS if key in variables}
 
 
 def _write_bytes(path: str, data: bytes) -> None:

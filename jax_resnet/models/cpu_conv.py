@@ -3,16 +3,12 @@
 Drop-in replacements, chosen at trace time by shape and lowered only for CPU (through
 ``lax.platform_dependent``: a GPU or TPU lowering of the same code gets the plain op)::
 
-  conv = functools.partial(nn.Conv, ..., conv_general_dilated=conv.routed_conv)
-  x = conv.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  conv = functools.partial(nn.Conv, ..., conv_general_dilated=cpu_conv.routed_conv)
+  x = cpu_conv.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 Parameter names and shapes do not change; values and gradients equal the plain ops' to
-float rounding (tests/test_conv.py).
-
-Numbers below: jax 0.10.2 on the development container (2-core Xeon, AVX-512), fp32,
-forward / input gradient / kernel gradient of one conv, each the fastest of 7 rounds
-interleaved with the other implementation (the machine was shared, load 1.5-3.5):
-``python benchmarks/conv_shapes.py --zoo --impls=plain,routed --rounds=7``.
+float rounding (tests/test_cpu_conv.py). What each route gains, per conv and per model,
+with the commands that measure it: benchmarks/RESULTS.md, "Convolutions on CPU".
 
 Routing (CPU; NHWC input, HWIO kernel, no dilation, no groups; anything else is plain):
 
@@ -23,48 +19,30 @@ Routing (CPU; NHWC input, HWIO kernel, no dilation, no groups; anything else is 
   ConvOperandSwapper swaps the operands of a conv whose window outnumbers its input map
   (the forward conv when kh * kw > H * W; the input-gradient conv, whose input is the
   Ho x Wo cotangent, when kh * kw > Ho * Wo), giving ``dim_labels=01fb_o01i->f01b`` with
-  a reversed window, which XLA:CPU runs as a generic loop at 1-3 GFLOP/s against 100-200
-  for its other convs. ResNet-18 at 64x64 (stage 4 on 2x2 maps): 16x2x2x512 3x3 ->
-  512: 299 / 223 / 3.4 ms plain, 2.6 / 2.5 / 1.9 ms routed (76x for the three);
-  16x4x4x256 3x3/2 -> 512: 2.4 / 80 / 2.3 ms plain, 1.8 / 1.6 / 1.6 ms routed (17x).
-  benchmarks/repro_swapped_conv.py shows it with jax and numpy only.
+  a reversed window, which XLA:CPU runs as a generic loop, two orders of magnitude below
+  its other convs (benchmarks/repro_swapped_conv.py shows it with jax and numpy only).
 * **1x1 convs** (strided: a strided slice first) -> one 2D matmul. Why: with the
-  default flags XLA:CPU gives a 1x1 conv's kernel gradient to YNNPACK, which runs it at
-  6-12 GFLOP/s for ResNet-50's large maps; as the matmul ``x^T g`` it runs at 27-187.
-  Forward and input gradient gain 1.1-1.6x too. Per conv (fwd + both gradients): 1.5x
-  to 4.7x, e.g. ResNet-50 224 batch 8: 8x56x56x256 1x1/2 -> 512: 207 ms plain, 44 ms
-  routed; 8x28x28x512 1x1 -> 128: 69 vs 21 ms. With YNNPACK's convs off
-  (``CPU_COMPILER_OPTIONS``) Eigen's 1x1 convs come close to the matmuls (whole
-  ResNet-50 224 steps: the same speed with or without this route), so the route wins
-  with the default flags and costs nothing without them.
+  default flags XLA:CPU gives a 1x1 conv's kernel gradient to YNNPACK, which runs it far
+  below the same ``x^T g`` as a matmul. With YNNPACK's convs off
+  (``CPU_COMPILER_OPTIONS``) Eigen's 1x1 convs come close to the matmuls, so the route
+  wins with the default flags and costs nothing without them.
 * Everything else (3x3 and 7x7 convs on maps at least as large as the window): the plain
-  op. There im2col is 2-10x slower in the forward and the kernel gradient (the patches
-  are 9x or 49x the input, and memory bandwidth is this machine's limit), and a kernel
-  gradient written as patches^T @ g is no better. Their input gradient as a matmul (a
-  custom_vjp with a plain forward and kernel gradient) gains 1.1-2x on some strided and
-  7x7x512 convs, a few percent of a step: not done.
-
-Sums over a model (count x (fwd + used gradients), ms per step, plain -> routed):
-ResNet-18 64x64 b16 1758 -> 120 (15x), ResNet-50 64x64 b16 1750 -> 270 (6.5x),
-ResNet-50 128x128 b16 1930 -> 1164 (1.7x), ResNet-50 224x224 b8 4014 -> 2051 (2.0x);
-ResNet-18 at 128 and 224 route only their three 1x1 projections (1.02-1.03x), CIFAR
-ResNet-20 nothing.
+  op. There im2col is slower in the forward and the kernel gradient (the patches are 9x
+  or 49x the input, and memory bandwidth is the limit).
 
 ``max_pool``: ``flax.linen.max_pool`` (reduce-window) when not differentiated; under
 differentiation the max of the kh * kw shifted strided slices, and the plain op's
 gradient (the cotangent goes to each window's first maximum) as elementwise ops: for
 each window offset, the cotangent where that offset holds the first maximum, padded back
 with interior padding, all summed. XLA:CPU expands the plain gradient
-(select-and-scatter) into a scatter with index arrays as large as the input. The stem's
-3x3/2 pool, forward + gradient: 16x32x32x64 29 vs 4.3 ms, 16x64x64x64 109 vs 23 ms,
-8x112x112x64 180 vs 38 ms (benchmarks/repro_maxpool_grad.py).
+(select-and-scatter) into a scatter with index arrays as large as the input
+(benchmarks/repro_maxpool_grad.py).
 
 ``CPU_COMPILER_OPTIONS``: XLA options for the jitted train step on CPU (``jax.jit(...,
 compiler_options=...)``), the same as
 ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``: YNNPACK
 keeps dots and reductions, convolutions go to Eigen, whose kernel-gradient convs are
-1.4-3x faster than YNNPACK's (8x56x56x64 3x3: 49.5 vs 23.5 ms; 8x28x28x128 3x3: 51.6 vs
-17.1 ms; 128x32x32x16 3x3: 28.8 vs 17.6 ms; benchmarks/repro_ynn_conv_grad.py).
+faster than YNNPACK's (benchmarks/repro_ynn_conv_grad.py).
 """
 
 import functools
@@ -122,8 +100,8 @@ def matmul_conv(x, w, strides, padding, precision=None, preferred_element_type=N
   The matmul is 2D, (N * Ho * Wo, kh * kw * C) @ (kh * kw * C, O): its transpose for the
   kernel gradient is then a dot contracting the rows of both operands, which XLA:CPU
   runs as is. Written on the 4D patches instead, the same gradient gets a transposed copy
-  of its cotangent first (``copy_bitcast_fusion f32[O, N * Ho * Wo]``), 3.7x slower for
-  8x56x56x64 1x1 -> 256 with its BatchNorm (45.6 vs 12.3 ms, forward and backward).
+  of its cotangent first (``copy_bitcast_fusion f32[O, N * Ho * Wo]``), several times
+  slower (benchmarks/RESULTS.md).
   """
   kh, kw, c, o = w.shape
   p = patches(x, (kh, kw), strides, padding)

@@ -67,7 +67,7 @@ def count(tree) -> int:
 
 
 def summarize(model, image_shape: Sequence[int], flops: bool = True) -> ModelSummary:
-  """The summary of ``model`` (a resnet.ResNet) on images of ``image_shape`` (H, W, C)."""
+  """The summary of ``model`` (a models.ResNet) on images of ``image_shape`` (H, W, C)."""
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
 
   def init(x):
@@ -172,15 +172,13 @@ def _flops(model, variables, x):
 
 
 def _define_flags():
-  from jax_resnet.models import resnet
+  from jax_resnet import models
 
-  flags.DEFINE_string(
-    'model', 'resnet50', 'A model name (see jax_resnet.models.resnet.MODEL_NAMES).'
-  )
+  flags.DEFINE_string('model', 'resnet50', 'A model name (see jax_resnet.models.MODEL_NAMES).')
   flags.DEFINE_integer('image_size', 224, 'Side of the square input.')
   flags.DEFINE_integer('channels', 3, 'Input channels.')
   flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
-  flags.DEFINE_enum('stem', None, list(resnet.STEMS), "The stem; default: the model's own.")
+  flags.DEFINE_enum('stem', None, list(models.STEMS), "The stem; default: the model's own.")
   flags.DEFINE_integer(
     'depth',
     0,
@@ -190,15 +188,15 @@ def _define_flags():
 
 
 def main(argv) -> int:
-  from jax_resnet.models import resnet
+  from jax_resnet import models
 
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   FLAGS = flags.FLAGS
-  if FLAGS.model not in resnet.MODELS:
-    raise app.UsageError(f'Unknown --model={FLAGS.model}. Valid: {", ".join(resnet.MODEL_NAMES)}.')
+  if FLAGS.model not in models.MODELS:
+    raise app.UsageError(f'Unknown --model={FLAGS.model}. Valid: {", ".join(models.MODEL_NAMES)}.')
   options = {'stem': FLAGS.stem} if FLAGS.stem else {}
-  model = resnet.create_model(FLAGS.model, FLAGS.num_classes, **options)
+  model = models.create_model(FLAGS.model, FLAGS.num_classes, **options)
   shape = (FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
   if FLAGS.depth:
     table = model.tabulate(

@@ -20,7 +20,7 @@ import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
-from jax_resnet.models import resnet
+from jax_resnet import models, trees
 
 METADATA_KEY = 'jax_resnet'
 NUM_BATCHES_TRACKED = 'num_batches_tracked'
@@ -50,7 +50,7 @@ def _in_torchvision_layout(arch: dict) -> bool:
   )
 
 
-SUPPORTED_MODELS = tuple(n for n in resnet.MODEL_NAMES if _in_torchvision_layout(resnet.MODELS[n]))
+SUPPORTED_MODELS = tuple(n for n in models.MODEL_NAMES if _in_torchvision_layout(models.MODELS[n]))
 
 
 class HeadMismatchError(ValueError):
@@ -112,7 +112,7 @@ def _block(torch_name: str, flax_name: str, block_cls, in_channels: int, width: 
 
 def _layout(model_name: str, in_channels: int, num_classes: int | None) -> list[_Entry]:
   """Every tensor of torchvision's ``model_name`` in state_dict order; no head if None."""
-  arch = resnet.MODELS[model_name]
+  arch = models.MODELS[model_name]
   block_cls, widths = arch['block_cls'], arch['widths']
   entries = _conv('conv1', ('stem_conv',), widths[0], in_channels, _STEM_KERNEL)
   entries += _batch_norm('bn1', ('stem_bn',), widths[0])
@@ -159,18 +159,6 @@ def _unsupported(model_name: str, reason: str) -> ValueError:
 def _check_supported(model_name: str):
   if model_name not in SUPPORTED_MODELS:
     raise _unsupported(model_name, 'has no torchvision layout')
-
-
-def _differences(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> list[str]:
-  """Missing and reshaped keys in layout order, then unexpected ones, with both shapes."""
-  lines = [
-    f'{key}: expected {shape}, found {tuple(found[key]) if key in found else "nothing"}'
-    for key, shape in expected.items()
-    if key not in found or tuple(found[key]) != shape
-  ]
-  return lines + [
-    f'{key}: unexpected, shape {shape}' for key, shape in found.items() if key not in expected
-  ]
 
 
 def _mismatch_error(subject: str, differences: list[str], fix: str) -> ValueError:
@@ -239,15 +227,6 @@ def _size(value, axis: int, default: int) -> int:
   return shape[axis] if len(shape) > axis else default
 
 
-def _flat_variables(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
-  """Only the weights: collections such as 'intermediates' are not part of a checkpoint."""
-  return {
-    path: value
-    for path, value in traverse_util.flatten_dict(variables).items()
-    if path[0] in ('params', 'batch_stats')
-  }
-
-
 def to_torchvision(variables: Mapping[str, Any], model_name: str) -> dict[str, np.ndarray]:
   """Flax ``{'params', 'batch_stats'}`` of ``model_name`` -> torchvision's state_dict, as numpy.
 
@@ -256,7 +235,7 @@ def to_torchvision(variables: Mapping[str, Any], model_name: str) -> dict[str, n
   matters for BatchNorm with ``momentum=None``, which torchvision's ResNets do not use).
   """
   _check_supported(model_name)
-  flat = _flat_variables(variables)
+  flat = traverse_util.flatten_dict(trees.weights_only(variables))
   stem = flat.get(('params', 'stem_conv', 'kernel'))
   if stem is not None and tuple(np.shape(stem)[:2]) != (_STEM_KERNEL, _STEM_KERNEL):
     size = 'x'.join(map(str, np.shape(stem)[:2]))
@@ -266,7 +245,7 @@ def to_torchvision(variables: Mapping[str, Any], model_name: str) -> dict[str, n
   layout = _layout(model_name, in_channels, num_classes)
   expected = {'/'.join(e.flax_path): _flax_shape(e.torch_shape) for e in layout if e.flax_path}
   found = {'/'.join(path): np.shape(value) for path, value in flat.items()}
-  differences = _differences(expected, found)
+  differences = trees.differences(expected, found)
   if differences:
     fix = _variables_fix(list(found), model_name)
     raise _mismatch_error(f'The variables are not those of {model_name}', differences, fix)
@@ -297,7 +276,7 @@ def from_torchvision(
   layout = _layout(model_name, in_channels, found_classes if has_head else None)
   expected = {e.torch_key: e.torch_shape for e in layout if e.flax_path}
   counters = {e.torch_key for e in layout if not e.flax_path}
-  differences = _differences(expected, {k: s for k, s in shapes.items() if k not in counters})
+  differences = trees.differences(expected, {k: s for k, s in shapes.items() if k not in counters})
   if differences:
     fix = _state_dict_fix(list(shapes), model_name)
     raise _mismatch_error(f'The state_dict is not that of {model_name}', differences, fix)

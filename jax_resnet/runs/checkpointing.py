@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jax_resnet import trees
 from jax_resnet.errors import NotFoundError, UserError
 
 LATEST_DIR = 'checkpoints'
@@ -155,7 +156,8 @@ class Checkpoints:
         if differences:  # intact, but not the model this config builds: not damage
           raise IncompatibleCheckpointError(
             f'The checkpoint at step {step} in {manager.directory} does not fit the model and '
-            f'optimizer this config builds ({"; ".join(differences[:5])}'
+            f'optimizer this config builds (expected: this config, found: the checkpoint; '
+            f'{"; ".join(differences[:5])}'
             f'{" ..." if len(differences) > 5 else ""}). It is intact and left as it is: '
             'use the config it was written with (saved in the checkpoint), or a new --workdir.'
           ) from e
@@ -228,7 +230,7 @@ def _restore_target(manager, step: int, template):
     saved = manager.item_metadata(step)['state'].tree
   except Exception:
     return template
-  wanted = _paths(flax.serialization.to_state_dict(template))
+  wanted = trees.flatten(flax.serialization.to_state_dict(template))
   missing = object()
 
   def build(tree, prefix):
@@ -239,8 +241,8 @@ def _restore_target(manager, step: int, template):
     return wanted.get('/'.join(prefix), missing if tree is not None else None)
 
   target = build(saved, ())
-  unsaved = {p for p, leaf in wanted.items() if leaf is not None} - set(_paths(saved))
-  if unsaved or any(leaf is missing for leaf in _leaves(target)):
+  unsaved = {p for p, leaf in wanted.items() if leaf is not None} - set(trees.flatten(saved))
+  if unsaved or any(leaf is missing for leaf in trees.flatten(target).values()):
     return template  # a real difference: the restore fails and says which
   return target
 
@@ -267,48 +269,17 @@ def _from_target(template, restored):
   return flax.serialization.from_state_dict(template, state_dict)
 
 
-def _paths(tree, prefix=()) -> dict:
-  """{'opt_state/0/trace/head/bias': leaf, ...} of a nested dict/list tree."""
-  if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _paths(sub, (*prefix, str(key))).items()}
-  if isinstance(tree, (list, tuple)):
-    return {k: v for i, sub in enumerate(tree) for k, v in _paths(sub, (*prefix, str(i))).items()}
-  return {'/'.join(prefix): tree}
-
-
-def _leaves(tree):
-  if isinstance(tree, dict):
-    return [x for v in tree.values() for x in _leaves(v)]
-  if isinstance(tree, list):
-    return [x for v in tree for x in _leaves(v)]
-  return [tree]
-
-
-def _shapes(tree) -> dict:
-  """{'params/stage1_block1/Conv_0/kernel': shape, ...} of a nested dict/list tree."""
-  return {
-    k: tuple(v.shape) for k, v in _paths(tree).items() if getattr(v, 'shape', None) is not None
-  }
-
-
 def _differences(manager, step: int, target) -> list[str]:
   """How a checkpoint's saved tree differs from ``target`` (keys and shapes); empty when
   they agree or the saved tree cannot be read (then the checkpoint is damaged)."""
   try:
-    saved = _shapes(manager.item_metadata(step)['state'].tree)
+    saved = trees.shapes(manager.item_metadata(step)['state'].tree)
   except Exception:  # unreadable metadata: damage, not a mismatch
     return []
-  wanted = _shapes(flax.serialization.to_state_dict(target))
+  wanted = trees.shapes(flax.serialization.to_state_dict(target))
   if not saved:
     return []
-  out = [f'{k}: only in the checkpoint' for k in sorted(set(saved) - set(wanted))]
-  out += [f'{k}: not in the checkpoint' for k in sorted(set(wanted) - set(saved))]
-  out += [
-    f'{k}: checkpoint {saved[k]}, now {wanted[k]}'
-    for k in sorted(set(saved) & set(wanted))
-    if saved[k] != wanted[k]
-  ]
-  return out
+  return trees.differences(dict(sorted(wanted.items())), dict(sorted(saved.items())))
 
 
 def _save_args(state, meta):

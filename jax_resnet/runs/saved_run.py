@@ -8,7 +8,6 @@ created, renamed or deleted: a finished run on a read-only mount loads as well.
 
 import dataclasses
 
-import jax
 import ml_collections
 
 from jax_resnet import parallel
@@ -16,7 +15,8 @@ from jax_resnet.configuration import defaults
 from jax_resnet.data.common import DatasetInfo
 from jax_resnet.errors import ConfigError, TrainingError
 from jax_resnet.runs.checkpointing import Checkpoints
-from jax_resnet.training import optimizers, step_functions
+from jax_resnet.training import build
+from jax_resnet.training.state import TrainState, ema_state
 from jax_resnet.training.timeline import Timeline
 
 
@@ -29,7 +29,7 @@ class SavedRun:
   config: ml_collections.ConfigDict  # the config the checkpoint was written with
   info: DatasetInfo  # the training data's description (classes, image shape, mean/std)
   model: object  # models.ResNet
-  state: step_functions.TrainState
+  state: TrainState
 
   @property
   def variables(self) -> dict:
@@ -49,11 +49,10 @@ def info_from_meta(meta: dict) -> DatasetInfo | None:
 
 def abstract_state(config, info: DatasetInfo, mesh):
   """The (model, abstract train state) a checkpoint of ``config`` on ``info`` restores into."""
-  model = step_functions.create_model(config, info.num_classes)
+  model = build.model_from_config(config, info.num_classes)
   timeline = Timeline.from_config(config, max(info.num_train, config.batch_size))
-  learning_rate_fn = optimizers.create_learning_rate_fn(config, timeline)
-  state = step_functions.create_train_state(
-    jax.random.PRNGKey(0), config, model, info.image_shape, learning_rate_fn, mesh, abstract=True
+  state, _ = build.train_state_from_config(
+    config, model, info.image_shape, timeline, mesh, abstract=True
   )
   return model, state
 
@@ -95,7 +94,7 @@ def load(workdir: str, which: str | int = 'best', mesh=None, weights: str = 'raw
       raise ConfigError(
         f'--weights=ema: the run in {workdir} kept no weight average (its ema_decay is 0).'
       )
-    state = step_functions.ema_state(state)
+    state = ema_state(state)
   return SavedRun(workdir, int(meta['step']), state=state, **built)
 
 

@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 
-from jax_resnet.errors import TrainingError
+from jax_resnet.errors import OutputError, TrainingError
 
 LOCK_FILE = '.lock'
 # What a run leaves in its workdir, moved aside together by --start_over.
@@ -31,27 +31,35 @@ HISTORY = (
 HISTORY_PREFIXES = ('events.out.tfevents.', 'verified_')
 
 
-def ensure_writable(workdir: str) -> None:
-  """Creates ``workdir`` if needed and proves it takes a file, or raises TrainingError
-  saying what is in the way."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise TrainingError(f'--workdir={workdir} is a file, not a directory: choose another path.')
+def ensure_writable(path: str, what: str, *, directory: bool = False, error=OutputError) -> None:
+  """Proves before anything is computed that ``path`` can be written: a file's folder (or,
+  with ``directory``, the folder itself) is created and takes a file, and the path is not
+  the other kind. Otherwise one ``error`` naming ``what``, the path and the reason."""
+  if directory and os.path.exists(path) and not os.path.isdir(path):
+    raise error(f'Cannot write {what} to {path}: it is a file, not a directory.')
+  if not directory and os.path.isdir(path):
+    raise error(f'Cannot write {what} to {path}: it is a directory.')
+  folder = path if directory else os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f'.write_test-{os.getpid()}')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise error(f'Cannot write {what} to {path}: {e.strerror or e}.') from None
+
+
+def check_workdir(workdir: str) -> None:
+  """A training run's workdir takes files, and nothing is in the way of its checkpoints;
+  a TrainingError saying what is in the way otherwise."""
+  ensure_writable(workdir, 'the run (--workdir)', directory=True, error=TrainingError)
   for sub in ('checkpoints', 'checkpoints_best'):
     path = os.path.join(workdir, sub)
     if os.path.exists(path) and not os.path.isdir(path):
       raise TrainingError(
         f'{path} is a file, but the checkpoints go there: move it away or choose another --workdir.'
       )
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise TrainingError(
-      f'Cannot write to --workdir={workdir}: {e}. Choose a writable directory.'
-    ) from None
 
 
 @contextlib.contextmanager

@@ -15,7 +15,9 @@ from jax_resnet.data import batching
 from jax_resnet.data.sources import Dataset, load_dataset
 from jax_resnet.observe import metric_writers
 from jax_resnet.runs import saved_run
-from jax_resnet.training import step_functions
+from jax_resnet.training import build
+from jax_resnet.training.state import ema_state
+from jax_resnet.training.step_functions import make_eval_step
 
 # Fields an evaluation may take from the command line rather than from the checkpoint:
 # which data to evaluate on and how to read it. Everything else (model, preprocessing
@@ -48,7 +50,7 @@ class Evaluator:
 
   def __call__(self, state) -> dict[str, float]:
     if self.use_ema:
-      state = step_functions.ema_state(state)
+      state = ema_state(state)
     batches = batching.eval_batches(self.dataset, self.local_batch, self.num_steps)
     totals = None
     for batch in parallel.prefetch_to_device(batches, self.mesh):
@@ -72,9 +74,8 @@ def evaluate_checkpoint(
   run = saved_run.load(workdir, which, mesh, weights)
   config = eval_config(run.config, overrides or {})
   dataset = load_dataset(config, workdir, splits=('eval',), class_names=run.info.class_names)
-  eval_fn = step_functions.make_eval_step(
-    config, run.info.num_classes, run.info.mean, run.info.std, mesh
-  )
+  options = build.step_options(config, run.info.num_classes, run.info.mean, run.info.std)
+  eval_fn = make_eval_step(options, mesh)
   metrics = Evaluator(dataset, eval_fn, mesh, config.eval_batch_size)(run.state)
   if os.access(workdir, os.W_OK):
     writer = metric_writers.create_writer(workdir)

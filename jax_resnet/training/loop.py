@@ -1,15 +1,13 @@
 """The training loop: data in, steps run, metrics written, checkpoints kept.
 
-``train_and_evaluate`` builds the run (``_build``: data, model, state resumed from the
-workdir's newest checkpoint, jitted steps, evaluators), then ``_loop`` runs it. The loop
-syncs with the device only at log steps, evaluations and checkpoints; in between,
-steps and metric accumulation are dispatched asynchronously. Every "every N steps or
-epochs" decision is a ``timeline.Every``.
+``train_and_evaluate`` prepares the run (``prepare.prepare_run``), then ``_loop`` runs
+it: after each dispatch of steps it asks ``Events`` once what this step calls for
+(``StepActions``) and runs the handlers for it. It syncs with the device only at log
+steps, evaluations and checkpoints; in between, steps and metric accumulation are
+dispatched asynchronously.
 """
 
 import contextlib
-import dataclasses
-import json
 import math
 import os
 import typing
@@ -17,42 +15,23 @@ import typing
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from absl import logging
 
 from jax_resnet import parallel
 from jax_resnet.configuration import validation
+from jax_resnet.configuration.options import from_config
 from jax_resnet.data import batching
-from jax_resnet.data.common import shuffle_seed
-from jax_resnet.data.sources import Dataset, load_dataset
+from jax_resnet.data.common import InputOptions
 from jax_resnet.errors import TrainingError
 from jax_resnet.models import model_summary
 from jax_resnet.observe import metric_writers, plot, profiling, progress
-from jax_resnet.runs import workdirs as workdir_lib
-from jax_resnet.runs.checkpointing import Checkpoints
-from jax_resnet.training import optimizers, preemption, step_functions, warm_start
-from jax_resnet.training.evaluation import Evaluator
-from jax_resnet.training.timeline import Every, Timeline
+from jax_resnet.runs import workdirs
+from jax_resnet.training import build, preemption
+from jax_resnet.training.dispatch import Events, ProgressiveResizing, StepActions, Stepper
+from jax_resnet.training.prepare import PreparedRun, prepare_run
+from jax_resnet.training.timeline import Every
 
 TIMING_FILE = 'timing.json'  # the latest run's wall time by part (profiling.RunClock)
-
-
-@dataclasses.dataclass
-class _Run:
-  """Everything the loop needs, built once."""
-
-  config: ml_collections.ConfigDict
-  workdir: str
-  mesh: jax.sharding.Mesh
-  dataset: Dataset
-  timeline: Timeline
-  learning_rate_fn: optax.Schedule
-  state: step_functions.TrainState
-  start_step: int
-  checkpoints: Checkpoints
-  evaluators: list
-  teacher: step_functions.Teacher | None = None
 
 
 def train_and_evaluate(
@@ -78,15 +57,14 @@ def train_and_evaluate(
     with clock.part('setup'):
       mesh = parallel.create_mesh()
       validation.validate(config, mesh.devices.size)
-      workdir_lib.ensure_writable(workdir)
+      workdirs.check_workdir(workdir)
     with _lock(workdir):
       with clock.part('setup'):
-        if start_over and jax.process_index() == 0 and workdir_lib.has_history(workdir):
+        if start_over and jax.process_index() == 0 and workdirs.has_history(workdir):
           logging.warning(
-            'Starting over: moved the earlier run to %s.',
-            workdir_lib.move_history_aside(workdir),
+            'Starting over: moved the earlier run to %s.', workdirs.move_history_aside(workdir)
           )
-        run = _build(config, workdir, mesh, resume_from)
+        run = prepare_run(config, workdir, mesh, resume_from)
       try:
         return _loop(run, stop, clock)
       finally:
@@ -98,7 +76,7 @@ def train_and_evaluate(
         _write_timing(run, clock)
 
 
-def _write_timing(run: '_Run', clock: profiling.RunClock) -> None:
+def _write_timing(run: PreparedRun, clock: profiling.RunClock) -> None:
   if jax.process_index() != 0:
     return
   try:
@@ -109,208 +87,24 @@ def _write_timing(run: '_Run', clock: profiling.RunClock) -> None:
 
 def _lock(workdir: str):
   """The workdir's training lock, held by process 0 for the whole run."""
-  return workdir_lib.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  return workdirs.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
 
 
-def _build(config: ml_collections.ConfigDict, workdir: str, mesh, resume_from: str) -> _Run:
-  dataset = load_dataset(config, workdir)
-  info = dataset.info
-  timeline = Timeline.from_config(config, info.num_train)
-  model = step_functions.create_model(config, info.num_classes)
-  learning_rate_fn = optimizers.create_learning_rate_fn(config, timeline)
-  state = step_functions.create_train_state(
-    jax.random.PRNGKey(config.seed), config, model, info.image_shape, learning_rate_fn, mesh
-  )
-  checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-  state, start_step = _resume(checkpoints, config, state, resume_from)
-  if start_step == 0 and config.init_from:
-    source = warm_start.load_source(config.init_from, config.model)
-    state = warm_start.apply(state, source, info.class_names)
-  eval_fn = step_functions.make_eval_step(config, info.num_classes, info.mean, info.std, mesh)
-  evaluators = [Evaluator(dataset, eval_fn, mesh, config.eval_batch_size)]
-  if config.ema_decay:  # the averaged weights, beside the raw ones: eval_top1_ema, ...
-    evaluators.append(Evaluator(dataset, eval_fn, mesh, config.eval_batch_size, use_ema=True))
-  teacher = None
-  if config.distill_from:
-    teacher = warm_start.load_teacher(config, info.num_classes)
-  return _Run(
-    config,
-    workdir,
-    mesh,
-    dataset,
-    timeline,
-    learning_rate_fn,
-    state,
-    start_step,
-    checkpoints,
-    evaluators,
-    teacher,
-  )
-
-
-def _resume(checkpoints: Checkpoints, config, state, resume_from: str):
-  """(state, step) to start from: the newest restorable checkpoint (or the best one,
-  when asked), else step 0 in a workdir that never held a checkpoint."""
-
-  def resumable(meta):
-    validation.check_resumable(meta['config'], config)
-    return state
-
-  if resume_from == 'best' and checkpoints.latest.all_steps():
-    raise TrainingError(
-      f'{checkpoints.directory} still holds checkpoints (steps '
-      f'{sorted(checkpoints.latest.all_steps())}): rerun without --resume_from=best to '
-      'resume from the newest; --resume_from=best is for a run whose latest checkpoints '
-      'are lost.'
-    )
-  restored, meta = checkpoints.restore(resume_from, resumable)
-  if meta is None:
-    if resume_from == 'best':
-      raise TrainingError(f'No best checkpoint to resume from in {checkpoints.best_directory}.')
-    if checkpoints.set_aside() or checkpoints.best_step() is not None:
-      raise TrainingError(_nothing_restorable(checkpoints, resumable))
-    return state, 0
-  start_step = int(meta['step'])
-  logging.info(
-    'Resumed from %s at step %d (epoch %d, batch %d).',
-    checkpoints.best_directory if resume_from == 'best' else checkpoints.directory,
-    start_step,
-    meta['epoch'],
-    meta['batch_in_epoch'],
-  )
-  return restored, start_step
-
-
-def _nothing_restorable(checkpoints: Checkpoints, resumable) -> str:
-  """The error for a workdir that had checkpoints of which none restores."""
-  moved = ', '.join(os.path.basename(p) for p in checkpoints.set_aside()) or 'none'
-  try:
-    _, meta = checkpoints.restore('best', resumable)
-  except Exception:  # a damaged best checkpoint
-    meta = None
-  if meta:
-    best = (
-      f'The best checkpoint (step {meta["step"]}) in {checkpoints.best_directory} is intact: '
-      'rerun with --resume_from=best to continue training from it. '
-    )
-  else:
-    best = f'There is no intact best checkpoint in {checkpoints.best_directory}. '
-  return (
-    f'No checkpoint in {checkpoints.directory} can be restored; the damaged ones were '
-    f'renamed, not deleted ({moved}). {best}To start over from step 0 instead, rerun with '
-    '--start_over: the earlier checkpoints, metrics and curves move to WORKDIR/previous-N/.'
-  )
-
-
-def _meta(run: _Run, step: int) -> dict:
-  """What a checkpoint records beside the state: where the input stands, the config and
-  the data description (so eval, export and predict need neither flags nor data)."""
-  epoch, batch_in_epoch = run.timeline.epoch_and_batch(step)
-  return {
-    'step': step,
-    'epoch': epoch,
-    'batch_in_epoch': batch_in_epoch,
-    'shuffle_seed': shuffle_seed(run.config.seed, epoch),
-    'config': json.loads(run.config.to_json_best_effort()),
-    'data': run.dataset.info.to_json(),
-  }
-
-
-def _log_start(run: _Run, writer) -> None:
-  config, info, timeline = run.config, run.dataset.info, run.timeline
-  if run.start_step == 0:
-    writer.write_hparams(
-      {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
-    )
-  if jax.process_index() == 0:
-    plot.write_run_info(
-      run.workdir, timeline.steps_per_epoch, model=config.model, dataset=config.dataset
-    )
-    model = step_functions.create_model(config, info.num_classes)
-    logging.info(
-      '%s',
-      model_summary.summarize(model, info.image_shape, flops=False).format(
-        f'{config.model} ({info.num_classes} classes, {info.image_shape} images)'
-      ),
-    )
-  logging.info(
-    '%s on %s: %d train / %d eval examples, %d steps (%d per epoch), '
-    'global batch %d on %d devices in %d process(es).',
-    config.model,
-    config.dataset,
-    info.num_train,
-    info.num_eval,
-    timeline.total_steps,
-    timeline.steps_per_epoch,
-    config.batch_size,
-    run.mesh.devices.size,
-    jax.process_count(),
-  )
-
-
-def _loop(run: _Run, stop: preemption.StopRequest, clock: profiling.RunClock) -> dict:
-  config, timeline, state = run.config, run.timeline, run.state
-  if run.start_step >= timeline.total_steps:
+def _loop(run: PreparedRun, stop: preemption.StopRequest, clock: profiling.RunClock) -> dict:
+  if run.start_step >= run.timeline.total_steps:
     return _finished(run)
   if stop.requested(run.start_step, Every((1,))):  # a signal while starting up
     return _stopped_before_start(run, stop)
-  writer, batches, events, run_steps, profiler, bar = _LoopParts.start(run, clock)
-  train_metrics, eval_metrics, last_finite = None, {}, None
-  step = run.start_step
+  parts = _LoopParts.start(run, clock)
+  state, step, eval_metrics = run.state, run.start_step, {}
   try:
-    while step < timeline.total_steps:
-      k = dispatch_size(step, config.steps_per_dispatch, timeline.total_steps, events.periods)
-      with clock.part('input_wait'):
-        batch_list = [next(batches) for _ in range(k)]
-      profiler.before(step, state)
-      with clock.part('steps'):
-        state, step_metrics = run_steps(state, batch_list, step)
-      step += k
-      with clock.part('logging'):
-        bar.tick(step)
-        profiler.after(step, state)
-      with clock.part('steps'):  # merged on the device; can wait when the host runs ahead
-        train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-      is_last = step == timeline.total_steps
-      save = events.save(step, timeline.total_steps)
-      stopping = stop.requested(step, events.log)
-
-      if events.log(step) or is_last or save or stopping:
-        with clock.part('steps'):  # waits for the dispatched steps
-          scalars = {k: float(v) for k, v in train_metrics.compute().items()}
-        _check_finite(scalars, step, last_finite, run.workdir)
-        last_finite = (step, scalars['train_loss'])
-      if events.log(step) or is_last:
-        with clock.part('logging'):
-          writer.write_scalars(step, scalars)
-          bar.log(step, scalars)
-        train_metrics = None
-      if events.evaluate(step) or is_last or save or stopping:
-        with clock.part('steps'):
-          _check_state_finite(state, step, last_finite, run.workdir)  # before anything is kept
-      if events.evaluate(step) or is_last:
-        with clock.part('eval'):
-          eval_metrics = _evaluate(run, state, step, writer, clock)
-      if save or stopping:
-        with clock.part('checkpoint'):
-          run.checkpoints.save(step, state, _meta(run, step))
-      if stopping and not is_last:
-        with clock.part('checkpoint'):
-          run.checkpoints.wait()
-        logging.warning(
-          'Received %s: saved a checkpoint at step %d in %s and stopped. '
-          'Rerun the same command to resume.',
-          stop.name,
-          step,
-          run.checkpoints.directory,
-        )
-        return {'stopped_at_step': step}
-    with clock.part('checkpoint'):
-      run.checkpoints.wait()
-    with clock.part('logging'):
-      writer.flush()
-      if jax.process_index() == 0:
-        plot.save_curves(run.workdir)
+    while step < run.timeline.total_steps:
+      state, step = _dispatch(run, parts, state, step, clock)
+      actions = parts.events.at(step, stop.requested(step, parts.events.log))
+      eval_metrics = _handle(actions, run, parts, state, step, clock) or eval_metrics
+      if actions.stop:
+        return _stopped(run, stop, step, clock)
+    _finish(run, parts, clock)
   except OSError as e:
     raise TrainingError(
       f'Writing to {run.workdir} failed by step {step}: {e}. The earlier '
@@ -319,44 +113,47 @@ def _loop(run: _Run, stop: preemption.StopRequest, clock: profiling.RunClock) ->
     ) from e
   finally:
     with clock.part('logging'):
-      bar.close()
-      writer.flush()
+      parts.bar.close()
+      parts.writer.flush()
   return eval_metrics
-
-
-def _stopped_before_start(run: _Run, stop: preemption.StopRequest) -> dict:
-  logging.warning(
-    'Received %s before the first step: stopped with nothing new to save. Rerun the same '
-    'command to %s.',
-    stop.name,
-    'resume' if run.start_step else 'start',
-  )
-  return {'stopped_at_step': run.start_step}
 
 
 class _LoopParts(typing.NamedTuple):
   """What the loop works with, built when it starts: the metric writer, the batch
-  iterator (positioned at the start step), the events, the stepper, the profiler window
-  and the progress bar."""
+  iterator (positioned at the start step), the events, the stepper, the profiler window,
+  the progress bar and the train metrics since the last log."""
 
   writer: object
   batches: object
-  events: '_Events'
-  run_steps: '_Stepper'
+  events: Events
+  run_steps: Stepper
   profiler: profiling.StepProfiler
   bar: progress.Progress
+  totals: '_TrainTotals'
 
   @classmethod
-  def start(cls, run: _Run, clock: profiling.RunClock) -> '_LoopParts':
-    config, timeline = run.config, run.timeline
+  def start(cls, run: PreparedRun, clock: profiling.RunClock) -> '_LoopParts':
+    config, timeline, info = run.config, run.timeline, run.dataset.info
     with clock.part('logging'):
       writer = metric_writers.create_writer(run.workdir)
       _log_start(run, writer)
     with clock.part('input_wait'):
       batches = batching.global_train_batches(
-        run.dataset, config, run.mesh, timeline.steps_per_epoch, run.start_step
+        run.dataset,
+        from_config(InputOptions, config),
+        run.mesh,
+        timeline.steps_per_epoch,
+        run.start_step,
       )
-    run_steps = _Stepper(run, clock)
+    run_steps = Stepper(
+      lambda size: build.step_options(config, info.num_classes, info.mean, info.std, size),
+      run.learning_rate_fn,
+      run.mesh,
+      timeline,
+      from_config(ProgressiveResizing, config),
+      run.teacher,
+      lambda: clock.part('compile'),
+    )
     profiler = profiling.StepProfiler(
       os.path.join(run.workdir, 'profile'),
       config.profile_first_step,
@@ -366,12 +163,100 @@ class _LoopParts(typing.NamedTuple):
     bar = progress.Progress(
       timeline.total_steps, timeline.steps_per_epoch, config.batch_size, run.start_step
     )
-    return cls(writer, batches, _Events.of(config, timeline), run_steps, profiler, bar)
+    events = Events.of(
+      timeline,
+      config.log_every_steps,
+      config.eval_every_epochs,
+      config.checkpoint_every_steps,
+      config.checkpoint_every_epochs,
+    )
+    return cls(writer, batches, events, run_steps, profiler, bar, _TrainTotals())
 
 
-def _evaluate(
-  run: _Run, state, step: int, writer, clock: profiling.RunClock | None = None, save_best=True
-) -> dict:
+def _dispatch(run: PreparedRun, parts: _LoopParts, state, step: int, clock):
+  """Runs the next dispatch of steps; returns (state, the step reached). Nothing waits
+  for the device here."""
+  k = parts.events.dispatch_size(step, run.config.steps_per_dispatch)
+  with clock.part('input_wait'):
+    batches = [next(parts.batches) for _ in range(k)]
+  parts.profiler.before(step, state)
+  with clock.part('steps'):
+    state, step_metrics = parts.run_steps(state, batches, step)
+  step += k
+  with clock.part('logging'):
+    parts.bar.tick(step)
+    parts.profiler.after(step, state)
+  with clock.part('steps'):  # merged on the device; can wait when the host runs ahead
+    parts.totals.add(step_metrics)
+  return state, step
+
+
+def _handle(actions: StepActions, run: PreparedRun, parts: _LoopParts, state, step, clock):
+  """Runs what ``actions`` call for, in order; returns the eval metrics, if evaluated."""
+  eval_metrics = None
+  if actions.read_metrics:
+    with clock.part('steps'):  # waits for the dispatched steps
+      scalars = parts.totals.read(step, run.workdir)
+  if actions.log:
+    with clock.part('logging'):
+      parts.writer.write_scalars(step, scalars)
+      parts.bar.log(step, scalars)
+    parts.totals.reset()
+  if actions.check_weights:
+    with clock.part('steps'):
+      parts.totals.check_weights(state, step, run.workdir)  # before anything is kept
+  if actions.evaluate:
+    with clock.part('eval'):
+      eval_metrics = _evaluate(run, state, step, parts.writer, clock)
+  if actions.save:
+    with clock.part('checkpoint'):
+      run.checkpoints.save(step, state, run.meta(step))
+  return eval_metrics
+
+
+class _TrainTotals:
+  """The train metrics merged on the device since the last log, and the last finite loss
+  (for the divergence error)."""
+
+  def __init__(self):
+    self.metrics, self.last_finite = None, None
+
+  def add(self, step_metrics) -> None:
+    self.metrics = step_metrics if self.metrics is None else self.metrics.merge(step_metrics)
+
+  def reset(self) -> None:
+    self.metrics = None
+
+  def read(self, step: int, workdir: str) -> dict:
+    """The metrics as floats (a sync); a non-finite loss stops training."""
+    scalars = {k: float(v) for k, v in self.metrics.compute().items()}
+    if not math.isfinite(scalars['train_loss']):
+      self._diverged(f'the loss is {scalars["train_loss"]}', step, workdir)
+    self.last_finite = (step, scalars['train_loss'])
+    return scalars
+
+  def check_weights(self, state, step: int, workdir: str) -> None:
+    """A finite loss can hide an update that blew up: nothing non-finite is evaluated for
+    the best checkpoint or saved."""
+    if not bool(_all_finite((state.params, state.batch_stats))):
+      self._diverged('the weights are no longer finite', step, workdir)
+
+  def _diverged(self, what: str, step: int, workdir: str):
+    last = self.last_finite
+    last = f'{last[1]:.4g} at step {last[0]}' if last else 'none yet'
+    raise TrainingError(
+      f'Training diverged: {what} by step {step} (last finite loss: {last}). '
+      'Lower --config.learning_rate or add warm-up (--config.warmup_epochs). The '
+      f'checkpoints in {workdir}/checkpoints and checkpoints_best hold only finite states.'
+    )
+
+
+@jax.jit
+def _all_finite(tree):
+  return jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda x: jnp.isfinite(x).all(), tree))
+
+
+def _evaluate(run: PreparedRun, state, step: int, writer, clock=None, save_best=True) -> dict:
   """Runs every evaluator, writes and logs their metrics, keeps the best checkpoint."""
   metrics = {}
   for evaluator in run.evaluators:
@@ -382,11 +267,43 @@ def _evaluate(
   )
   if save_best:
     with clock.part('checkpoint') if clock else contextlib.nullcontext():
-      run.checkpoints.save_best(step, state, _meta(run, step), metrics['eval_top1'])
+      run.checkpoints.save_best(step, state, run.meta(step), metrics['eval_top1'])
   return metrics
 
 
-def _finished(run: _Run) -> dict:
+def _stopped(run: PreparedRun, stop: preemption.StopRequest, step: int, clock) -> dict:
+  with clock.part('checkpoint'):
+    run.checkpoints.wait()
+  logging.warning(
+    'Received %s: saved a checkpoint at step %d in %s and stopped. '
+    'Rerun the same command to resume.',
+    stop.name,
+    step,
+    run.checkpoints.directory,
+  )
+  return {'stopped_at_step': step}
+
+
+def _finish(run: PreparedRun, parts: _LoopParts, clock) -> None:
+  with clock.part('checkpoint'):
+    run.checkpoints.wait()
+  with clock.part('logging'):
+    parts.writer.flush()
+    if jax.process_index() == 0:
+      plot.save_curves(run.workdir)
+
+
+def _stopped_before_start(run: PreparedRun, stop: preemption.StopRequest) -> dict:
+  logging.warning(
+    'Received %s before the first step: stopped with nothing new to save. Rerun the same '
+    'command to %s.',
+    stop.name,
+    'resume' if run.start_step else 'start',
+  )
+  return {'stopped_at_step': run.start_step}
+
+
+def _finished(run: PreparedRun) -> dict:
   """A rerun of a finished run: says so and reports its last evaluation, adding nothing
   to its history (evaluating only when none was recorded)."""
   logging.info(
@@ -405,124 +322,33 @@ def _finished(run: _Run) -> dict:
   return metrics
 
 
-@dataclasses.dataclass(frozen=True)
-class _Events:
-  """The steps at which the loop looks at the state."""
-
-  log: Every
-  evaluate: Every  # eval_every_epochs=0: at the end only
-  checkpoint: Every  # checkpoint_every_epochs and checkpoint_every_steps
-  epoch_end: Every  # a multi-step dispatch ends here (the image size may change)
-
-  @classmethod
-  def of(cls, config: ml_collections.ConfigDict, timeline: Timeline) -> '_Events':
-    return cls(
-      log=timeline.every(steps=config.log_every_steps),
-      evaluate=timeline.every(epochs=config.eval_every_epochs),
-      checkpoint=timeline.every(
-        steps=config.checkpoint_every_steps, epochs=config.checkpoint_every_epochs
-      ),
-      epoch_end=timeline.every(epochs=1),
+def _log_start(run: PreparedRun, writer) -> None:
+  config, info, timeline = run.config, run.dataset.info, run.timeline
+  if run.start_step == 0:
+    writer.write_hparams(
+      {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
     )
-
-  def save(self, step: int, total_steps: int) -> bool:
-    """Whether ``step`` writes a checkpoint: every ``checkpoint_every_epochs`` and every
-    ``checkpoint_every_steps``, and the last step (a preemption saves on its own)."""
-    return step == total_steps or self.checkpoint(step)
-
-  @property
-  def periods(self) -> tuple[int, ...]:
-    """A multi-step dispatch ends at each of these."""
-    return (
-      self.log.periods + self.evaluate.periods + self.checkpoint.periods + (self.epoch_end.periods)
+  if jax.process_index() == 0:
+    plot.write_run_info(
+      run.workdir, timeline.steps_per_epoch, model=config.model, dataset=config.dataset
     )
-
-
-class _Stepper:
-  """Runs one dispatch of k train steps: the single step or the multi-step function
-  (``config.steps_per_dispatch``), each compiled ahead of time on first use (the first
-  logging its FLOPs), at the image size of the step's epoch (one compilation per size
-  with progressive resizing)."""
-
-  def __init__(self, run: _Run, clock: profiling.RunClock):
-    info = run.dataset.info
-    self._run, self._clock = run, clock
-    self._args = (run.config, run.learning_rate_fn, info.num_classes, info.mean, info.std)
-    self._compiled = {}  # (steps in the dispatch, image size) -> compiled step
-
-  def __call__(self, state, batches: list, step: int):
-    run = self._run
-    size = train_image_size(run.config, run.timeline.epoch_and_batch(step)[0])
-    k = len(batches)  # a dispatch cut short by a period end compiles its own length
-    args = (state, batches if k > 1 else batches[0])
-    if (k, size) not in self._compiled:
-      options = dict(mesh=run.mesh, teacher=run.teacher, image_size=size)
-      make = step_functions.make_multi_train_step if k > 1 else step_functions.make_train_step
-      with self._clock.part('compile'):
-        compiled = make(*self._args, **options).lower(*args).compile()
-      if k == 1 and not any(key[0] == 1 for key in self._compiled):
-        _log_flops(compiled, batches[0])
-      self._compiled[(k, size)] = compiled
-    return self._compiled[(k, size)](*args)
-
-  def hlo_texts(self) -> list[str]:
-    """The compiled steps' HLO, for the profile's shapes."""
-    return [c.as_text() for c in self._compiled.values()]
-
-
-def train_image_size(config: ml_collections.ConfigDict, epoch: int) -> int | None:
-  """The training resolution of ``epoch`` under progressive resizing (FFCV's rule: linear
-  from start to end size over [start_epoch, end_epoch], rounded to
-  ``progressive_resizing_multiple`` so that only a few sizes compile); None when off."""
-  if not config.progressive_resizing:
-    return None
-  start, end, first, last = config.progressive_resizing
-  size = float(np.interp(epoch, [first, last], [start, end]))
-  multiple = config.progressive_resizing_multiple
-  size = int(round(size / multiple)) * multiple
-  return int(min(max(size, min(start, end)), max(start, end)))
-
-
-def dispatch_size(step: int, steps_per_dispatch: int, total_steps: int, periods) -> int:
-  """How many steps the next dispatch runs: at most ``steps_per_dispatch``, ending no
-  later than the next multiple of any period (log, eval, checkpoint, epoch) or the end."""
-  return min([steps_per_dispatch, total_steps - step] + [p - step % p for p in periods])
-
-
-def _log_flops(compiled, batch) -> None:
-  """Logs XLA's FLOPs per training image, from the single step (a multi-step program's
-  scan body may be counted once)."""
-  flops = model_summary.xla_flops(compiled)
-  if flops:
-    # The compiled SPMD program is one device's share of the global batch.
-    devices = batch['label'].sharding.num_devices
+    model = build.model_from_config(config, info.num_classes)
     logging.info(
-      'Training FLOPs per image: %.4g G (XLA cost analysis of the train step).',
-      flops * devices / batch['label'].shape[0] / 1e9,
+      '%s',
+      model_summary.summarize(model, info.image_shape, flops=False).format(
+        f'{config.model} ({info.num_classes} classes, {info.image_shape} images)'
+      ),
     )
-
-
-@jax.jit
-def _all_finite(tree):
-  return jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda x: jnp.isfinite(x).all(), tree))
-
-
-def _check_finite(scalars: dict, step: int, last_finite, workdir: str):
-  if not math.isfinite(scalars['train_loss']):
-    _diverged(f'the loss is {scalars["train_loss"]}', step, last_finite, workdir)
-
-
-def _check_state_finite(state, step: int, last_finite, workdir: str):
-  """A finite loss can hide an update that blew up: nothing non-finite is evaluated for
-  the best checkpoint or saved."""
-  if not bool(_all_finite((state.params, state.batch_stats))):
-    _diverged('the weights are no longer finite', step, last_finite, workdir)
-
-
-def _diverged(what: str, step: int, last_finite, workdir: str):
-  last = f'{last_finite[1]:.4g} at step {last_finite[0]}' if last_finite else 'none yet'
-  raise TrainingError(
-    f'Training diverged: {what} by step {step} (last finite loss: {last}). '
-    'Lower --config.learning_rate or add warm-up (--config.warmup_epochs). The '
-    f'checkpoints in {workdir}/checkpoints and checkpoints_best hold only finite states.'
+  logging.info(
+    '%s on %s: %d train / %d eval examples, %d steps (%d per epoch), '
+    'global batch %d on %d devices in %d process(es).',
+    config.model,
+    config.dataset,
+    info.num_train,
+    info.num_eval,
+    timeline.total_steps,
+    timeline.steps_per_epoch,
+    config.batch_size,
+    run.mesh.devices.size,
+    jax.process_count(),
   )

@@ -25,14 +25,13 @@ import os
 import jax
 import numpy as np
 from absl import logging
-from flax import traverse_util
 
+from jax_resnet import trees
 from jax_resnet.errors import ConfigError, NotFoundError
 from jax_resnet.inference import export
 from jax_resnet.models import torchvision_layout as tw
 from jax_resnet.runs import saved_run
 
-COLLECTIONS = ('params', 'batch_stats')
 HEAD = 'head'
 
 
@@ -105,7 +104,7 @@ def _names(names, shown: int = 4) -> str:
 
 
 def _flat(collections: dict) -> dict:
-  return traverse_util.flatten_dict({c: collections.get(c, {}) for c in COLLECTIONS}, sep='/')
+  return trees.flatten({c: collections.get(c, {}) for c in trees.WEIGHT_COLLECTIONS})
 
 
 def apply(state, source: Source, class_names=()):
@@ -114,19 +113,17 @@ def apply(state, source: Source, class_names=()):
   none (timm's ``num_classes=0``), when its class count differs, or when both sides name
   their classes and the names differ (the rows would mean other classes). Logs what was
   loaded and initialised."""
-  fresh = _flat({c: getattr(state, c) for c in COLLECTIONS})
+  fresh = _flat({c: getattr(state, c) for c in trees.WEIGHT_COLLECTIONS})
   given = _flat(source.variables)
   reinitialised, why = _head_to_reinitialise(fresh, given, source.class_names, class_names)
   _check_fits(fresh, given, reinitialised, source)
   loaded = _loaded(fresh, given, reinitialised)
-  replaced = traverse_util.unflatten_dict({**fresh, **loaded}, sep='/')
+  replaced = trees.unflatten({**fresh, **loaded})
   if state.ema is not None:
     # Put on the device again: the train step donates the state, and XLA refuses one
     # array twice in its arguments ('Attempt to donate the same buffer twice').
     ema = _flat(state.ema)
-    replaced['ema'] = traverse_util.unflatten_dict(
-      {**ema, **_loaded(ema, given, reinitialised)}, sep='/'
-    )
+    replaced['ema'] = trees.unflatten({**ema, **_loaded(ema, given, reinitialised)})
   count = lambda keys: sum(int(np.prod(fresh[k].shape)) for k in keys)
   logging.info(
     'init_from %s: loaded %d arrays (%s values: parameters and BatchNorm statistics%s); '
@@ -162,12 +159,9 @@ def _head_to_reinitialise(fresh, given, source_classes, class_names) -> tuple[li
 def _check_fits(fresh, given, reinitialised, source: Source) -> None:
   """One ConfigError listing the first differing keys, unless everything but
   ``reinitialised`` has the same keys and shapes on both sides."""
-  differences = [
-    f'{k}: {_shape_in(given, k)} in the weights, {fresh[k].shape} in this model'
-    for k in sorted(fresh)
-    if k not in reinitialised and (k not in given or np.shape(given[k]) != fresh[k].shape)
-  ]
-  differences += [f'{k}: not in this model' for k in sorted(set(given) - set(fresh))]
+  expected = {k: fresh[k].shape for k in sorted(fresh) if k not in reinitialised}
+  found = {k: np.shape(given[k]) for k in sorted(given) if k not in reinitialised}
+  differences = trees.differences(expected, found)
   if not differences:
     return
   fix = 'Use the same --config.model and --config.model_options as the run that wrote them.'
@@ -178,7 +172,8 @@ def _check_fits(fresh, given, reinitialised, source: Source) -> None:
     )
   raise ConfigError(
     f'config.init_from: the weights of {source.description} do not fit this model '
-    f'({len(differences)} keys differ; first: {"; ".join(differences[:5])}). {fix}'
+    f'({len(differences)} keys differ, expected: this model, found: the weights; first: '
+    f'{"; ".join(differences[:5])}). {fix}'
   )
 
 
@@ -192,10 +187,6 @@ def _loaded(target: dict, given: dict, reinitialised) -> dict:
   }
 
 
-def _shape_in(given: dict, key: str) -> str:
-  return str(np.shape(given[key])) if key in given else 'absent'
-
-
 def _only_classes_differ(fresh, given, keys) -> bool:
   """Whether the head's arrays differ in their last (class) dimension only."""
   return all(
@@ -204,35 +195,30 @@ def _only_classes_differ(fresh, given, keys) -> bool:
   )
 
 
-def load_teacher(config, num_classes: int):
-  """The knowledge-distillation teacher named by ``config.distill_from`` (a run or an
-  export), computing in the student's dtype, as a ``step_functions.Teacher``."""
-  from jax_resnet.models import resnet
-  from jax_resnet.training import step_functions
+def load_teacher(distill_from: str, num_classes: int, dtype):
+  """The knowledge-distillation teacher ``distill_from`` names (a run or an export),
+  computing in the student's ``dtype``, as a ``step_functions.Teacher``."""
+  from jax_resnet import models
+  from jax_resnet.training import build
+  from jax_resnet.training.step_functions import Teacher
 
-  workdir, which = split(config.distill_from)
+  workdir, which = split(distill_from)
   if workdir is not None:
     run = saved_run.load(workdir, which)
-    name, options, variables = (
-      run.config.model,
-      step_functions.model_kwargs(run.config),
-      run.variables,
-    )
+    name, options, variables = run.config.model, build.model_options(run.config), run.variables
     teacher_classes = run.info.num_classes
-  elif not os.path.isfile(config.distill_from):
-    load_source(config.distill_from, config.model, 'distill_from')  # names what is missing
+  elif not os.path.isfile(distill_from):
+    load_source(distill_from, '', 'distill_from')  # names what is missing
   else:
-    variables, metadata = export.read_export(config.distill_from)
+    variables, metadata = export.read_export(distill_from)
     name, options = metadata['model'], metadata['model_options']
     teacher_classes = metadata['num_classes']
   if teacher_classes != num_classes:
     raise ConfigError(
-      f'config.distill_from={config.distill_from!r}: the teacher has {teacher_classes} '
+      f'config.distill_from={distill_from!r}: the teacher has {teacher_classes} '
       f'classes, this run {num_classes}; distillation needs the same classes.'
     )
-  model = resnet.create_model(
-    name, num_classes, dtype=step_functions.compute_dtype(config), **options
-  )
+  model = models.create_model(name, num_classes, dtype=dtype, **options)
   variables = jax.device_put(jax.tree.map(np.asarray, variables))
-  logging.info('Distilling from %s (%s).', config.distill_from, name)
-  return step_functions.Teacher(model.apply, variables)
+  logging.info('Distilling from %s (%s).', distill_from, name)
+  return Teacher(model.apply, variables)

@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_main
+from helpers import ROOT, run_main
 
 
 def devices_env(n):
@@ -18,28 +18,22 @@ def devices_env(n):
 
 EIGHT_VS_ONE = textwrap.dedent("""
     import jax, numpy as np
-    from configs import default
-    from jax_resnet.training import optimizers
+    from helpers import train_setup
     from jax_resnet import parallel
-    from jax_resnet.training import step_functions
-    from jax_resnet.training.timeline import Timeline
+    from jax_resnet.configuration import defaults
     assert jax.device_count() == 8
-    config = default.get_config()
+    config = defaults.get_config()
     config.image_size = 8
     config.schedule = 'constant'
     config.learning_rate = 0.1
-    model = step_functions.create_model(config, 10)
-    lr = optimizers.create_learning_rate_fn(config, Timeline(10, 100))
     rng = np.random.RandomState(0)
     batches = [{'image': rng.randint(0, 256, (16, 8, 8, 3)).astype(np.uint8),
                 'label': rng.randint(0, 10, (16,)).astype(np.int32)} for _ in range(3)]
     out = {}
     for name, devices in (('one', jax.devices()[:1]), ('eight', jax.devices())):
       mesh = parallel.create_mesh(devices)
-      state = step_functions.create_train_state(
-        jax.random.PRNGKey(0), config, model, (8, 8, 3), lr, mesh
-      )
-      train_fn = step_functions.make_train_step(config, lr, 10, (127.,) * 3, (64.,) * 3, mesh)
+      built = train_setup(config, mesh=mesh)
+      state, train_fn = built.state, built.train_fn
       losses = []
       for b in batches:
         state, m = train_fn(state, parallel.to_global(b, mesh))
@@ -59,7 +53,7 @@ def test_eight_devices_match_one_device(tmp_path):
     [sys.executable, '-c', code],
     cwd=ROOT,
     check=True,
-    env=dict(os.environ, PYTHONPATH=ROOT, **devices_env(8)),
+    env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, f'{ROOT}/tests']), **devices_env(8)),
   )
   r = np.load(out)
   np.testing.assert_allclose(r['eight_losses'], r['one_losses'], rtol=1e-5)

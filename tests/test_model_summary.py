@@ -1,10 +1,10 @@
 import jax
 import numpy as np
 import pytest
+from helpers import train_setup
 
-from jax_resnet.models import model_summary, resnet
-from jax_resnet.training import step_functions
-from jax_resnet.training.timeline import Timeline
+from jax_resnet import models
+from jax_resnet.models import model_summary
 
 
 def param_count(tree):
@@ -25,7 +25,7 @@ def param_count(tree):
   ],
 )
 def test_total_equals_the_params_count(name, size, options):
-  model = resnet.create_model(name, 10, **options)
+  model = models.create_model(name, 10, **options)
   s = model_summary.summarize(model, (size, size, 3), flops=False)
   variables = jax.eval_shape(
     lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
@@ -38,13 +38,13 @@ def test_total_equals_the_params_count(name, size, options):
 
 
 def test_deep_stem_row_has_the_last_stem_convs_channels():
-  s = model_summary.summarize(resnet.create_model('resnet18d', 10), (32, 32, 3), flops=False)
+  s = model_summary.summarize(models.create_model('resnet18d', 10), (32, 32, 3), flops=False)
   assert s.rows[0].name == 'stem' and s.rows[0].output_shape == (8, 8, 64)
   assert s.rows[0].params == 28_768  # 3x3 convs of 32, 32, 64 and their BatchNorms
 
 
 def test_resnet20_stages_shapes_params_and_flops():
-  model = resnet.create_model('resnet20', 10)
+  model = models.create_model('resnet20', 10)
   s = model_summary.summarize(model, (32, 32, 3))
   stages = [r for r in s.rows if r.name.startswith('stage')]
   assert [r.output_shape for r in stages] == [(32, 32, 16), (16, 16, 32), (8, 8, 64)]
@@ -59,15 +59,7 @@ def test_resnet20_stages_shapes_params_and_flops():
 
 def test_summary_of_a_config_model_matches_the_train_state(config):
   config.image_size = 16
-  model = step_functions.create_model(config, 10)
-  from jax_resnet.training import optimizers
-
-  state = step_functions.create_train_state(
-    jax.random.PRNGKey(0),
-    config,
-    model,
-    (16, 16, 1),
-    optimizers.create_learning_rate_fn(config, Timeline(10, 100)),
-  )
+  built = train_setup(config, image_shape=(16, 16, 1))
+  model, state = built.model, built.state
   s = model_summary.summarize(model, (16, 16, 1), flops=False)
   assert s.total_params == param_count(state.params)

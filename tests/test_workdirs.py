@@ -16,14 +16,14 @@ from jax_resnet.runs import workdirs
 def test_a_workdir_that_is_a_file_is_named_as_a_file(tmp_path):
   path = tmp_path / 'run'
   path.write_text('')
-  with pytest.raises(TrainingError, match=f'--workdir={path} is a file, not a directory'):
-    workdirs.ensure_writable(str(path))
+  with pytest.raises(TrainingError, match=f'to {path}: it is a file, not a directory'):
+    workdirs.check_workdir(str(path))
 
 
 def test_a_checkpoints_path_that_is_a_file_fails_at_start(tmp_path):
   (tmp_path / 'checkpoints').write_text('')
   with pytest.raises(TrainingError, match='checkpoints is a file, but the checkpoints go there'):
-    workdirs.ensure_writable(str(tmp_path))
+    workdirs.check_workdir(str(tmp_path))
 
 
 def test_second_lock_names_the_holder(tmp_path):

@@ -3,7 +3,7 @@
 import json
 import os
 
-from conftest import run_main
+from helpers import run_main
 
 FAST = [
   '--config=configs/default.py',
@@ -130,7 +130,7 @@ def test_a_bug_keeps_its_traceback_on_the_console(tmp_path):
   import subprocess
   import sys
 
-  from conftest import ROOT
+  from helpers import ROOT
 
   result = subprocess.run(
     [sys.executable, '-c', BUG, '--config=configs/default.py', f'--workdir={tmp_path}'],
@@ -143,3 +143,51 @@ def test_a_bug_keeps_its_traceback_on_the_console(tmp_path):
   assert 'Traceback (most recent call last)' in result.stderr
   assert 'RuntimeError: a bug in the trainer' in result.stderr
   assert 'RuntimeError: a bug in the trainer' in (tmp_path / 'jax_resnet.log').read_text()
+
+
+def test_the_three_commands_are_one(tmp_path):
+  """`jax-resnet` (the installed console script), `python -m jax_resnet` and main.py take
+  the same flags, from any directory."""
+  import shutil
+  import sys
+
+  script = shutil.which('jax-resnet')
+  assert script, 'the jax-resnet console script is not installed (pip install -e .)'
+  helps = [
+    run_main(['--helpfull'], command=command, cwd=str(tmp_path))
+    for command in ([script], [sys.executable, '-m', 'jax_resnet'], None)
+  ]
+  for result in helps:
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '--mode: <train|eval|export|predict>' in result.stdout
+    assert 'configuration/defaults.py' in result.stdout  # the default --config, any directory
+  flag_lists = [result.stdout[result.stdout.index('\nflags:') :] for result in helps]
+  assert flag_lists[0] == flag_lists[1] == flag_lists[2]
+
+
+def test_a_finished_run_exports_and_evaluates_from_another_directory_without_config(
+  digits_run, tmp_path
+):
+  """Its config is in its checkpoint: no --config, and no checkout to run in."""
+  import shutil
+  import sys
+
+  from jax_resnet.inference import export
+
+  module = [sys.executable, '-m', 'jax_resnet']
+  exported = run_main(
+    [f'--workdir={digits_run}', '--mode=export', '--export_path=out/model.msgpack'],
+    command=module,
+    cwd=str(tmp_path),
+  )
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  variables, metadata = export.read_export(str(tmp_path / 'out' / 'model.msgpack'))
+  assert metadata['model'] == 'resnet20' and 'params' in variables
+  workdir = shutil.copytree(digits_run, tmp_path / 'run')  # eval appends to metrics.jsonl
+  evaluated = run_main(
+    [f'--workdir={workdir}', '--mode=eval', '--checkpoint=latest'],
+    command=module,
+    cwd=str(tmp_path),
+  )
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert 'final eval_loss' in evaluated.stdout

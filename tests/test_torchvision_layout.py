@@ -5,7 +5,6 @@ torchvision is not installed, so its architecture is written out here from its d
 definition (torchvision/models/resnet.py), independently of the module under test.
 """
 
-import functools
 import os
 import subprocess
 import sys
@@ -16,77 +15,12 @@ import numpy as np
 import pytest
 import safetensors
 from flax import traverse_util
+from helpers import TORCHVISION_RESNETS, random_variables, torchvision_state_dict_shapes
 
-from jax_resnet.models import resnet
+from jax_resnet import models
 from jax_resnet.models import torchvision_layout as tw
 
-# torchvision's ResNets: blocks per layer, and whether the block is a Bottleneck.
-TORCHVISION_RESNETS = {
-  'resnet18': ((2, 2, 2, 2), False),
-  'resnet34': ((3, 4, 6, 3), False),
-  'resnet50': ((3, 4, 6, 3), True),
-}
-PLANES = (64, 128, 256, 512)
 SUPPORTED = 'resnet18, resnet34, resnet50, resnet101, resnet152'
-
-
-def _batch_norm_shapes(name: str, channels: int) -> dict:
-  return {
-    f'{name}.weight': (channels,),
-    f'{name}.bias': (channels,),
-    f'{name}.running_mean': (channels,),
-    f'{name}.running_var': (channels,),
-    f'{name}.num_batches_tracked': (),
-  }
-
-
-def torchvision_state_dict_shapes(model_name: str, num_classes: int = 1000) -> dict:
-  """torchvision's ``model.state_dict()`` key -> shape, in its registration order."""
-  layers, bottleneck = TORCHVISION_RESNETS[model_name]
-  expansion = 4 if bottleneck else 1
-  shapes = {'conv1.weight': (64, 3, 7, 7), **_batch_norm_shapes('bn1', 64)}
-  inplanes = 64
-  for layer, (num_blocks, planes) in enumerate(zip(layers, PLANES), start=1):
-    for j in range(num_blocks):
-      block = f'layer{layer}.{j}'
-      if bottleneck:  # conv1x1, conv3x3 (strided, v1.5), conv1x1 expanding by 4
-        convs = [(planes, inplanes, 1), (planes, planes, 3), (planes * 4, planes, 1)]
-      else:
-        convs = [(planes, inplanes, 3), (planes, planes, 3)]
-      for k, (out_channels, in_channels, size) in enumerate(convs, start=1):
-        shapes[f'{block}.conv{k}.weight'] = (out_channels, in_channels, size, size)
-        shapes.update(_batch_norm_shapes(f'{block}.bn{k}', out_channels))
-      # Stride 2 in the first block of layers 2-4; a bottleneck's layer1 widens 64 -> 256.
-      if j == 0 and (layer > 1 or bottleneck):
-        shapes[f'{block}.downsample.0.weight'] = (planes * expansion, inplanes, 1, 1)
-        shapes.update(_batch_norm_shapes(f'{block}.downsample.1', planes * expansion))
-      inplanes = planes * expansion
-  shapes['fc.weight'] = (num_classes, 512 * expansion)
-  shapes['fc.bias'] = (num_classes,)
-  return shapes
-
-
-@functools.cache
-def _variable_shapes(model_name: str, num_classes: int):
-  model = resnet.create_model(model_name, num_classes)
-  x = jnp.zeros((1, 32, 32, 3))
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-
-
-def random_variables(model_name: str, num_classes: int = 1000, seed: int = 0):
-  """Random weights at a scale that keeps activations O(1), and non-trivial BN statistics."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      fan_in = np.prod(leaf.shape[:-1])
-      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
-    if name in ('scale', 'var'):
-      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-    return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)  # bias, mean
-
-  return jax.tree_util.tree_map_with_path(fill, _variable_shapes(model_name, num_classes))
 
 
 def _flat(variables):
@@ -236,7 +170,7 @@ def test_torchvision_forward_gives_the_same_logits(model_name):
   x_nchw = np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype(np.float32)
 
   expected = jax.jit(torchvision_forward, static_argnums=2)(state_dict, x_nchw, model_name)
-  model = resnet.create_model(model_name, 10)
+  model = models.create_model(model_name, 10)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))  # faster than op by op
   logits = apply(variables, x_nchw.transpose(0, 2, 3, 1))
   assert np.abs(expected).max() > 0.1  # the comparison is not between near-zero logits
@@ -313,7 +247,7 @@ def test_models_without_a_torchvision_layout(model_name):
 
 
 def test_cifar_stem_has_no_torchvision_layout():
-  model = resnet.create_model('resnet18', 10, stem='cifar')
+  model = models.create_model('resnet18', 10, stem='cifar')
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   with pytest.raises(ValueError, match=f"stem='cifar'.*{SUPPORTED}"):

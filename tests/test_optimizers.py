@@ -1,52 +1,12 @@
+"""Optimizers: weight decay masks, trust ratios, reduce-on-plateau, the loss value."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_resnet.training import optimizers
+from jax_resnet.training import optimizers, schedules
 from jax_resnet.training.timeline import Timeline
-
-
-def test_onecycle_start_peak_end(config):
-  config.learning_rate = 0.4
-  total = 1000
-  fn = optimizers.create_learning_rate_fn(config, Timeline(100, total))
-  peak_step = int(config.onecycle_pct_start * total)
-  assert float(fn(0)) == pytest.approx(0.4 / config.onecycle_div_factor)
-  assert float(fn(peak_step)) == pytest.approx(0.4)
-  assert float(fn(total)) == pytest.approx(
-    0.4 / config.onecycle_div_factor / config.onecycle_final_div_factor, rel=1e-3
-  )
-  assert float(fn(peak_step // 2)) < 0.4 and float(fn(peak_step + 10)) < 0.4
-
-
-def test_cosine_warmup_end_and_final(config):
-  config.schedule = 'cosine'
-  config.learning_rate = 0.1
-  config.warmup_epochs = 2
-  config.final_learning_rate_fraction = 0.01
-  fn = optimizers.create_learning_rate_fn(config, Timeline(50, 1000))
-  assert float(fn(0)) == 0.0
-  assert float(fn(50)) == pytest.approx(0.05)
-  assert float(fn(100)) == pytest.approx(0.1)
-  assert float(fn(1000)) == pytest.approx(0.001)
-
-
-def test_multistep_decays_at_fractions(config):
-  config.schedule = 'multistep'
-  config.learning_rate = 0.1
-  fn = optimizers.create_learning_rate_fn(config, Timeline(10, 100))
-  assert float(fn(49)) == pytest.approx(0.1)
-  assert float(fn(51)) == pytest.approx(0.01)
-  assert float(fn(80)) == pytest.approx(0.001)
-
-
-def test_linear_scaling_rule(config):
-  config.scale_learning_rate = True
-  config.learning_rate = 0.1
-  config.batch_size = 1024
-  config.base_batch_size = 256
-  assert optimizers.peak_learning_rate(config) == pytest.approx(0.4)
 
 
 def test_weight_decay_only_on_kernels(config):
@@ -57,7 +17,7 @@ def test_weight_decay_only_on_kernels(config):
   config.weight_decay = 0.1
   params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}
   tx = optimizers.create_optimizer(
-    config, optimizers.create_learning_rate_fn(config, Timeline(1, 10))
+    config, schedules.create_learning_rate_fn(config, Timeline(1, 10))
   )
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
@@ -69,7 +29,7 @@ def test_weight_decay_only_on_kernels(config):
 def test_unknown_names_list_valid_ones(config, field, value):
   config[field] = value
   with pytest.raises(ValueError, match='Valid'):
-    optimizers.create_optimizer(config, optimizers.create_learning_rate_fn(config, Timeline(1, 10)))
+    optimizers.create_optimizer(config, schedules.create_learning_rate_fn(config, Timeline(1, 10)))
 
 
 def test_reduce_on_plateau_cuts_the_rate_after_flat_epochs(config):
@@ -80,7 +40,7 @@ def test_reduce_on_plateau_cuts_the_rate_after_flat_epochs(config):
   config.plateau_factor = 0.5
   config.plateau_patience = 2
   steps_per_epoch = 3
-  fn = optimizers.create_learning_rate_fn(config, Timeline(steps_per_epoch, 100))
+  fn = schedules.create_learning_rate_fn(config, Timeline(steps_per_epoch, 100))
   tx = optimizers.create_optimizer(config, fn)
   params = {'kernel': jnp.ones((2, 2))}
   opt_state = tx.init(params)
@@ -101,9 +61,9 @@ def test_every_optimizer_takes_the_loss_value(config):
   params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}
   grads = jax.tree.map(jnp.ones_like, params)
   for name in optimizers.OPTIMIZERS:
-    for schedule in optimizers.SCHEDULES:
+    for schedule in schedules.SCHEDULES:
       config.optimizer, config.schedule = name, schedule
-      fn = optimizers.create_learning_rate_fn(config, Timeline(5, 50))
+      fn = schedules.create_learning_rate_fn(config, Timeline(5, 50))
       tx = optimizers.create_optimizer(config, fn)
       updates, _ = tx.update(grads, tx.init(params), params, value=jnp.float32(1.0))
       assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
@@ -117,7 +77,7 @@ def test_lars_scales_each_layer_by_its_trust_ratio(config):
   config.optimizer, config.momentum, config.weight_decay = 'lars', 0.0, 1e-3
   config.lars_trust_coefficient, config.schedule, config.learning_rate = 0.02, 'constant', 0.5
   tx = optimizers.create_optimizer(
-    config, optimizers.create_learning_rate_fn(config, Timeline(10, 100))
+    config, schedules.create_learning_rate_fn(config, Timeline(10, 100))
   )
   rng = np.random.RandomState(0)
   params = {
@@ -148,7 +108,7 @@ def test_lamb_scales_each_layer_by_its_trust_ratio(config):
 
   def step(config):
     tx = optimizers.create_optimizer(
-      config, optimizers.create_learning_rate_fn(config, Timeline(10, 100))
+      config, schedules.create_learning_rate_fn(config, Timeline(10, 100))
     )
     updates, _ = tx.update(grads, tx.init(params), params, value=jnp.float32(1.0))
     return jax.tree.map(np.asarray, updates)

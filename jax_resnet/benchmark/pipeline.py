@@ -1,0 +1,94 @@
+"""The input pipeline against the step: ``python -m jax_resnet.benchmark --mode=pipeline``.
+
+On the config's real data source, the input pipeline alone, the step alone (synthetic,
+as ``synthetic.benchmark_step``) and the whole loop, and which of input and step is the
+bottleneck. The one benchmark mode that imports TensorFlow (through ``jax_resnet.data``).
+"""
+
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from jax_resnet import parallel
+from jax_resnet.benchmark.synthetic import benchmark_step, epoch_s, train_functions
+from jax_resnet.configuration.options import from_config
+from jax_resnet.data.common import InputOptions
+from jax_resnet.training.timeline import Timeline
+
+
+def benchmark_pipeline(
+  config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 3, num_batches: int = 4
+) -> dict:
+  """Input alone, step alone and the whole loop on the config's real data source."""
+  from jax_resnet.data import batching, sources  # TensorFlow: only in this mode
+
+  mesh = parallel.create_mesh()
+  dataset = sources.load_dataset(config, splits=('train',))
+  info = dataset.info
+  timeline = Timeline.from_config(config, max(info.num_train, config.batch_size))
+  source = 'device_data' if config.data_on_device else 'tf.data'
+  make_batches = lambda: batching.global_train_batches(
+    dataset, from_config(InputOptions, config), mesh, timeline.steps_per_epoch, 0
+  )
+
+  # Input alone: batches pulled and copied to the device, no step.
+  batches = make_batches()
+  for _ in range(warmup):
+    jax.block_until_ready(next(batches))
+  start = time.perf_counter()
+  for _ in range(steps):
+    jax.block_until_ready(next(batches))
+  input_s = time.perf_counter() - start
+  del batches
+
+  # Step alone, on synthetic data of the same shape.
+  step = benchmark_step(
+    config, steps, warmup, num_batches, info.num_classes, info.mean, info.std, info.image_shape
+  )
+
+  # The whole loop: the trainer's single-step loop, one sync at the end.
+  state, train_fn, _ = train_functions(
+    config, info.num_classes, info.mean, info.std, info.image_shape, mesh
+  )
+  batches = make_batches()
+  for _ in range(warmup):
+    state, _ = train_fn(state, next(batches))
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  totals = None
+  for _ in range(steps):
+    state, metrics = train_fn(state, next(batches))
+    totals = metrics if totals is None else totals.merge(metrics)
+  jax.block_until_ready((state, totals))
+  loop_s = time.perf_counter() - start
+  del state, totals, batches
+
+  images = steps * config.batch_size
+  input_ips, loop_ips = images / input_s, images / loop_s
+  result = dict(step)
+  result.update(
+    {
+      'mode': 'pipeline',
+      'dataset': config.dataset,
+      'input_source': source,
+      'input_images_per_s': input_ips,
+      'step_images_per_s': step['images_per_s'],
+      'loop_images_per_s': loop_ips,
+      'images_per_s': loop_ips,
+      'epoch_s': epoch_s(config.dataset, loop_ips),
+      'bottleneck': 'input' if input_ips < step['images_per_s'] else 'step',
+    }
+  )
+  logging.info(
+    '%s on %s (%s): input %.1f img/s, step %.1f img/s, loop %.1f img/s: bottleneck %s',
+    config.model,
+    config.dataset,
+    source,
+    input_ips,
+    step['images_per_s'],
+    loop_ips,
+    result['bottleneck'],
+  )
+  return result
