@@ -90,7 +90,7 @@ def cpu_seconds() -> float:
 
 def bench_tf(root: str, num_images: int, batch: int = 64, antialias: bool = False) -> dict:
   from configs import default
-  from jax_resnet.configuration.options import from_config
+  from jax_resnet.configuration.typed_options import from_config
   from jax_resnet.data import batching, sources
   from jax_resnet.data.common import InputOptions
 
@@ -181,7 +181,7 @@ def bench_cifar(steps: int, batch: int = 256) -> dict:
 
   from configs import default
   from jax_resnet import parallel
-  from jax_resnet.configuration.options import from_config
+  from jax_resnet.configuration.typed_options import from_config
   from jax_resnet.data import batching, on_device, transforms
   from jax_resnet.data.common import DatasetInfo, InputOptions
   from jax_resnet.data.sources import Dataset

@@ -14,7 +14,7 @@ _PUBLIC = {
   'get_config': ('jax_resnet.configuration.defaults', 'get_config'),
   'train_and_evaluate': ('jax_resnet.training.loop', 'train_and_evaluate'),
   'evaluate_checkpoint': ('jax_resnet.training.evaluation', 'evaluate_checkpoint'),
-  'load_run': ('jax_resnet.runs.saved_run', 'load'),
+  'load_run': ('jax_resnet.runs.saved_run', 'load_run'),
   'export_checkpoint': ('jax_resnet.inference.export', 'export_checkpoint'),
   'read_export': ('jax_resnet.inference.export', 'read_export'),
   'Predictor': ('jax_resnet.inference.predict', 'Predictor'),

@@ -100,7 +100,7 @@ def digits_config(image_size: int = 12):
 
 def input_options(config):
   """The config's ``InputOptions`` (how training batches are drawn)."""
-  from jax_resnet.configuration.options import from_config
+  from jax_resnet.configuration.typed_options import from_config
   from jax_resnet.data.common import InputOptions
 
   return from_config(InputOptions, config)

@@ -118,7 +118,7 @@ def test_pipeline_mode_times_input_step_and_loop(config, data_on_device):
   from jax_resnet.benchmark import synthetic
 
   config.data_on_device = data_on_device
-  result = benchmark.run(config, mode='pipeline', steps=2, warmup=1, num_batches=2)
+  result = benchmark.measure(config, mode='pipeline', steps=2, warmup=1, num_batches=2)
   for field, kind in synthetic.FIELDS.items():
     if field != 'mode':
       assert isinstance(result[field], kind), (field, result[field])

@@ -98,7 +98,7 @@ import numpy as np
 import jax
 from jax_resnet import parallel
 from jax_resnet.configuration import defaults
-from jax_resnet.configuration.options import from_config
+from jax_resnet.configuration.typed_options import from_config
 from jax_resnet.data import on_device
 from jax_resnet.data.common import InputOptions
 cfg = defaults.get_config()

@@ -128,7 +128,7 @@ def test_export_reads_back_bit_for_bit_with_complete_metadata(digits_run, tmp_pa
   assert export.export_checkpoint(workdir, path, 'latest', export_format) == path
   variables, metadata = export.read_export(path)
 
-  saved = saved_run.load(workdir, 'latest')
+  saved = saved_run.load_run(workdir, 'latest')
   assert_identical(variables, jax.tree.map(np.asarray, saved.variables))
   # The trained weights, not those the run started from.
   shape = (config.image_size, config.image_size, 1)
@@ -280,7 +280,7 @@ def eval_size_run(tmp_path_factory):
   )
   workdir = str(tmp_path_factory.mktemp('eval_size_run'))
   write_checkpoint(workdir, config, info, fill=usable_weights)
-  return workdir, saved_run.load(workdir, 'latest').state
+  return workdir, saved_run.load_run(workdir, 'latest').state
 
 
 def digit_images(count: int = 6, size: int = 8, seed: int = 0) -> np.ndarray:
@@ -351,7 +351,7 @@ def test_predict_and_export_with_the_ema_weights(eval_size_run, tmp_path):
   assert exported.metadata['weights'] == 'ema'
   np.testing.assert_array_equal(exported(images), expected)
   with pytest.raises(ConfigError, match="weights='average'"):
-    saved_run.load(workdir, 'latest', weights='average')
+    saved_run.load_run(workdir, 'latest', weights='average')
 
 
 def test_torchvision_export_whose_tensors_are_another_model_is_a_user_error(tmp_path):

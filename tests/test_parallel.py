@@ -86,7 +86,7 @@ def _final_params(workdir):
 
   from jax_resnet.runs import saved_run
 
-  run = saved_run.load(workdir, 'latest')
+  run = saved_run.load_run(workdir, 'latest')
   return run.step, np.concatenate([np.ravel(x) for x in jax.tree.leaves(run.state.params)])
 
 

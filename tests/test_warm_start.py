@@ -42,7 +42,7 @@ def assert_same(a, b):
 def run_variables(digits_run):
   from jax_resnet.runs import saved_run
 
-  return jax.tree.map(np.asarray, saved_run.load(digits_run, 'best').variables)
+  return jax.tree.map(np.asarray, saved_run.load_run(digits_run, 'best').variables)
 
 
 @pytest.mark.parametrize('export_format', ['workdir', 'msgpack', 'safetensors'])
@@ -72,7 +72,7 @@ def test_init_from_workdir_step_and_latest(digits_run):
   steps_saved = sorted(int(s) for s in os.listdir(os.path.join(digits_run, 'checkpoints')))
   assert len(steps_saved) >= 2
   expected = {
-    suffix: jax.tree.map(np.asarray, saved_run.load(digits_run, which).variables)
+    suffix: jax.tree.map(np.asarray, saved_run.load_run(digits_run, which).variables)
     for suffix, which in (('latest', steps_saved[-1]), (str(steps_saved[0]), steps_saved[0]))
   }
   first, last = (leaves(expected[k]) for k in (str(steps_saved[0]), 'latest'))
@@ -305,7 +305,7 @@ def test_fine_tune_torchvision_weights_on_a_class_folder_then_predict(config, tm
   assert 're-initialised params/head/bias, params/head/kernel' in info_logs.text
   from jax_resnet.runs import saved_run
 
-  trained = saved_run.load(workdir, 'latest').state.params
+  trained = saved_run.load_run(workdir, 'latest').state.params
   kernel = lambda params, block: np.asarray(params[block]['Conv_0']['kernel'])
   frozen, trainable = 'stage1_block1', 'stage2_block1'
   np.testing.assert_array_equal(kernel(trained, frozen), kernel(weights['params'], frozen))

@@ -4,7 +4,7 @@ input pipeline against it (``pipeline``); ``python -m jax_resnet.benchmark`` is 
 import ml_collections
 
 
-def run(config: ml_collections.ConfigDict, mode: str = 'synthetic', **kwargs) -> dict:
+def measure(config: ml_collections.ConfigDict, mode: str = 'synthetic', **kwargs) -> dict:
   """One measurement of the config: synthetic (the step) or pipeline (input, step, loop)."""
   if mode == 'pipeline':
     from jax_resnet.benchmark.pipeline import benchmark_pipeline  # TensorFlow

@@ -21,7 +21,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_resnet.benchmark import run
+from jax_resnet.benchmark import measure
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -68,10 +68,10 @@ def main(argv):
   elif FLAGS.profile:
     raise app.UsageError('--profile traces the synthetic step: drop --mode=pipeline.')
 
-  def measure(flag, config):
+  def measure_flag(flag, config):
     if FLAGS.profile:  # --compare's trace and table in DIR/compare
       kwargs['profile_dir'] = FLAGS.profile if flag == 'config' else f'{FLAGS.profile}/compare'
-    result = run(config, FLAGS.mode, **kwargs)
+    result = measure(config, FLAGS.mode, **kwargs)
     result['config_file'] = config_flags.get_config_filename(FLAGS[flag])
     result['overrides'] = {
       k: str(v) for k, v in config_flags.get_override_values(FLAGS[flag]).items()
@@ -79,9 +79,9 @@ def main(argv):
     gc.collect()
     return result
 
-  result = measure('config', _CONFIG.value)
+  result = measure_flag('config', _CONFIG.value)
   if _COMPARE.value is not None:
-    other = measure('compare', _COMPARE.value)
+    other = measure_flag('compare', _COMPARE.value)
     ratio = other['images_per_s'] / result['images_per_s']
     result = {'mode': FLAGS.mode, 'config': result, 'compare': other, 'ratio': ratio}
     logging.info('ratio (--compare images/s over --config images/s): %.3f', ratio)

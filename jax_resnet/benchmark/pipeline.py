@@ -13,7 +13,7 @@ from absl import logging
 
 from jax_resnet import parallel
 from jax_resnet.benchmark.synthetic import benchmark_step, epoch_s, train_functions
-from jax_resnet.configuration.options import from_config
+from jax_resnet.configuration.typed_options import from_config
 from jax_resnet.data.common import InputOptions
 from jax_resnet.training.timeline import Timeline
 
@@ -28,31 +28,34 @@ def benchmark_pipeline(
   dataset = sources.load_dataset(config, splits=('train',))
   info = dataset.info
   timeline = Timeline.from_config(config, max(info.num_train, config.batch_size))
-  source = 'device_data' if config.data_on_device else 'tf.data'
   make_batches = lambda: batching.global_train_batches(
     dataset, from_config(InputOptions, config), mesh, timeline.steps_per_epoch, 0
   )
+  input_s = _time_input(make_batches(), steps, warmup)
+  # The step alone, on synthetic data of the same shape.
+  step = benchmark_step(
+    config, steps, warmup, num_batches, info.num_classes, info.mean, info.std, info.image_shape
+  )
+  state, train_fn, _ = train_functions(
+    config, info.num_classes, info.mean, info.std, info.image_shape, mesh
+  )
+  loop_s = _time_loop(state, train_fn, make_batches(), steps, warmup)
+  images = steps * config.batch_size
+  return _pipeline_result(config, step, images / input_s, images / loop_s)
 
-  # Input alone: batches pulled and copied to the device, no step.
-  batches = make_batches()
+
+def _time_input(batches, steps: int, warmup: int) -> float:
+  """Seconds for ``steps`` batches pulled and copied to the device, no step."""
   for _ in range(warmup):
     jax.block_until_ready(next(batches))
   start = time.perf_counter()
   for _ in range(steps):
     jax.block_until_ready(next(batches))
-  input_s = time.perf_counter() - start
-  del batches
+  return time.perf_counter() - start
 
-  # Step alone, on synthetic data of the same shape.
-  step = benchmark_step(
-    config, steps, warmup, num_batches, info.num_classes, info.mean, info.std, info.image_shape
-  )
 
-  # The whole loop: the trainer's single-step loop, one sync at the end.
-  state, train_fn, _ = train_functions(
-    config, info.num_classes, info.mean, info.std, info.image_shape, mesh
-  )
-  batches = make_batches()
+def _time_loop(state, train_fn, batches, steps: int, warmup: int) -> float:
+  """Seconds for ``steps`` of the trainer's single-step loop, one sync at the end."""
   for _ in range(warmup):
     state, _ = train_fn(state, next(batches))
   jax.block_until_ready(state)
@@ -62,25 +65,24 @@ def benchmark_pipeline(
     state, metrics = train_fn(state, next(batches))
     totals = metrics if totals is None else totals.merge(metrics)
   jax.block_until_ready((state, totals))
-  loop_s = time.perf_counter() - start
-  del state, totals, batches
+  return time.perf_counter() - start
 
-  images = steps * config.batch_size
-  input_ips, loop_ips = images / input_s, images / loop_s
-  result = dict(step)
-  result.update(
-    {
-      'mode': 'pipeline',
-      'dataset': config.dataset,
-      'input_source': source,
-      'input_images_per_s': input_ips,
-      'step_images_per_s': step['images_per_s'],
-      'loop_images_per_s': loop_ips,
-      'images_per_s': loop_ips,
-      'epoch_s': epoch_s(config.dataset, loop_ips),
-      'bottleneck': 'input' if input_ips < step['images_per_s'] else 'step',
-    }
-  )
+
+def _pipeline_result(config, step: dict, input_ips: float, loop_ips: float) -> dict:
+  """The step's result with the input's and the loop's rates and the bottleneck named."""
+  source = 'device_data' if config.data_on_device else 'tf.data'
+  result = {
+    **step,
+    'mode': 'pipeline',
+    'dataset': config.dataset,
+    'input_source': source,
+    'input_images_per_s': input_ips,
+    'step_images_per_s': step['images_per_s'],
+    'loop_images_per_s': loop_ips,
+    'images_per_s': loop_ips,
+    'epoch_s': epoch_s(config.dataset, loop_ips),
+    'bottleneck': 'input' if input_ips < step['images_per_s'] else 'step',
+  }
   logging.info(
     '%s on %s (%s): input %.1f img/s, step %.1f img/s, loop %.1f img/s: bottleneck %s',
     config.model,

@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from jax_resnet import parallel
-from jax_resnet.configuration.options import from_config
+from jax_resnet.configuration.typed_options import from_config
 from jax_resnet.data.common import KNOWN_SIZES, InputOptions, imagenet_stats
 from jax_resnet.models import model_summary
 from jax_resnet.observe import profiling

@@ -41,9 +41,19 @@ def load(config, workdir, splits, class_names) -> Dataset:
   style = crop_style(config.train_crop, variable_size=shape[0] is None or shape[1] is None)
   channels = shape[-1] or 3
   decoders = {'image': tfds.decode.SkipDecoding()} if style == 'random_resized' else None
+  sources = _splits(builder, config, splits, decoders)
+  info = _describe(builder, config, sources, style, channels)
+  if style == 'pad':
+    return _decoded(config, info, sources)
+  return _encoded(config, info, sources, channels)
+
+
+def _splits(builder, config, splits, decoders) -> dict:
+  """{'train' and/or 'eval': this process's tf.data source}, or a NotFoundError saying how
+  to prepare a data set that is not."""
   wanted = {'train': config.train_split, 'eval': config.eval_split}
   try:
-    sources = {
+    return {
       what: _as_dataset(builder, wanted[what], train=what == 'train', decoders=decoders)
       for what in splits
     }
@@ -53,12 +63,15 @@ def load(config, workdir, splits, class_names) -> Dataset:
       f'{config.data_dir or "the default tfds data_dir"}. '
       f'{prepare_hint(config.dataset, config.data_dir)} ({e})'
     ) from None
+
+
+def _describe(builder, config, sources: dict, style: str, channels: int) -> DatasetInfo:
   label = builder.info.features['label']
   if config.dataset in KNOWN_STATS:
     mean, std = channel_stats(*KNOWN_STATS[config.dataset], channels)
   else:
     mean, std = imagenet_stats(channels)
-  info = DatasetInfo(
+  return DatasetInfo(
     num_classes=label.num_classes,
     num_train=_num_examples(builder, config.train_split, sources.get('train')),
     num_eval=_num_examples(builder, config.eval_split, sources.get('eval')),
@@ -71,6 +84,27 @@ def load(config, workdir, splits, class_names) -> Dataset:
     # Fixed-size sets go through resize_if_needed (antialiased); the others, eval_transform.
     resize_antialias=True if style == 'pad' else config.resize_antialias,
   )
+
+
+def _decoded(config, info: DatasetInfo, sources: dict) -> Dataset:
+  """A fixed-size set (CIFAR): decoded once, resized to image_size, cached."""
+  resize = lambda x: {
+    'image': resize_if_needed(x['image'], config.image_size),
+    'label': tf.cast(x['label'], tf.int32),
+  }
+  ready = {k: ds.map(resize, tf.data.AUTOTUNE) for k, ds in sources.items()}
+  if config.cache:
+    ready = {k: ds.cache() for k, ds in ready.items()}
+  return Dataset(
+    info,
+    train=ready.get('train'),
+    eval=ready.get('eval'),
+    train_transform=pad_transform(transform_options(config)),
+  )
+
+
+def _encoded(config, info: DatasetInfo, sources: dict, channels: int) -> Dataset:
+  """A variable-size set (ImageNet): encoded bytes, decoded inside the crop window."""
   # Encoded examples keep their file name (ImageNet has one) to name a file that does not
   # decode.
   as_int = lambda x: {
@@ -78,20 +112,6 @@ def load(config, workdir, splits, class_names) -> Dataset:
     'label': tf.cast(x['label'], tf.int32),
     **({'file_name': x['file_name']} if 'file_name' in x else {}),
   }
-  if style == 'pad':
-    resize = lambda x: {
-      'image': resize_if_needed(x['image'], config.image_size),
-      'label': tf.cast(x['label'], tf.int32),
-    }
-    ready = {k: ds.map(resize, tf.data.AUTOTUNE) for k, ds in sources.items()}
-    if config.cache:
-      ready = {k: ds.cache() for k, ds in ready.items()}
-    return Dataset(
-      info,
-      train=ready.get('train'),
-      eval=ready.get('eval'),
-      train_transform=pad_transform(transform_options(config)),
-    )
   ready = {k: ds.map(as_int) for k, ds in sources.items()}
   if config.cache:  # the encoded bytes: cheap to hold for CIFAR-sized sets, not for ImageNet
     ready = {k: ds.cache() for k, ds in ready.items()}

@@ -44,7 +44,7 @@ class TransformOptions:
 
 def transform_options(config) -> TransformOptions:
   """The host transforms' options, read from a config by field name."""
-  from jax_resnet.configuration.options import from_config
+  from jax_resnet.configuration.typed_options import from_config
 
   return from_config(TransformOptions, config)
 

@@ -52,7 +52,7 @@ def export_checkpoint(
     )
   # Before the checkpoint is read: a wrong path fails in a second, not after the restore.
   ensure_writable(path, 'the export')
-  run = saved_run.load(workdir, which, weights=weights)
+  run = saved_run.load_run(workdir, which, weights=weights)
   metadata = {**inference_metadata(run, export_format), 'weights': weights}
   variables = jax.tree.map(np.asarray, run.variables)
   if export_format == 'torchvision':

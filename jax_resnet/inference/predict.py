@@ -65,7 +65,7 @@ class Predictor:
   ) -> 'Predictor':
     """The ``which`` checkpoint ('best', 'latest' or a step) of a run, its trained
     weights or (``weights='ema'``) their average; only reads ``workdir``."""
-    run = saved_run.load(workdir, which, weights=weights)
+    run = saved_run.load_run(workdir, which, weights=weights)
     return cls(run.variables, export.inference_metadata(run), batch_size)
 
   @classmethod

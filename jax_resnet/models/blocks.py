@@ -201,8 +201,8 @@ def _pad_shortcut(x, filters, strides):
 def deep_stem(x, width, conv, norm):
   """ResNet-D's stem (He et al. 2019): three 3x3 convs of width / 2, width / 2 and width
   (32, 32, 64 for ImageNet widths, as timm's resnet*d), the first strided. They see more
-  of the image than the 7x7 conv (11 pixels), through two more non-linearities, for 6%
-  more FLOPs in ResNet-50 (XLA's count at 224x224)."""
+  of the image than the 7x7 conv (11 pixels), through two more non-linearities, for a few
+  percent more FLOPs."""
   for k, (features, strides) in enumerate(((width // 2, 2), (width // 2, 1), (width, 1))):
     x = conv(features, (3, 3), strides, padding=pad(3), name=f'stem_conv{k + 1}')(x)
     x = nn.relu(norm(name=f'stem_bn{k + 1}')(x))

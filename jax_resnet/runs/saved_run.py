@@ -16,8 +16,8 @@ from jax_resnet.data.common import DatasetInfo
 from jax_resnet.errors import ConfigError, TrainingError
 from jax_resnet.runs.checkpointing import Checkpoints
 from jax_resnet.training import build
-from jax_resnet.training.state import TrainState, ema_state
 from jax_resnet.training.timeline import Timeline
+from jax_resnet.training.train_state import TrainState, ema_state
 
 
 @dataclasses.dataclass
@@ -57,12 +57,12 @@ def abstract_state(config, info: DatasetInfo, mesh):
   return model, state
 
 
-# Which weights ``load`` returns: the trained ones, or their average (config.ema_decay).
+# Which weights ``load_run`` returns: the trained ones, or their average (config.ema_decay).
 # main.py's --weights takes these.
 WEIGHTS = ('raw', 'ema')
 
 
-def load(workdir: str, which: str | int = 'best', mesh=None, weights: str = 'raw') -> SavedRun:
+def load_run(workdir: str, which: str | int = 'best', mesh=None, weights: str = 'raw') -> SavedRun:
   """The run's ``which`` checkpoint ('best' (else the latest), 'latest' or a step);
   ``weights='ema'`` puts its averaged weights and statistics (config.ema_decay) in place
   of the trained ones."""

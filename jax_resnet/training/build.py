@@ -13,11 +13,11 @@ import ml_collections
 
 from jax_resnet import models
 from jax_resnet.augment.pipeline import AugmentOptions
-from jax_resnet.configuration.options import from_config
+from jax_resnet.configuration.typed_options import from_config
 from jax_resnet.training import optimizers, schedules
-from jax_resnet.training.state import TrainState, create_train_state
 from jax_resnet.training.step_functions import StepOptions
 from jax_resnet.training.timeline import Timeline
+from jax_resnet.training.train_state import TrainState, create_train_state
 
 HALF_PRECISION_DTYPES = {'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 _MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(models.ResNet))

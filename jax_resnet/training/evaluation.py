@@ -16,8 +16,8 @@ from jax_resnet.data.sources import Dataset, load_dataset
 from jax_resnet.observe import metric_writers
 from jax_resnet.runs import saved_run
 from jax_resnet.training import build
-from jax_resnet.training.state import ema_state
 from jax_resnet.training.step_functions import make_eval_step
+from jax_resnet.training.train_state import ema_state
 
 # Fields an evaluation may take from the command line rather than from the checkpoint:
 # which data to evaluate on and how to read it. Everything else (model, preprocessing
@@ -71,7 +71,7 @@ def evaluate_checkpoint(
   (``EVAL_DATA_FIELDS``), e.g. to evaluate on a folder of your own images.
   """
   mesh = parallel.create_mesh()
-  run = saved_run.load(workdir, which, mesh, weights)
+  run = saved_run.load_run(workdir, which, mesh, weights)
   config = eval_config(run.config, overrides or {})
   dataset = load_dataset(config, workdir, splits=('eval',), class_names=run.info.class_names)
   options = build.step_options(config, run.info.num_classes, run.info.mean, run.info.std)

@@ -19,7 +19,7 @@ from absl import logging
 
 from jax_resnet import parallel
 from jax_resnet.configuration import validation
-from jax_resnet.configuration.options import from_config
+from jax_resnet.configuration.typed_options import from_config
 from jax_resnet.data import batching
 from jax_resnet.data.common import InputOptions
 from jax_resnet.errors import TrainingError

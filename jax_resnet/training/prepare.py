@@ -22,9 +22,9 @@ from jax_resnet.errors import TrainingError
 from jax_resnet.runs.checkpointing import Checkpoints
 from jax_resnet.training import build, warm_start
 from jax_resnet.training.evaluation import Evaluator
-from jax_resnet.training.state import TrainState
 from jax_resnet.training.step_functions import Teacher, make_eval_step
 from jax_resnet.training.timeline import Timeline
+from jax_resnet.training.train_state import TrainState
 
 
 @dataclasses.dataclass

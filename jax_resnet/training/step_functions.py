@@ -21,7 +21,7 @@ from jax_resnet.augment import image_ops
 from jax_resnet.augment.pipeline import AugmentOptions, augment_batch, resize_images
 from jax_resnet.models import cpu_conv
 from jax_resnet.training import optimizers
-from jax_resnet.training.state import TrainState, ema_decay_at, update_ema
+from jax_resnet.training.train_state import TrainState, ema_decay_at, update_ema
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,7 +48,7 @@ class Source:
 def load_source(init_from: str, model_name: str, field: str = 'init_from') -> Source:
   workdir, which = split(init_from)
   if workdir is not None:
-    run = saved_run.load(workdir, which)
+    run = saved_run.load_run(workdir, which)
     return Source(
       jax.tree.map(np.asarray, run.variables),
       f'{workdir} ({which} checkpoint, step {run.step}, {run.config.model})',
@@ -204,7 +204,7 @@ def load_teacher(distill_from: str, num_classes: int, dtype):
 
   workdir, which = split(distill_from)
   if workdir is not None:
-    run = saved_run.load(workdir, which)
+    run = saved_run.load_run(workdir, which)
     name, options, variables = run.config.model, build.model_options(run.config), run.variables
     teacher_classes = run.info.num_classes
   elif not os.path.isfile(distill_from):
