@@ -7,6 +7,7 @@
   jax-resnet --workdir=DIR --mode=predict --predict_input=FILE|DIR|GLOB [...]
       [--predict_output=predictions.csv] [--top_k=5] [--predict_flip]
   jax-resnet --mode=predict --predict_from=EXPORT --predict_input=... [...]
+  jax-resnet --config=... --mode=check [--check_devices=8] [--check_platforms=cuda,tpu]
 
 ``jax-resnet``, ``python -m jax_resnet`` and ``python main.py`` (in a checkout) are the
 same command. Without ``--config`` the defaults (``configuration/defaults.py``) apply:
@@ -45,7 +46,21 @@ flags.DEFINE_string(
   None,
   'Directory for checkpoints and metrics (not needed for --mode=predict with --predict_from).',
 )
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'predict'], 'What to do.')
+flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'eval', 'export', 'predict', 'check'],
+  'What to do. check: will the config run on --check_devices devices of each of '
+  '--check_platforms? Answered here, without them, before an allocation.',
+)
+flags.DEFINE_integer(
+  'check_devices', 8, 'For check: the devices to check the config for.', lower_bound=1
+)
+flags.DEFINE_list(
+  'check_platforms',
+  ['cuda', 'tpu'],
+  'For check: the platforms to lower the steps for (any of cpu, cuda, rocm, tpu).',
+)
 flags.DEFINE_string(
   'checkpoint',
   None,
@@ -189,6 +204,8 @@ def initialize_distributed():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.mode == 'check':  # before JAX starts: CPU devices stand in for the checked ones
+    _stand_in_devices(FLAGS.check_devices)
   from jax_resnet.observe import logs  # after flag parsing: keeps --help fast
 
   logs.setup_console()
@@ -201,6 +218,7 @@ def main(argv):
     logs.attach_file(_log_dir())
     _use_compilation_cache(FLAGS.compilation_cache_dir)
     initialize_distributed()
+    _say_which_devices()
     metrics = _run_mode()
   except UserError as e:  # what the user can fix: one line, the detail in the log file
     print(f'error: {e} (log: {logs.log_path()})', file=logs.console())
@@ -215,6 +233,21 @@ def main(argv):
     print(f'stopped at step {metrics["stopped_at_step"]}; rerun the same command to resume')
     return
   print('final ' + '  '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items())))
+
+
+def _say_which_devices() -> None:
+  """One warning when an accelerator plugin is installed but JAX fell back to the CPU (a
+  driver too old for jax[cuda13], say). Training logs its devices when it starts."""
+  from jax_resnet import parallel
+
+  unused = parallel.unused_accelerator_plugins()
+  if unused and FLAGS.mode != 'check':  # check runs on CPU devices on purpose
+    logging.warning(
+      'JAX runs on the CPU although the %s plugin is installed: check the driver '
+      '(jax[cuda13] needs driver 580 or newer; install jax_resnet[cuda12] for older ones) '
+      "and that python -c 'import jax; print(jax.devices())' lists the accelerators.",
+      ' and '.join(unused),
+    )
 
 
 def _use_compilation_cache(directory: str) -> None:
@@ -249,6 +282,8 @@ def _run_mode():
     )
   if FLAGS.mode == 'predict':
     return _predict()
+  if FLAGS.mode == 'check':
+    return _check()
   from jax_resnet.inference import export
 
   path = FLAGS.export_path or os.path.join(
@@ -281,12 +316,32 @@ def _predict():
   return None
 
 
+def _stand_in_devices(count: int) -> None:
+  """``count`` CPU devices for --mode=check to lower for the checked platforms with (the
+  accelerators themselves are not needed, nor used if present)."""
+  flag = f'--xla_force_host_platform_device_count={count}'
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {flag}'.strip()
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+
+
+def _check():
+  """--mode=check: one line per finding on stdout; exit 1 on any failure."""
+  from jax_resnet.training import preflight
+
+  findings = preflight.check(FLAGS.config, FLAGS.check_devices, FLAGS.check_platforms)
+  text, passed = preflight.report(findings)
+  print(text, flush=True)
+  if not passed:
+    sys.exit(1)
+  return None
+
+
 def _log_dir() -> str | None:
   """The log file's folder: the workdir, except for predict, which writes only its CSV,
   and where the workdir is read-only (then the temp directory)."""
   if FLAGS.mode == 'train':
     return FLAGS.workdir
-  return None if FLAGS.mode == 'predict' else _writable(FLAGS.workdir)
+  return None if FLAGS.mode in ('predict', 'check') else _writable(FLAGS.workdir)
 
 
 def _writable(workdir: str) -> str | None:
@@ -301,6 +356,7 @@ def _parse_flags(argv):
   try:
     if _CONFIG_ERROR is not None:
       raise _CONFIG_ERROR
+    _importable_config_folder(argv)
     try:
       remaining = FLAGS(argv)
     except SystemExit as e:  # absl prints --help/--helpfull, then exits 1: asked for, 0
@@ -314,6 +370,17 @@ def _parse_flags(argv):
     _usage_error(str(e))
   except Exception as e:
     _usage_error(_config_problem(e, argv))
+
+
+def _importable_config_folder(argv) -> None:
+  """Experiment configs import their base (``from configs import default``): the folder
+  above a --config file's is put on the import path, so a checkout's configs load from
+  any directory."""
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if path:
+    above = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if above not in sys.path:
+      sys.path.append(above)
 
 
 HELP_FLAGS = ('--help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
@@ -334,7 +401,7 @@ def _flags_problem() -> str | None:
         '--predict_from predicts with the weights the export holds: drop --checkpoint and '
         '--weights, which chose them when it was exported.'
       )
-  elif FLAGS.workdir is None:
+  elif FLAGS.workdir is None and FLAGS.mode != 'check':
     return (
       '--workdir is required: the run directory (--mode=predict can read an export with '
       '--predict_from=FILE instead).'

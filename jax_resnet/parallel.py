@@ -59,6 +59,44 @@ def prefetch_to_device(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator
       queue.append(to_global(batch, mesh))
 
 
+# The PJRT plugins of jax's accelerator extras (jax[cuda13], jax[cuda12], jax[tpu], ROCm),
+# by the module each installs.
+ACCELERATOR_PLUGINS = {
+  'jax_cuda13_plugin': 'CUDA 13',
+  'jax_cuda12_plugin': 'CUDA 12',
+  'libtpu': 'TPU',
+  'jax_rocm7_plugin': 'ROCm',
+  'jax_rocm60_plugin': 'ROCm',
+}
+
+
+def describe_devices(devices=None) -> str:
+  """'8 x NVIDIA H100 80GB HBM3 (gpu)': what a run is about to use, for the start-up log."""
+  devices = jax.devices() if devices is None else devices
+  kinds = sorted({d.device_kind for d in devices})
+  return f'{len(devices)} x {", ".join(kinds)} ({devices[0].platform})'
+
+
+def unused_accelerator_plugins(devices=None) -> list[str]:
+  """The accelerator plugins installed while JAX runs on the CPU anyway (a driver too old
+  for the plugin, no device visible, ...): each an install that is silently not used."""
+  import importlib.util
+
+  devices = jax.devices() if devices is None else devices
+  if devices[0].platform != 'cpu':
+    return []
+  return [
+    name
+    for module, name in ACCELERATOR_PLUGINS.items()
+    if importlib.util.find_spec(module) is not None
+  ]
+
+
+def round_up_to_devices(global_batch_size: int, device_count: int) -> int:
+  """The smallest multiple of ``device_count`` at least ``global_batch_size``."""
+  return -(-global_batch_size // device_count) * device_count
+
+
 def check_divisible(global_batch_size: int, device_count: int, field: str) -> None:
   """A global batch must split evenly over the devices; the error suggests a size."""
   if global_batch_size <= 0 or global_batch_size % device_count:

@@ -22,13 +22,14 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 
 # The slowest test files first (seconds of a serial run on a 2-core CI machine: resume
-# about 350, configs 200, distributed 150, steps 120, main 90, benchmark 80, warm start
-# 60, models 50; the other files 5-40 each). pytest-xdist's `--dist loadfile` hands
-# whole files to its two workers in this order, so no large file starts last and the
-# workers finish together (pyproject.toml's addopts).
+# about 350, configs 200, preflight 75, parallel 150, step functions 120, cli 90,
+# benchmark 80, warm start 60, models 50; the other files 5-40 each). pytest-xdist's
+# `--dist loadfile` hands whole files to its two workers in this order, so no large file
+# starts last and the workers finish together (pyproject.toml's addopts).
 SLOWEST_FIRST = (
   'test_resume.py',
   'test_configs.py',
+  'test_preflight.py',
   'test_parallel.py',
   'test_step_functions.py',
   'test_cli.py',

@@ -40,13 +40,13 @@ def _check_fields(result):
   assert np.isfinite(result['train_loss'])
 
 
-# Runs the benchmark's CLI with TensorFlow, its datasets and TensorBoard made unimportable,
-# as on a GPU image that lacks them: synthetic mode must need none of them.
+# Runs the benchmark's CLI with TensorFlow, its datasets, TensorBoard and dm-pix made
+# unimportable, as on the GPU image, which lacks them: synthetic mode must need none.
 WITHOUT_TENSORFLOW = """
 import runpy, sys
 class NoTensorFlow:
   def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'tensorboard'):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'tensorboard', 'dm_pix'):
       raise ImportError(f'{name} is not installed here (blocked by the test)')
 sys.meta_path.insert(0, NoTensorFlow())
 runpy.run_module('jax_resnet.benchmark', run_name='__main__')

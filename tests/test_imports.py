@@ -22,7 +22,7 @@ def test_the_core_imports_with_tensorflow_unimportable():
   assert len(modules) > 10
   code = (
     'import sys\n'
-    'for name in ("tensorflow", "tensorflow_datasets", "tensorboard"):\n'
+    'for name in ("tensorflow", "tensorflow_datasets", "tensorboard", "dm_pix"):\n'
     '  sys.modules[name] = None  # import raises ImportError\n'
     'import importlib, pkgutil\n'
     f'for name in {modules!r}:\n'

@@ -108,7 +108,7 @@ def test_eight_devices_resume_on_one_and_back_close_to_an_uninterrupted_run(tmp_
       env=devices_env(devices),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f'on {devices} devices' in result.stderr
+    assert f'global batch 64 on {devices} x cpu (cpu)' in result.stderr
     stages.append(result.stderr)
   assert 'at step 8' in stages[1] and 'at step 16' in stages[2]
   assert max(train_losses(workdir)) == 24
@@ -178,3 +178,73 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   assert sorted(multi_losses) == sorted(single_losses) == [2, 4, 6]
   for step in single_losses:
     assert multi_losses[step] == pytest.approx(single_losses[step], rel=1e-5)
+
+
+def test_the_devices_are_described_and_an_unused_accelerator_plugin_is_named(monkeypatch):
+  """The start-up log says which devices run; a CUDA or TPU plugin installed beside a run
+  on the CPU is named, since JAX falls back to the CPU with one easily missed warning."""
+  import importlib.util
+
+  import jax
+
+  from jax_resnet import parallel
+
+  described = parallel.describe_devices()
+  assert described.startswith(f'{jax.device_count()} x ') and described.endswith('(cpu)')
+  installed = {'jax_cuda13_plugin'}
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util,
+    'find_spec',
+    lambda name, *a: object() if name in installed else find_spec(name, *a),
+  )
+  assert parallel.unused_accelerator_plugins() == ['CUDA 13']
+  installed.clear()
+  assert parallel.unused_accelerator_plugins() == []
+
+
+def test_eval_batches_round_up_to_the_devices_and_count_every_example_once(tmp_path):
+  """eval_batch_size=100 on 8 devices evaluates in batches of 104 (one log line); the
+  metrics over the 359 digits test images equal one device's in batches of 359."""
+  script = textwrap.dedent(
+    """
+    import json, sys, jax, numpy as np
+    from absl import logging
+    logging.set_verbosity(logging.INFO)
+    from helpers import train_setup
+    from jax_resnet import parallel
+    from jax_resnet.configuration import defaults
+    from jax_resnet.configuration import validation
+    from jax_resnet.data.sources import load_dataset
+    from jax_resnet.training.evaluation import Evaluator, eval_batch_size
+    config = defaults.get_config()
+    config.image_size, config.eval_batch_size = 8, 100
+    validation.validate(config, 8)  # the eval batch no longer has to divide
+    dataset = load_dataset(config, splits=('eval',))
+    info = dataset.info
+    out = {}
+    runs = (('eight', jax.devices(), 100), ('one', jax.devices()[:1], 359))
+    for name, devices, requested in runs:
+      mesh = parallel.create_mesh(devices)
+      built = train_setup(
+        config, image_shape=info.image_shape, mesh=mesh, mean=info.mean, std=info.std
+      )
+      batch = eval_batch_size(requested, mesh)
+      out[name] = {'batch': batch, **Evaluator(dataset, built.eval_fn, mesh, batch)(built.state)}
+    print(json.dumps(out))
+    """
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, f'{ROOT}/tests']), **devices_env(8)),
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out['eight']['batch'] == 104 and out['one']['batch'] == 359
+  assert 'config.eval_batch_size=100 rounded up to a multiple of the 8 devices' in result.stderr
+  for name in ('eval_loss', 'eval_top1', 'eval_top5'):
+    assert out['eight'][name] == pytest.approx(out['one'][name], rel=1e-5), name

@@ -247,3 +247,16 @@ def test_rand_augment_options():
   noisy = np.asarray(rand_augment(keys, images, 1, 15, magnitude_std=0.5))
   assert noisy.dtype == np.uint8
   assert 0 < (plain != noisy).any((1, 2, 3)).sum() < 64
+
+
+def test_grayscale_is_tensorflows_rec601_luma():
+  """The luma RandAugment's Color and Contrast blend towards, as tf.image.rgb_to_grayscale
+  computes it (the one function dm-pix served; the GPU image has no dm-pix)."""
+  from jax_resnet.data.tf_cpu import tf
+
+  rng = np.random.RandomState(3)
+  image = rng.randint(0, 256, (9, 7, 3)).astype(np.float32)
+  expected = tf.image.rgb_to_grayscale(tf.constant(image)).numpy()
+  got = np.asarray(ra._grayscale(jnp.asarray(image)))
+  assert got.shape == (9, 7, 1)
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-4)

@@ -118,8 +118,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
   _check_digits_classes(config)
   _check_recipe(config)
   if device_count is not None:
-    for field in ('batch_size', 'eval_batch_size'):
-      parallel.check_divisible(config[field], device_count, field)
+    # Eval batches are rounded up to a multiple instead (training.evaluation).
+    parallel.check_divisible(config.batch_size, device_count, 'batch_size')
 
 
 def _check_sizes(config) -> None:

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+CPU_ONLY_SCOPE = 'cpu_only_route'  # the name scope of every CPU-only formulation
 CPU_COMPILER_OPTIONS = {
   'xla_cpu_experimental_ynn_fusion_type': (
     'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
@@ -224,7 +225,19 @@ def routed_conv(
   if modes is None:
     return plain(lhs, rhs)
   fast = make_conv(strides, padding, *modes, precision, preferred_element_type)
-  return lax.platform_dependent(lhs, rhs, cpu=fast, default=lambda x, w: plain(x, w))
+  return lax.platform_dependent(lhs, rhs, cpu=_cpu_only(fast), default=lambda x, w: plain(x, w))
+
+
+def _cpu_only(fn):
+  """``fn`` under the name scope ``CPU_ONLY_SCOPE``, so that a lowered program shows whether
+  a CPU route reached it (``--mode=check`` refuses one in a GPU or TPU program)."""
+
+  @functools.wraps(fn)
+  def scoped(*args):
+    with jax.named_scope(CPU_ONLY_SCOPE):
+      return fn(*args)
+
+  return scoped
 
 
 def _max_pool_windows(x, window, strides, padding):
@@ -292,4 +305,4 @@ def max_pool(inputs, window_shape, strides=None, padding='VALID'):
     padding = lax.padtype_to_pads(inputs.shape[1:3], window, strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   fast = _make_max_pool(window, strides, padding)
-  return lax.platform_dependent(inputs, cpu=fast, default=plain)
+  return lax.platform_dependent(inputs, cpu=_cpu_only(fast), default=plain)

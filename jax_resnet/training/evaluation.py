@@ -37,6 +37,21 @@ EVAL_DATA_FIELDS = frozenset(
 )
 
 
+def eval_batch_size(requested: int, mesh) -> int:
+  """``config.eval_batch_size`` rounded up to a multiple of the device count (eval batches
+  are padded and masked, so every example still counts once), said in one log line."""
+  rounded = parallel.round_up_to_devices(requested, mesh.devices.size)
+  if rounded != requested:
+    logging.info(
+      'Evaluating in global batches of %d: config.eval_batch_size=%d rounded up to a '
+      'multiple of the %d devices (the padding is masked out).',
+      rounded,
+      requested,
+      mesh.devices.size,
+    )
+  return rounded
+
+
 class Evaluator:
   """Loss, top-1 and top-5 of a train state on one data set's eval split."""
 
@@ -76,7 +91,8 @@ def evaluate_checkpoint(
   dataset = load_dataset(config, workdir, splits=('eval',), class_names=run.info.class_names)
   options = build.step_options(config, run.info.num_classes, run.info.mean, run.info.std)
   eval_fn = make_eval_step(options, mesh)
-  metrics = Evaluator(dataset, eval_fn, mesh, config.eval_batch_size)(run.state)
+  batch = eval_batch_size(config.eval_batch_size, mesh)
+  metrics = Evaluator(dataset, eval_fn, mesh, batch)(run.state)
   if os.access(workdir, os.W_OK):
     writer = metric_writers.create_writer(workdir)
     writer.write_scalars(run.step, metrics)

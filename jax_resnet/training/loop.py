@@ -341,7 +341,7 @@ def _log_start(run: PreparedRun, writer) -> None:
     )
   logging.info(
     '%s on %s: %d train / %d eval examples, %d steps (%d per epoch), '
-    'global batch %d on %d devices in %d process(es).',
+    'global batch %d on %s in %d process(es).',
     config.model,
     config.dataset,
     info.num_train,
@@ -349,6 +349,6 @@ def _log_start(run: PreparedRun, writer) -> None:
     timeline.total_steps,
     timeline.steps_per_epoch,
     config.batch_size,
-    run.mesh.devices.size,
+    parallel.describe_devices(list(run.mesh.devices.flat)),
     jax.process_count(),
   )

@@ -21,7 +21,7 @@ from jax_resnet.data.sources import Dataset, load_dataset
 from jax_resnet.errors import TrainingError
 from jax_resnet.runs.checkpointing import Checkpoints
 from jax_resnet.training import build, warm_start
-from jax_resnet.training.evaluation import Evaluator
+from jax_resnet.training.evaluation import Evaluator, eval_batch_size
 from jax_resnet.training.step_functions import Teacher, make_eval_step
 from jax_resnet.training.timeline import Timeline
 from jax_resnet.training.train_state import TrainState
@@ -74,9 +74,10 @@ def prepare_run(
     state = warm_start.apply(state, source, info.class_names)
   options = build.step_options(config, info.num_classes, info.mean, info.std)
   eval_fn = make_eval_step(options, mesh)
-  evaluators = [Evaluator(dataset, eval_fn, mesh, config.eval_batch_size)]
+  batch = eval_batch_size(config.eval_batch_size, mesh)
+  evaluators = [Evaluator(dataset, eval_fn, mesh, batch)]
   if config.ema_decay:  # the averaged weights, beside the raw ones: eval_top1_ema, ...
-    evaluators.append(Evaluator(dataset, eval_fn, mesh, config.eval_batch_size, use_ema=True))
+    evaluators.append(Evaluator(dataset, eval_fn, mesh, batch, use_ema=True))
   teacher = None
   if config.distill_from:
     teacher = warm_start.load_teacher(
