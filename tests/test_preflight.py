@@ -100,14 +100,13 @@ def test_the_lowering_checks_can_fail(config):
 
   config.model, config.image_size = 'resnet18', 32  # 1x1 shortcuts and 2x2 maps: routed
   programs = preflight._Programs(config, preflight.data_shape(config), _mesh())
-  train = programs.lowered_findings
   cpu_text = _lowered_text(programs, 'cpu')
   assert cpu_conv.CPU_ONLY_SCOPE in cpu_text
   assert cpu_conv.CPU_ONLY_SCOPE not in _lowered_text(programs, 'cuda')
-  assert all(f.ok and 'all f32' in f.text for f in train('cuda'))
+  assert all(f.ok and 'all f32' in f.text for f in programs.lowered_findings(('cuda',)))
   config.half_precision = True
   half = preflight._Programs(config, preflight.data_shape(config), _mesh())
-  assert all(f.ok and 'all bf16' in f.text for f in half.lowered_findings('cuda'))
+  assert all(f.ok and 'all bf16' in f.text for f in half.lowered_findings(('cuda',)))
 
 
 def _mesh():

@@ -102,8 +102,7 @@ def check(
   data = data_shape(config)
   programs = _Programs(config, data, mesh)
   findings.append(Finding(True, f'data: {data.num_classes} classes, {data.source}'))
-  for platform in platforms:
-    findings += programs.lowered_findings(platform)
+  findings += programs.lowered_findings(platforms)
   findings += programs.memory_findings(devices)
   return findings
 
@@ -146,43 +145,57 @@ class _Programs:
     sizes = {resizing.size_at(e, epochs) for e in range(int(np.ceil(epochs)) + 1)}
     return sorted(sizes)
 
-  def lowered_findings(self, platform: str) -> list[Finding]:
+  def lowered_findings(self, platforms: Sequence[str]) -> list[Finding]:
+    """Each program traced once (per unrolling: the CPU runs k steps unrolled) and lowered
+    for each platform; the findings in platform order."""
     k = self.config.steps_per_dispatch
     expected = _MLIR_TYPES[jnp.dtype(build.compute_dtype(self.config)).name]
-    findings = []
-    for size in self.train_sizes():
-      train_fn = make_train_step(
-        self.options_at(size),
-        self.learning_rate_fn,
-        self.mesh,
-        steps_per_dispatch=k,
-        unroll=platform == 'cpu',
-      )
-      batch = self._batch(self.image_shape)
-      args = (self.state, batch if k == 1 else [batch] * k)
-      what = f'train step ({k} per dispatch' + (f', {size} px)' if size else ')')
-      findings.append(self._lowered(platform, what, train_fn, args, expected))
+    found = {platform: [] for platform in platforms}
+    # k steps a dispatch run unrolled on the CPU and rolled elsewhere: two programs.
+    groups = [(False, list(platforms))]
+    if k > 1 and 'cpu' in platforms:
+      groups = [(True, ['cpu']), (False, [p for p in platforms if p != 'cpu'])]
+    for unroll, chosen in groups:
+      if not chosen:
+        continue
+      for size in self.train_sizes():
+        train_fn = make_train_step(
+          self.options_at(size),
+          self.learning_rate_fn,
+          self.mesh,
+          steps_per_dispatch=k,
+          unroll=unroll,
+        )
+        batch = self._batch(self.image_shape)
+        args = (self.state, batch if k == 1 else [batch] * k)
+        what = f'train step ({k} per dispatch' + (f', {size} px)' if size else ')')
+        for platform, finding in self._lowered(chosen, what, train_fn, args, expected):
+          found[platform].append(finding)
     eval_fn = make_eval_step(self.options_at(0), self.mesh)
     args = (self.state, self._batch(self.image_shape, with_mask=True))
-    findings.append(self._lowered(platform, 'eval step', eval_fn, args, expected))
-    return findings
+    for platform, finding in self._lowered(platforms, 'eval step', eval_fn, args, expected):
+      found[platform].append(finding)
+    return [finding for platform in platforms for finding in found[platform]]
 
-  def _lowered(self, platform, what, fn, args, expected_dtype) -> Finding:
+  def _lowered(self, platforms, what, fn, args, expected_dtype):
+    """(platform, Finding) of ``fn`` traced once and lowered for each of ``platforms``."""
     try:
-      text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text(debug_info=True)
-    except Exception as e:  # what the platform cannot take: the finding, not a crash
-      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
-      return Finding(False, f'{platform}: {what} does not lower: {type(e).__name__}: {first}')
-    dtypes = _convolution_dtypes(text)
-    problems = []
-    if set(dtypes) - {expected_dtype}:
-      problems.append(f'convolutions in {dict(dtypes)}, expected {expected_dtype}')
-    if platform != 'cpu' and cpu_conv.CPU_ONLY_SCOPE in text:
-      problems.append(f'CPU-only routes ({cpu_conv.CPU_ONLY_SCOPE}) in the program')
-    if problems:
-      return Finding(False, f'{platform}: {what}: {"; ".join(problems)}')
-    count = sum(dtypes.values())
-    return Finding(True, f'{platform}: {what} lowers: {count} convolutions, all {expected_dtype}')
+      traced = fn.trace(*args)
+    except Exception as e:  # what the config cannot trace: the finding, not a crash
+      return [
+        (p, Finding(False, f'{p}: {what} does not trace: {_first_line(e)}')) for p in platforms
+      ]
+    out = []
+    for platform in platforms:
+      try:
+        text = traced.lower(lowering_platforms=(platform,)).as_text(debug_info=True)
+      except Exception as e:  # what the platform cannot take
+        out.append(
+          (platform, Finding(False, f'{platform}: {what} does not lower: {_first_line(e)}'))
+        )
+        continue
+      out.append((platform, _program_finding(platform, what, text, expected_dtype)))
+    return out
 
   def memory_findings(self, devices: int) -> list[Finding]:
     """Bytes per device: replicated state, the batch, the backward pass's activations."""
@@ -235,6 +248,26 @@ def activation_bytes(model, image_shape, per_device_batch: int) -> int:
 
 def _images(n: int, image_shape):
   return jax.ShapeDtypeStruct((n, *image_shape), jnp.float32)
+
+
+def _program_finding(platform: str, what: str, text: str, expected_dtype: str) -> Finding:
+  """A lowered program's convolutions are all in the compute dtype, and a GPU or TPU
+  program holds no CPU-only route."""
+  dtypes = _convolution_dtypes(text)
+  problems = []
+  if set(dtypes) - {expected_dtype}:
+    problems.append(f'convolutions in {dict(dtypes)}, expected {expected_dtype}')
+  if platform != 'cpu' and cpu_conv.CPU_ONLY_SCOPE in text:
+    problems.append(f'CPU-only routes ({cpu_conv.CPU_ONLY_SCOPE}) in the program')
+  if problems:
+    return Finding(False, f'{platform}: {what}: {"; ".join(problems)}')
+  count = sum(dtypes.values())
+  return Finding(True, f'{platform}: {what} lowers: {count} convolutions, all {expected_dtype}')
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return f'{type(error).__name__}: {text.splitlines()[0][:300] if text else ""}'
 
 
 def _convolution_dtypes(text: str) -> dict[str, int]:
