@@ -167,40 +167,6 @@ EXPORT_NAMES = {
 }
 
 
-def initialize_distributed():
-  """Starts JAX's multi-controller runtime when this is one of several processes.
-
-  Explicit flags or JAX_* variables win; otherwise SLURM jobs with several tasks and
-  multi-host TPU pods are detected by jax.distributed itself.
-  """
-  import jax
-
-  address = FLAGS.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
-  num = FLAGS.num_processes or int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None
-  pid = (
-    FLAGS.process_id
-    if FLAGS.process_id is not None
-    else (int(os.environ['JAX_PROCESS_ID']) if 'JAX_PROCESS_ID' in os.environ else None)
-  )
-  slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
-  tpu_pod = bool(os.environ.get('TPU_WORKER_HOSTNAMES', '').count(','))
-  if not (address or slurm or tpu_pod):
-    return
-  # CPU processes exchange collectives through gloo; GPUs and TPUs ignore this.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if address:
-    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
-  else:
-    jax.distributed.initialize()
-  logging.info(
-    'Process %d of %d, %d local devices of %d.',
-    jax.process_index(),
-    jax.process_count(),
-    jax.local_device_count(),
-    jax.device_count(),
-  )
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -217,7 +183,11 @@ def main(argv):
   try:
     logs.attach_file(_log_dir())
     _use_compilation_cache(FLAGS.compilation_cache_dir)
-    initialize_distributed()
+    from jax_resnet import parallel
+
+    parallel.initialize_distributed(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
     _say_which_devices()
     metrics = _run_mode()
   except UserError as e:  # what the user can fix: one line, the detail in the log file

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -68,6 +69,62 @@ ACCELERATOR_PLUGINS = {
   'jax_rocm7_plugin': 'ROCm',
   'jax_rocm60_plugin': 'ROCm',
 }
+
+
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> bool:
+  """Starts JAX's multi-controller runtime when this is one of several processes; whether
+  it did.
+
+  Explicit arguments or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
+  variables win; otherwise a SLURM job step of several tasks and a multi-host TPU pod are
+  detected by jax.distributed itself (SLURM: from SLURM_JOB_ID, SLURM_STEP_NODELIST,
+  SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID, with no flags).
+  """
+  import os
+
+  address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  num = num_processes or int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None
+  if process_id is None and 'JAX_PROCESS_ID' in os.environ:
+    process_id = int(os.environ['JAX_PROCESS_ID'])
+  slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
+  tpu_pod = bool(os.environ.get('TPU_WORKER_HOSTNAMES', '').count(','))
+  if not (address or slurm or tpu_pod):
+    return False
+  # CPU processes exchange collectives through gloo; GPUs and TPUs ignore this.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if address:
+    jax.distributed.initialize(
+      coordinator_address=address, num_processes=num, process_id=process_id
+    )
+  else:
+    jax.distributed.initialize()
+  logging.info(
+    'Process %d of %d, %d local devices of %d.',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
+  return True
+
+
+def processes_on_this_host() -> int:
+  """How many of the job's processes run on this host (one per GPU, typically); a
+  collective: every process calls it."""
+  if jax.process_count() == 1:
+    return 1
+  import socket
+  import zlib
+
+  from jax.experimental import multihost_utils
+
+  mine = zlib.crc32(socket.gethostname().encode())
+  hosts = np.asarray(multihost_utils.process_allgather(np.array(mine, np.int64)))
+  return int(np.sum(hosts == mine))
 
 
 def describe_devices(devices=None) -> str:

@@ -42,8 +42,10 @@ def train_setup(
   train_image_size: int = 0,
   mean=MEAN,
   std=STD,
+  bn_devices: int = 0,
 ):
-  """The state and jitted steps of ``config`` as the trainer builds them: a namespace of
+  """The state and jitted steps of ``config`` as the trainer builds them (``bn_devices``:
+  the devices per-device BatchNorm groups by, when not the mesh's): a namespace of
   ``state``, ``train_fn``, ``eval_fn``, ``learning_rate_fn``, ``options``, ``model``,
   ``mesh`` (a 10-step-epoch, 100-step timeline unless given)."""
   from jax_resnet import parallel
@@ -54,7 +56,7 @@ def train_setup(
   mesh = mesh or parallel.create_mesh()
   image_shape = tuple(image_shape or (config.image_size, config.image_size, 3))
   timeline = timeline or Timeline(10, 100)
-  model = build.model_from_config(config, num_classes)
+  model = build.model_from_config(config, num_classes, bn_devices or mesh.devices.size)
   state, learning_rate_fn = build.train_state_from_config(
     config, model, image_shape, timeline, mesh
   )

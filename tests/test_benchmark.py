@@ -123,6 +123,10 @@ def test_pipeline_mode_times_input_step_and_loop(config, data_on_device):
     if field != 'mode':
       assert isinstance(result[field], kind), (field, result[field])
   assert result['mode'] == 'pipeline' and result['dataset'] == 'digits'
+  assert result['input_cores'] >= 1
+  assert result['input_images_per_s_per_core'] == pytest.approx(
+    result['input_images_per_s'] / result['input_cores']
+  )
   assert result['input_source'] == ('device_data' if data_on_device else 'tf.data')
   for rate in ('input_images_per_s', 'step_images_per_s', 'loop_images_per_s'):
     assert result[rate] > 0, rate
@@ -185,3 +189,32 @@ def test_multi_step_equals_single_steps(config, unroll):
   expected, got = totals.compute(), multi_metrics.compute()
   for name in expected:
     np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-6)
+
+
+def _gpu_sh(tmp_path, python: str, stage: str = 'quick'):
+  env = dict(os.environ, OUT=str(tmp_path / 'out'), PYTHON=python, SMOKE='1')
+  return subprocess.run(
+    ['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh'), stage],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_gpu_script_fails_loudly(tmp_path):
+  """benchmarks/gpu.sh stops before any run when the benchmark cannot be imported, and
+  exits non-zero, counting them, when runs fail (here every run's process fails)."""
+  unimportable = _gpu_sh(tmp_path, 'false')
+  assert unimportable.returncode == 1
+  assert 'the benchmark cannot be imported' in unimportable.stderr
+  assert '== ' not in unimportable.stderr  # no run was started
+  failing_runs = tmp_path / 'python'
+  failing_runs.write_text(  # imports fine, every benchmark run fails
+    f'#!/bin/sh\nif [ "$1" = "-m" ]; then exit 3; fi\nexec {sys.executable} "$@"\n'
+  )
+  failing_runs.chmod(0o755)
+  result = _gpu_sh(tmp_path, str(failing_runs))
+  assert result.returncode == 1
+  assert result.stderr.count('FAILED') == 2 and '2 run(s) failed' in result.stderr

@@ -38,3 +38,30 @@ def test_eval_counts_every_example_exactly_once(config):
   assert sum(b['mask'].sum() for b in batches) == n
   labels = np.concatenate([b['label'][b['mask'] > 0] for b in batches])
   assert np.bincount(labels, minlength=10).sum() == n
+
+
+def test_the_next_epoch_starts_before_this_one_ends(config, monkeypatch):
+  """Its pipeline, and so its shuffle buffer, is started NEXT_EPOCH_LEAD batches before
+  the epoch ends (not rebuilt from empty after it), and the batches stay the same."""
+  ds = sources.load_dataset(config)
+  steps = ds.info.num_train // 32
+  options = input_options(config)
+  expected = [b for _, b in zip(range(steps + 2), batching.train_batches(ds, options, 32, steps))]
+  consumed, started = [0], []
+  original = batching._epoch_batches
+
+  def recording(*args):
+    started.append((args[-2], consumed[0]))  # (epoch, batches consumed when it started)
+    return original(*args)
+
+  monkeypatch.setattr(batching, '_epoch_batches', recording)
+  got = []
+  for _, batch in zip(range(steps + 2), batching.train_batches(ds, options, 32, steps)):
+    got.append(batch)
+    consumed[0] += 1
+  assert started[0] == (0, 0)
+  epoch, at = started[1]
+  assert epoch == 1 and at <= steps - batching.NEXT_EPOCH_LEAD + 1 < steps
+  for a, b in zip(got, expected):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])

@@ -289,9 +289,12 @@ def test_each_process_reads_a_disjoint_share_of_the_files(config, tmp_path, monk
   decodable file (the share is decided before any file is read)."""
   import jax
 
+  from jax_resnet import parallel
+
   folder_config(config, tmp_path)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   monkeypatch.setattr(folder, '_global_sum', lambda n: n)
+  monkeypatch.setattr(parallel, 'processes_on_this_host', lambda: 2)  # no collective here
   shares = []
   for index in range(2):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
@@ -337,3 +340,17 @@ def test_tiny_imagenet_layout(config, tmp_path):
   blue = images[..., 2].mean((1, 2)) > images[..., 0].mean((1, 2)) + 100
   assert (red | blue).all() and red.sum() == 3
   np.testing.assert_array_equal(labels, np.where(red, 0, 1))
+
+
+def test_input_threads_are_this_processs_cores_or_the_configs(config):
+  """tf.data's private pool: the process's cores divided by the processes on its host
+  (one here), or config.input_threads; the train and eval pipelines both."""
+  config.input_threads = 3
+  ds = sources.load_dataset(config)
+  for split in (ds.train, ds.eval):
+    assert split.options().threading.private_threadpool_size == 3
+  config.input_threads = 0
+  ds = sources.load_dataset(config)
+  cores = len(os.sched_getaffinity(0))
+  assert sources.default_input_threads() == cores
+  assert ds.train.options().threading.private_threadpool_size == cores

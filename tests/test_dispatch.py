@@ -123,3 +123,27 @@ def test_stepper_compiles_one_program_per_progressive_resizing_size(config, monk
   assert made == [8, 16]  # one compilation per size, in the ramp's order
   assert seen == [(8, 8), (16, 16)]  # traced once each, at that size
   assert len(stepper.hlo_texts()) == 2 and int(state.step) == 6
+
+
+def test_the_host_runs_at_most_the_limit_of_dispatches_ahead():
+  """After each dispatch the host waits for the one `limit` back (never the newest), so at
+  most `limit` dispatches are in flight; a sync at a log step empties the queue."""
+  from jax_resnet.training.dispatch import RunAhead
+
+  waited = []
+
+  class Dispatch:
+    def __init__(self, n):
+      self.n = n
+
+    def block_until_ready(self):
+      waited.append(self.n)
+      return self
+
+  run_ahead = RunAhead(limit=3)
+  for n in range(6):
+    run_ahead.add(Dispatch(n))
+  assert waited == [0, 1, 2]  # dispatches 3, 4 and 5 still in flight
+  run_ahead.clear()
+  run_ahead.add(Dispatch(6))
+  assert waited == [0, 1, 2]

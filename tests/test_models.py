@@ -396,3 +396,31 @@ def test_invalid_regularisers_are_refused():
   with pytest.raises(ValueError, match='se_ratio'):
     models.create_model('resnet20', 10, se_ratio=-0.1)
   models.create_model('plain20', 10, stochastic_depth_rate=0.0, se_ratio=1 / 16)
+
+
+def test_per_device_batchnorm_normalises_each_group_by_its_own_statistics():
+  """bn_groups=4 (config.bn_sync=False on 4 devices) gives each quarter of the batch what
+  the model computes on that quarter alone, and moves the running statistics by the mean
+  of the quarters' statistics; the variables are nn.BatchNorm's."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (8, 16, 16, 3))
+  plain = models.create_model('resnet20', 10, zero_init_residual=False)
+  grouped = models.create_model('resnet20', 10, zero_init_residual=False, bn_groups=4)
+  with jax.threefry_partitionable(False):
+    variables = jax.jit(lambda: plain.init(jax.random.PRNGKey(0), x[:1], train=False))()
+  assert jax.tree.structure(variables) == jax.tree.structure(abstract_variables(grouped, 16))
+  train = jax.jit(
+    lambda m, x: m.apply(variables, x, train=True, mutable=['batch_stats']), static_argnums=0
+  )
+  out, updates = train(grouped, x)
+  quarters = [train(plain, x[2 * i : 2 * i + 2]) for i in range(4)]
+  np.testing.assert_allclose(out, np.concatenate([q[0] for q in quarters]), rtol=2e-4, atol=2e-5)
+  mean_of_quarters = jax.tree.map(lambda *s: np.mean(s, axis=0), *[q[1] for q in quarters])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    updates,
+    mean_of_quarters,
+  )
+  whole, _ = train(plain, x)
+  assert float(jnp.abs(whole - out).max()) > 1e-3  # the grouping changes the outputs
+  evaluated = jax.jit(lambda m: m.apply(variables, x, train=False), static_argnums=0)
+  np.testing.assert_allclose(evaluated(grouped), evaluated(plain), rtol=1e-5, atol=1e-6)

@@ -44,6 +44,13 @@ def benchmark_pipeline(
   return _pipeline_result(config, step, images / input_s, images / loop_s)
 
 
+def input_cores() -> int:
+  """The CPU cores this process may run on (its affinity, as SLURM or taskset set it)."""
+  import os
+
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
 def _time_input(batches, steps: int, warmup: int) -> float:
   """Seconds for ``steps`` batches pulled and copied to the device, no step."""
   for _ in range(warmup):
@@ -77,6 +84,9 @@ def _pipeline_result(config, step: dict, input_ips: float, loop_ips: float) -> d
     'dataset': config.dataset,
     'input_source': source,
     'input_images_per_s': input_ips,
+    # The cores this process may use: what one GPU's input costs, per core.
+    'input_cores': input_cores(),
+    'input_images_per_s_per_core': input_ips / input_cores(),
     'step_images_per_s': step['images_per_s'],
     'loop_images_per_s': loop_ips,
     'images_per_s': loop_ips,
@@ -84,11 +94,13 @@ def _pipeline_result(config, step: dict, input_ips: float, loop_ips: float) -> d
     'bottleneck': 'input' if input_ips < step['images_per_s'] else 'step',
   }
   logging.info(
-    '%s on %s (%s): input %.1f img/s, step %.1f img/s, loop %.1f img/s: bottleneck %s',
+    '%s on %s (%s): input %.1f img/s (%.1f per core), step %.1f img/s, loop %.1f img/s: '
+    'bottleneck %s',
     config.model,
     config.dataset,
     source,
     input_ips,
+    result['input_images_per_s_per_core'],
     step['images_per_s'],
     loop_ips,
     result['bottleneck'],

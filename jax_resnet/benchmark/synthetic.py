@@ -234,7 +234,7 @@ def train_functions(config, num_classes: int, mean, std, image_shape, mesh):
   """(initial state, jitted single step, jitted step of ``config.steps_per_dispatch``
   steps) for the config, as the trainer builds them."""
   timeline = Timeline.from_config(config, max(_known_size(config.dataset)[0], config.batch_size))
-  model = build.model_from_config(config, num_classes)
+  model = build.model_from_config(config, num_classes, mesh.devices.size)
   state, learning_rate_fn = build.train_state_from_config(
     config, model, image_shape, timeline, mesh
   )

@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.freeze = ''  # '', 'backbone' (all but the head) or stages: 'stem,stage1,stage2'
   config.head_learning_rate_multiplier = 1.0  # the head's rate = this x the schedule's
   config.frozen_batchnorm = False  # BN uses running statistics in training too (small batches)
+  # BatchNorm statistics of the global batch (synchronised across devices); False: each
+  # device's own share (torchvision's and timm's default, no cross-device reductions).
+  config.bn_sync = True
 
   # Data: source.
   config.dataset = 'digits'  # 'digits' (embedded), 'folder' or a tensorflow-datasets name
@@ -56,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_on_device = False  # digits/CIFAR: whole uint8 set on the device, crop there
   config.shuffle_buffer = 50_000  # examples; clipped to the training-set size
   config.deterministic_input = True  # tf.data keeps order: bit-exact resume on CPU
+  # tf.data's threads per process; 0: this process's cores divided by the processes on its
+  # host (one process per GPU must not each autotune over every core).
+  config.input_threads = 0
 
   # Data: train augmentation on the host ('pad' for fixed-size sets, 'random_resized').
   config.train_crop = 'auto'  # 'auto': random_resized for variable-size images, else pad

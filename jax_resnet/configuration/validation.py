@@ -32,6 +32,7 @@ RESUME_SAFE_FIELDS = frozenset(
     'eval_batch_size',
     'data_dir',
     'deterministic_input',
+    'input_threads',
     'train_dir',
     'eval_dir',
     'eval_split',
@@ -40,6 +41,7 @@ RESUME_SAFE_FIELDS = frozenset(
     'data_on_device',
     'cache',
     'remat',
+    'bn_sync',
     'profile_steps',
     'profile_first_step',
     # Applied only at step 0: a run with its own checkpoint resumes that, whatever it was
@@ -59,6 +61,7 @@ POSITIVE = (
   'steps_per_dispatch',
 )
 NON_NEGATIVE = (
+  'input_threads',
   'num_train_steps',
   'checkpoint_every_steps',
   'checkpoint_every_epochs',

@@ -8,6 +8,8 @@ resume the examples before ``start_step`` are skipped before any read or decode.
 batches have a fixed shape: the tail is padded and masked, so each example counts once.
 """
 
+import concurrent.futures
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -29,6 +31,11 @@ NOT_IN_MEMORY = (
 )
 
 
+# How many batches before an epoch ends the next one's pipeline starts, in a thread: its
+# shuffle buffer fills while this epoch's last batches are consumed, not after.
+NEXT_EPOCH_LEAD = 16
+
+
 def train_batches(
   dataset: Dataset,
   options: InputOptions,
@@ -40,38 +47,67 @@ def train_batches(
 
   Each epoch is reshuffled with a seed derived from (options.seed, epoch). On resume,
   the examples before ``start_step`` are skipped before any read, decode or augmentation.
+  The next epoch's pipeline starts ``NEXT_EPOCH_LEAD`` batches before this one ends, so
+  its shuffle buffer is full when it is needed; the batches do not depend on when.
   """
   epoch, skip = divmod(start_step, steps_per_epoch)
+  start = lambda e, s: _started(
+    _epoch_batches(dataset, options, local_batch, steps_per_epoch, e, s)
+  )
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='next_epoch') as pool:
+    current = start(epoch, skip)
+    while True:
+      remaining = steps_per_epoch - skip
+      upcoming = None
+      for i, batch in enumerate(current):
+        if i == max(remaining - NEXT_EPOCH_LEAD, 0):
+          upcoming = pool.submit(start, epoch + 1, 0)
+        yield batch
+      epoch, skip = epoch + 1, 0
+      current = (upcoming or pool.submit(start, epoch, 0)).result()
+
+
+def _started(batches: Iterator[dict]) -> Iterator[dict]:
+  """``batches`` with its first batch already produced (the pipeline, its shuffle buffer
+  filled), then the rest."""
+  first = next(batches, None)
+  if first is None:
+    return iter(())
+  return itertools.chain([first], batches)
+
+
+def _epoch_batches(
+  dataset: Dataset, options: InputOptions, local_batch: int, steps_per_epoch: int, epoch, skip
+) -> Iterator[dict]:
+  """One epoch's batches from batch ``skip`` on: its shuffle, its share and augmentation."""
   tf_options = tf.data.Options()
   tf_options.deterministic = bool(options.deterministic_input)
   transform = dataset.train_transform
-  while True:
-    epoch_seed = shuffle_seed(options.seed, epoch)
-    ds = dataset.train.enumerate()
-    shards = 1 if dataset.replicated_train else jax.process_count()
-    per_step = local_batch * jax.process_count() // shards  # examples this stream gives
-    buffer = max(1, min(options.shuffle_buffer, dataset.info.num_train // shards))
-    ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-    # repeat(): a process whose shard is a little short (dropped files) wraps around
-    # instead of ending its epoch before the others.
-    ds = ds.repeat().take(steps_per_epoch * per_step).skip(skip * per_step)
-    if per_step != local_batch:  # replicated: keep this process's rows of each batch
-      rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
-      ds = ds.batch(per_step).map(
-        lambda index, example, rows=rows: (index[rows], {k: v[rows] for k, v in example.items()})
-      )
-      ds = ds.unbatch()
+  epoch_seed = shuffle_seed(options.seed, epoch)
+  ds = dataset.train.enumerate()
+  shards = 1 if dataset.replicated_train else jax.process_count()
+  per_step = local_batch * jax.process_count() // shards  # examples this stream gives
+  buffer = max(1, min(options.shuffle_buffer, dataset.info.num_train // shards))
+  ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+  # repeat(): a process whose shard is a little short (dropped files) wraps around
+  # instead of ending its epoch before the others.
+  ds = ds.repeat().take(steps_per_epoch * per_step).skip(skip * per_step)
+  if per_step != local_batch:  # replicated: keep this process's rows of each batch
+    rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
+    ds = ds.batch(per_step).map(
+      lambda index, example, rows=rows: (index[rows], {k: v[rows] for k, v in example.items()})
+    )
+    ds = ds.unbatch()
 
-    def augment(index, example, epoch_seed=epoch_seed):
-      seed = tf.stack([tf.constant(epoch_seed, tf.int64), tf.cast(index, tf.int64)])
-      return transform(example, seed)
+  def augment(index, example):
+    seed = tf.stack([tf.constant(epoch_seed, tf.int64), tf.cast(index, tf.int64)])
+    return transform(example, seed)
 
-    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    if dataset.decodes:  # a file that went bad after loading: skip it, never crash
-      ds = ds.ignore_errors(log_warning=True)
-    ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    yield from tfds.as_numpy(ds.with_options(tf_options))
-    epoch, skip = epoch + 1, 0
+  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  if dataset.decodes:  # a file that went bad after loading: skip it, never crash
+    ds = ds.ignore_errors(log_warning=True)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return iter(tfds.as_numpy(ds.with_options(tf_options)))
 
 
 def num_eval_steps(info: DatasetInfo, global_eval_batch: int) -> int:

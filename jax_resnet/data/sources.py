@@ -55,4 +55,24 @@ def load_dataset(
     from jax_resnet.data import folder as source
   else:
     from jax_resnet.data import tfds_source as source
-  return source.load(config, workdir, tuple(splits), tuple(class_names))
+  dataset = source.load(config, workdir, tuple(splits), tuple(class_names))
+  return with_threads(dataset, config.input_threads or default_input_threads())
+
+
+def default_input_threads() -> int:
+  """This process's cores (its affinity, as SLURM or taskset set it) divided by the
+  processes on its host, at least one."""
+  import os
+
+  from jax_resnet import parallel
+
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(1, cores // parallel.processes_on_this_host())
+
+
+def with_threads(dataset: Dataset, threads: int) -> Dataset:
+  """``dataset`` whose pipelines run on a private pool of ``threads`` threads."""
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = int(threads)
+  sized = lambda ds: None if ds is None else ds.with_options(options)
+  return dataclasses.replace(dataset, train=sized(dataset.train), eval=sized(dataset.eval))

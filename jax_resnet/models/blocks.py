@@ -215,3 +215,49 @@ def drop_path_rates(rate: float, stage_sizes: Sequence[int]) -> list[float]:
   safer to skip. Huang et al. use (b + 1) / B (the first block is dropped a little too)."""
   total = sum(stage_sizes)
   return [rate * b / max(total - 1, 1) for b in range(total)]
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm whose batch statistics are each group's own (named as ``nn.BatchNorm``, so
+  that its modules' automatic names, ``BatchNorm_0``, ..., are too): with the global batch split
+  over the devices and one group per device, every device normalises by its own share's
+  statistics (torchvision's and timm's default without SyncBatchNorm), so the forward and
+  backward passes need no cross-device reduction. The running statistics, one replicated
+  set, move by the mean of the groups' statistics. Its variables are ``nn.BatchNorm``'s
+  (``scale``, ``bias``; ``mean``, ``var``), so checkpoints and exports do not change, and in
+  inference it is ``nn.BatchNorm``. Statistics in float32, the variance as E[x^2] - E[x]^2,
+  as flax computes them.
+  """
+
+  groups: int
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  scale_init: Any = nn.initializers.ones
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    scale = self.param('scale', self.scale_init, (channels,), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (channels,), self.param_dtype)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((channels,), jnp.float32))
+    x32 = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+      shaped = x32
+    else:
+      shaped = x32.reshape(self.groups, x.shape[0] // self.groups, *x.shape[1:])
+      axes = tuple(range(1, shaped.ndim - 1))
+      mean = jnp.mean(shaped, axis=axes, keepdims=True)
+      var = jnp.maximum(jnp.mean(jnp.square(shaped), axis=axes, keepdims=True) - mean**2, 0)
+      if not self.is_initializing():
+        group_mean = lambda s: jnp.mean(s.reshape(self.groups, channels), axis=0)
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * group_mean(mean)
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * group_mean(var)
+    y = (shaped - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32))
+    y = (y + bias.astype(jnp.float32)).reshape(x.shape)
+    return y.astype(self.dtype or x.dtype)

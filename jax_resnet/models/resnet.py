@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jax_resnet.models import cpu_conv
+from jax_resnet.models import blocks, cpu_conv
 from jax_resnet.models.blocks import deep_stem, drop_path_rates, pad
 
 ModuleDef = Any
@@ -77,6 +77,9 @@ class ResNet(nn.Module):
   # BatchNorm normalises with its running statistics in training too and leaves them as
   # they are (fine-tuning with small batches, whose own statistics are too noisy).
   frozen_batchnorm: bool = False
+  # Groups of the batch, each normalised by its own statistics in training (one per device
+  # for per-device BatchNorm, config.bn_sync=False); 1: the whole batch's (synchronised).
+  bn_groups: int = 1
 
   def __post_init__(self):
     _check_options(self.residual, self.se_ratio, self.stochastic_depth_rate)
@@ -96,7 +99,7 @@ class ResNet(nn.Module):
       conv_general_dilated=cpu_conv.routed_conv,
     )
     norm = functools.partial(
-      nn.BatchNorm,
+      nn.BatchNorm if self.bn_groups == 1 else functools.partial(blocks.BatchNorm, self.bn_groups),
       use_running_average=not train or self.frozen_batchnorm,
       momentum=self.bn_momentum,
       epsilon=self.bn_epsilon,

@@ -39,10 +39,19 @@ def model_options(config: ml_collections.ConfigDict) -> dict:
   return options
 
 
-def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
-  """The config's model with a ``num_classes``-way head, in the config's compute dtype."""
+def model_from_config(
+  config: ml_collections.ConfigDict, num_classes: int, devices: int = 1
+) -> models.ResNet:
+  """The config's model with a ``num_classes``-way head, in the config's compute dtype;
+  trained on ``devices`` devices (with ``config.bn_sync`` off, BatchNorm's statistics are
+  then each device's own share's)."""
+  groups = 1 if config.bn_sync else devices
   return models.create_model(
-    config.model, num_classes, dtype=compute_dtype(config), **model_options(config)
+    config.model,
+    num_classes,
+    dtype=compute_dtype(config),
+    bn_groups=groups,
+    **model_options(config),
   )
 
 

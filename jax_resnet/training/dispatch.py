@@ -8,9 +8,11 @@ compiled ahead of time per (k, training image size); ``ProgressiveResizing`` giv
 size per epoch.
 """
 
+import collections
 import dataclasses
 from collections.abc import Callable
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -106,6 +108,27 @@ class ProgressiveResizing:
     multiple = self.progressive_resizing_multiple
     size = int(round(size / multiple)) * multiple
     return int(min(max(size, min(start, end)), max(start, end)))
+
+
+class RunAhead:
+  """Bounds how far the host dispatches ahead of the device between syncs: each queued
+  dispatch holds its batch on the device (154 MB for 1,024 ImageNet images). After a
+  dispatch, ``add`` waits for the one ``limit`` dispatches back, never the newest, so the
+  device always has ``limit`` dispatches queued and never idles for it."""
+
+  def __init__(self, limit: int = 4):
+    self.limit = limit
+    self._queued = collections.deque()
+
+  def add(self, outputs) -> None:
+    """``outputs``: a dispatch's outputs (its metrics: small, done when it is)."""
+    self._queued.append(outputs)
+    while len(self._queued) > self.limit:
+      jax.block_until_ready(self._queued.popleft())
+
+  def clear(self) -> None:
+    """After a sync at a log, eval or checkpoint step nothing is left in flight."""
+    self._queued.clear()
 
 
 class Stepper:

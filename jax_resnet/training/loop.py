@@ -27,7 +27,13 @@ from jax_resnet.models import model_summary
 from jax_resnet.observe import metric_writers, plot, profiling, progress
 from jax_resnet.runs import workdirs
 from jax_resnet.training import build, preemption
-from jax_resnet.training.dispatch import Events, ProgressiveResizing, StepActions, Stepper
+from jax_resnet.training.dispatch import (
+  Events,
+  ProgressiveResizing,
+  RunAhead,
+  StepActions,
+  Stepper,
+)
 from jax_resnet.training.prepare import PreparedRun, prepare_run
 from jax_resnet.training.timeline import Every
 
@@ -130,6 +136,7 @@ class _LoopParts(typing.NamedTuple):
   profiler: profiling.StepProfiler
   bar: progress.Progress
   totals: '_TrainTotals'
+  run_ahead: RunAhead
 
   @classmethod
   def start(cls, run: PreparedRun, clock: profiling.RunClock) -> '_LoopParts':
@@ -170,7 +177,7 @@ class _LoopParts(typing.NamedTuple):
       config.checkpoint_every_steps,
       config.checkpoint_every_epochs,
     )
-    return cls(writer, batches, events, run_steps, profiler, bar, _TrainTotals())
+    return cls(writer, batches, events, run_steps, profiler, bar, _TrainTotals(), RunAhead())
 
 
 def _dispatch(run: PreparedRun, parts: _LoopParts, state, step: int, clock):
@@ -188,6 +195,7 @@ def _dispatch(run: PreparedRun, parts: _LoopParts, state, step: int, clock):
     parts.profiler.after(step, state)
   with clock.part('steps'):  # merged on the device; can wait when the host runs ahead
     parts.totals.add(step_metrics)
+    parts.run_ahead.add(step_metrics)
   return state, step
 
 
@@ -197,6 +205,7 @@ def _handle(actions: StepActions, run: PreparedRun, parts: _LoopParts, state, st
   if actions.read_metrics:
     with clock.part('steps'):  # waits for the dispatched steps
       scalars = parts.totals.read(step, run.workdir)
+    parts.run_ahead.clear()
   if actions.log:
     with clock.part('logging'):
       parts.writer.write_scalars(step, scalars)

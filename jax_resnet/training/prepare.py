@@ -63,7 +63,7 @@ def prepare_run(
   dataset = load_dataset(config, workdir)
   info = dataset.info
   timeline = Timeline.from_config(config, info.num_train)
-  model = build.model_from_config(config, info.num_classes)
+  model = build.model_from_config(config, info.num_classes, mesh.devices.size)
   state, learning_rate_fn = build.train_state_from_config(
     config, model, info.image_shape, timeline, mesh
   )
