@@ -200,9 +200,18 @@ def main(argv):
   if metrics is None:
     return
   if 'stopped_at_step' in metrics:
-    print(f'stopped at step {metrics["stopped_at_step"]}; rerun the same command to resume')
+    _say(f'stopped at step {metrics["stopped_at_step"]}; rerun the same command to resume')
     return
-  print('final ' + '  '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items())))
+  _say('final ' + '  '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items())))
+
+
+def _say(text: str) -> None:
+  """A result line on stdout; a closed stdout (a pipe into ``head``, the parent shell gone)
+  does not turn a finished run into a traceback."""
+  try:
+    print(text, flush=True)
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing flushes later
 
 
 def _say_which_devices() -> None:
@@ -262,7 +271,7 @@ def _run_mode():
   export.export_checkpoint(
     FLAGS.workdir, path, _which(FLAGS.checkpoint or 'latest'), FLAGS.export_format, FLAGS.weights
   )
-  print(f'exported {path}')
+  _say(f'exported {path}')
   return None
 
 
@@ -282,7 +291,7 @@ def _predict():
   )
   skipped = summary['num_skipped']
   note = f'; skipped {skipped} that cannot be decoded (named above)' if skipped else ''
-  print(f'predicted {summary["num_images"]} images into {summary["output_csv"]}{note}')
+  _say(f'predicted {summary["num_images"]} images into {summary["output_csv"]}{note}')
   return None
 
 
@@ -300,7 +309,7 @@ def _check():
 
   findings = preflight.check(FLAGS.config, FLAGS.check_devices, FLAGS.check_platforms)
   text, passed = preflight.report(findings)
-  print(text, flush=True)
+  _say(text)
   if not passed:
     sys.exit(1)
   return None
@@ -311,7 +320,9 @@ def _log_dir() -> str | None:
   and where the workdir is read-only (then the temp directory)."""
   if FLAGS.mode == 'train':
     return FLAGS.workdir
-  return None if FLAGS.mode in ('predict', 'check') else _writable(FLAGS.workdir)
+  if FLAGS.mode == 'check' or FLAGS.workdir is None:  # predict from an export: no workdir
+    return None
+  return _writable(FLAGS.workdir)
 
 
 def _writable(workdir: str) -> str | None:
@@ -376,6 +387,10 @@ def _flags_problem() -> str | None:
       '--workdir is required: the run directory (--mode=predict can read an export with '
       '--predict_from=FILE instead).'
     )
+  if FLAGS.checkpoint is not None and not (
+    FLAGS.checkpoint in ('best', 'latest') or FLAGS.checkpoint.isdigit()
+  ):
+    return f'--checkpoint={FLAGS.checkpoint}: must be best, latest or a step number.'
   from jax_resnet.runs import saved_run  # only here, after parsing: keeps --help fast
 
   if FLAGS.weights not in saved_run.WEIGHTS:
@@ -388,6 +403,9 @@ def _config_problem(error: Exception, argv) -> str:
   root = error
   while root.__cause__ is not None:
     root = root.__cause__
+  if 'get_config' in str(root):
+    path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+    return f'--config={path} has no get_config() function returning the config.'
   if isinstance(root, FileNotFoundError) or 'Failed loading config file' in str(error):
     path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
     return f'--config={path}: no such config file (a Python file with get_config()).'

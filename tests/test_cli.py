@@ -191,3 +191,56 @@ def test_a_finished_run_exports_and_evaluates_from_another_directory_without_con
   )
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert 'final eval_loss' in evaluated.stdout
+
+
+def _console_error(result) -> str:
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 1 and len(lines) == 1 and 'Traceback' not in result.stderr, lines
+  return lines[0]
+
+
+def test_bad_arguments_are_one_line_each(tmp_path):
+  """A misspelt --checkpoint, a config file without get_config and a cut-short export are
+  each one line naming the fix (each was a traceback of 16 to 26 lines)."""
+  line = _console_error(run_main([f'--workdir={tmp_path}', '--mode=eval', '--checkpoint=lastest']))
+  assert '--checkpoint=lastest: must be best, latest or a step number' in line
+  config = tmp_path / 'no_get_config.py'
+  config.write_text('CONFIG = {}\n')
+  line = _console_error(run_main([f'--config={config}', f'--workdir={tmp_path}']))
+  assert f'--config={config} has no get_config() function' in line
+  cut = tmp_path / 'cut.safetensors'
+  import numpy as np
+
+  from jax_resnet.models import torchvision_layout
+
+  torchvision_layout.save_safetensors(str(cut), {'w': np.ones((64, 64), np.float32)}, {})
+  cut.write_bytes(cut.read_bytes()[:-1000])
+  line = _console_error(
+    run_main(
+      ['--mode=predict', f'--predict_from={cut}', f'--predict_input={tmp_path}'],
+      cwd=str(tmp_path),
+    )
+  )
+  assert 'cannot be read as a safetensors file' in line
+
+
+def test_a_closed_stdout_is_not_a_traceback(tmp_path):
+  """The parent shell gone, or a pipe into head: the result line cannot be printed, and
+  the run still ends cleanly, without a traceback or pages of logging errors."""
+  import subprocess
+  import sys
+
+  from helpers import ROOT
+
+  proc = subprocess.Popen(
+    [sys.executable, os.path.join(ROOT, 'main.py'), '--mode=check', '--check_devices=1']
+    + ['--check_platforms=cpu'],
+    cwd=str(tmp_path),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  proc.stdout.close()  # nothing reads what it prints
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'Traceback' not in err and 'Logging error' not in err

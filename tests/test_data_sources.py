@@ -68,8 +68,13 @@ def test_folder_dataset_converts_modes_and_skips_corrupt_files(
   assert ds.info.num_classes == 3 and ds.info.image_shape == (32, 32, 3)
   assert ds.num_skipped == {'train': 1, 'eval': 0}
   assert 'corrupt.jpg' in caplog.text
+  # Loading writes no class index: training writes it once a checkpoint accepted the
+  # classes (tests/test_resume.py renames a class folder under a run).
+  assert not (workdir / CLASS_INDEX_FILE).exists()
+  folder.write_class_index(str(workdir), ds.info.class_names)
   with open(workdir / CLASS_INDEX_FILE) as f:
     assert json.load(f) == {'class_0': 0, 'class_1': 1, 'class_2': 2}
+  assert [p.name for p in workdir.iterdir() if 'partial' in p.name] == []
   # A restart reuses the verdicts recorded in the workdir instead of reading every file.
   monkeypatch.setattr(folder, '_check_image', lambda path: pytest.fail(path))
   caplog.clear()
@@ -172,22 +177,20 @@ def test_folder_trains_through_main(tmp_path):
   photo_folder(tmp_path / 'train')
   photo_folder(tmp_path / 'eval', per_class=(3, 2, 2), seed=1, extras=False)
   workdir = tmp_path / 'run'
-  result = run_main(
-    [
-      '--config=configs/default.py',
-      f'--workdir={workdir}',
-      '--config.dataset=folder',
-      f'--config.train_dir={tmp_path / "train"}',
-      f'--config.eval_dir={tmp_path / "eval"}',
-      '--config.model=resnet18',
-      '--config.image_size=32',
-      '--config.random_crop_pad=0',
-      '--config.batch_size=8',
-      '--config.eval_batch_size=4',
-      '--config.num_train_steps=3',
-      '--config.log_every_steps=1',
-    ]
-  )
+  args = [
+    '--config=configs/default.py',
+    f'--workdir={workdir}',
+    '--config.dataset=folder',
+    f'--config.train_dir={tmp_path / "train"}',
+    f'--config.eval_dir={tmp_path / "eval"}',
+    '--config.model=resnet18',
+    '--config.image_size=32',
+    '--config.random_crop_pad=0',
+    '--config.batch_size=8',
+    '--config.eval_batch_size=4',
+    '--config.log_every_steps=1',
+  ]
+  result = run_main([*args, '--config.num_train_steps=3'])
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'corrupt.jpg' in result.stderr
   assert (workdir / CLASS_INDEX_FILE).exists()
@@ -197,6 +200,20 @@ def test_folder_trains_through_main(tmp_path):
     records = [json.loads(line) for line in f]
   assert max(r['step'] for r in records) == 3
   assert any('eval_top1' in r for r in records)
+
+  # A class folder renamed under the run: resuming would relabel every example after it
+  # (class_1 -> zebra moves classes 1 and 2 down), so it is refused and nothing rewritten.
+  index_before = (workdir / CLASS_INDEX_FILE).read_text()
+  for split in ('train', 'eval'):
+    (tmp_path / split / 'class_1').rename(tmp_path / split / 'zebra')
+  renamed = run_main([*args, '--config.num_train_steps=6'])
+  lines = [line for line in renamed.stderr.splitlines() if line.startswith('error:')]
+  assert renamed.returncode == 1 and len(lines) == 1, renamed.stderr[-3000:]
+  assert "classes are not the checkpoint's" in lines[0]
+  assert '(class_0, class_1, class_2)' in lines[0] and '(class_0, class_2, zebra)' in lines[0]
+  assert (workdir / CLASS_INDEX_FILE).read_text() == index_before
+  for split in ('train', 'eval'):
+    (tmp_path / split / 'zebra').rename(tmp_path / split / 'class_1')
 
   # The README's evaluation on a folder of your own, the run's images gone: the classes
   # come from the run, not a train_dir, and the folder may hold a subset of them.
@@ -215,13 +232,15 @@ def test_folder_trains_through_main(tmp_path):
   )
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   reported = dict(zip(*[iter(evaluated.stdout.split('final ')[-1].split())] * 2))
-  with open(workdir / 'metrics.jsonl') as f:
-    after = [json.loads(line) for line in f]
-  assert len(after) == len(records) + 1 and after[-1]['step'] == 3
-  top1 = after[-1]['eval_top1']
+  with open(workdir / 'metrics.jsonl') as f:  # the training history: untouched
+    assert [json.loads(line) for line in f] == records
+  with open(workdir / 'evals.jsonl') as f:  # eval mode's own record, naming the data
+    (record,) = [json.loads(line) for line in f]
+  assert record['step'] == 3 and record['data']['eval_dir'] == str(mine)
+  top1 = record['eval_top1']
   assert float(reported['eval_top1']) == pytest.approx(top1, abs=1e-4)
   assert round(top1 * 5, 4) == round(top1 * 5)  # a fraction of the 5 images of `mine`
-  assert {'eval_loss', 'eval_top5'} <= set(after[-1])
+  assert {'eval_loss', 'eval_top5'} <= set(record)
 
   # Export needs nothing but the checkpoint: the model and its classes come from the
   # checkpoint's own config and data description.
@@ -354,3 +373,13 @@ def test_input_threads_are_this_processs_cores_or_the_configs(config):
   cores = len(os.sched_getaffinity(0))
   assert sources.default_input_threads() == cores
   assert ds.train.options().threading.private_threadpool_size == cores
+
+
+def test_a_fifo_in_a_class_folder_is_skipped_not_read(config, tmp_path, caplog):
+  """A FIFO named pipe.png would block the start-up scan forever: only regular files are
+  images."""
+  train_n, _ = folder_config(config, tmp_path)
+  os.mkfifo(tmp_path / 'train' / 'class_0' / 'pipe.png')
+  ds = sources.load_dataset(config)
+  assert ds.info.num_train == train_n
+  assert 'pipe.png: not a regular file' in caplog.text

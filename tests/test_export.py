@@ -7,6 +7,7 @@ ResNet-18 checkpoint that torchvision's format needs is written directly
 (``write_checkpoint``) rather than trained.
 """
 
+import hashlib
 import json
 import os
 
@@ -163,7 +164,11 @@ def test_export_reads_back_bit_for_bit_with_complete_metadata(digits_run, tmp_pa
     with open(path, 'rb') as f:
       assert_identical(serialization.msgpack_restore(f.read()), variables)
     with open(path + '.json') as f:
-      assert json.load(f) == metadata
+      sidecar = json.load(f)
+    # The sidecar names the weights it describes, so a pair from two exports is refused.
+    with open(path, 'rb') as f:
+      assert sidecar.pop('weights_sha256') == hashlib.sha256(f.read()).hexdigest()
+    assert sidecar == metadata
   else:
     assert 'params/stage1_block1/Conv_0/kernel' in tw.load_safetensors(path)[0]
 
@@ -365,3 +370,29 @@ def test_torchvision_export_whose_tensors_are_another_model_is_a_user_error(tmp_
     export.read_export(path)
   assert isinstance(error.value, UserError)
   assert 'layer1.2.conv1.weight: expected (64, 64, 3, 3), found nothing' in str(error.value)
+
+
+def test_a_msgpack_export_and_the_sidecar_of_another_are_refused(tmp_path):
+  """The sidecar carries the digest of the weights it describes: a pair left mixed by an
+  export cut short between its two files is one error, never read as one export."""
+  rng = np.random.default_rng(0)
+  paths = []
+  for name in ('first', 'second'):
+    variables = {'params': {'head': {'kernel': rng.normal(size=(4, 3)).astype(np.float32)}}}
+    path = str(tmp_path / f'{name}.msgpack')
+    export.write_msgpack(variables, path, {'model': 'resnet20', 'num_classes': 3})
+    paths.append(path)
+  assert export.read_export(paths[0])[1] == {'model': 'resnet20', 'num_classes': 3}
+  os.replace(paths[1], paths[0])  # the second's weights beside the first's sidecar
+  with pytest.raises(UserError, match='describes other weights'):
+    export.read_export(paths[0])
+
+
+def test_a_truncated_safetensors_file_is_one_user_error(tmp_path):
+
+  path = tmp_path / 'model.safetensors'
+  tw.save_safetensors(str(path), {'w': np.ones((64, 64), np.float32)}, {})
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) - 1000])  # cut short in the tensor data
+  with pytest.raises(UserError, match='cannot be read as a safetensors file'):
+    export.read_export(str(path))

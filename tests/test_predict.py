@@ -171,6 +171,9 @@ def test_main_predicts_from_a_workdir_and_from_an_export(
     check_csv(rows[source], num_images, TOP_K, [str(d) for d in range(10)])
     assert csv_accuracy(rows[source]) == pytest.approx(eval_top1(digits_run, step), abs=ONE_IMAGE)
   assert rows['export'] == rows['workdir']
+  # The log of a predict from a writable workdir is the workdir's (it went to a temp file).
+  with open(os.path.join(digits_run, 'jax_resnet.log')) as f:
+    assert f'--predict_output={tmp_path / "workdir.csv"}' in f.read()
 
 
 def test_arrays_of_any_size_and_channel_count(predictor, digits_test_split):
@@ -359,3 +362,46 @@ def test_readme_snippets_reach_the_eval_accuracy(digits_run, digits_test_split, 
   exec(code, scope)
   logits = np.asarray(scope['logits'])
   assert np.mean(logits.argmax(axis=1) == test_labels) >= expected - ONE_IMAGE
+
+
+def test_predictions_are_written_whole_or_not_at_all(predictor, digit_pngs, tmp_path, monkeypatch):
+  """A run that stops part-way (a kill, an error) leaves the earlier predictions as they
+  were and nothing half-written at the path; a run that finishes replaces them whole."""
+  output = tmp_path / 'predictions.csv'
+  output.write_text('earlier predictions\n')
+  calls = []
+  rows = predict._top_k_rows
+
+  def failing_second_batch(*args):
+    calls.append(1)
+    if len(calls) == 2:
+      raise RuntimeError('stopped part-way')
+    return rows(*args)
+
+  monkeypatch.setattr(predict, '_top_k_rows', failing_second_batch)
+  with pytest.raises(RuntimeError, match='part-way'):
+    predict.predict_files(predictor, [digit_pngs], str(output), batch_size=100)
+  assert output.read_text() == 'earlier predictions\n'
+  assert [p.name for p in tmp_path.iterdir()] == ['predictions.csv']  # no partial left
+  monkeypatch.setattr(predict, '_top_k_rows', rows)
+  summary = predict.predict_files(predictor, [digit_pngs], str(output), batch_size=100)
+  assert len(read_csv(output)) == summary['num_images'] > 100
+
+
+def test_an_output_that_is_one_of_the_inputs_is_refused(predictor, digit_pngs, tmp_path):
+  image = next(p for p in sorted(os.listdir(os.path.join(digit_pngs, '0'))))
+  path = os.path.join(digit_pngs, '0', image)
+  before = open(path, 'rb').read()
+  with pytest.raises(UserError, match='is one of the input images'):
+    predict.predict_files(predictor, [digit_pngs], path)
+  assert open(path, 'rb').read() == before
+
+
+def test_only_regular_files_are_read(predictor, digit_pngs, tmp_path):
+  """A FIFO named like an image (reading it would block forever) is passed over."""
+  folder = tmp_path / 'images'
+  shutil.copytree(os.path.join(digit_pngs, '3'), folder)
+  os.mkfifo(folder / 'pipe.png')
+  summary = predict.predict_files(predictor, [str(folder)], str(tmp_path / 'out.csv'))
+  assert summary['num_images'] == len(os.listdir(os.path.join(digit_pngs, '3')))
+  assert all('pipe.png' not in row['path'] for row in read_csv(tmp_path / 'out.csv'))

@@ -189,7 +189,10 @@ def test_progressive_resizing_fields_are_checked_by_their_new_names(config):
   config.progressive_resizing_sizes, config.progressive_resizing_epochs = (8, 8), (3, 1)
   with pytest.raises(ConfigError, match='config.progressive_resizing_epochs='):
     validation.validate(config)
-  config.progressive_resizing_sizes = ()
+  config.progressive_resizing_sizes, config.progressive_resizing_epochs = (8, 4), ()
+  with pytest.raises(ConfigError, match='progressive_resizing_sizes=.*must grow'):
+    validation.validate(config)
+  config.progressive_resizing_sizes, config.progressive_resizing_epochs = (), (0, 1)
   with pytest.raises(ConfigError, match='progressive_resizing_epochs.*needs progressive_resizing'):
     validation.validate(config)
 

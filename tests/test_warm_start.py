@@ -2,6 +2,7 @@
 learning-rate multiplier, BatchNorm in inference mode."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import digits_config, fixed_batch, train_setup
@@ -315,3 +316,20 @@ def test_fine_tune_torchvision_weights_on_a_class_folder_then_predict(config, tm
   summary = predict.predict_files(predictor, [str(tmp_path / 'eval')], output, top_k=2)
   assert summary['num_images'] == 7
   assert tuple(predictor.class_names) == ('class_0', 'class_1', 'class_2')
+
+
+def test_a_teacher_trained_on_other_images_is_said_in_one_warning(tmp_path, caplog):
+  """Distilling from a teacher trained at 16 px into a run at 8 px feeds the teacher 8 px
+  images: one warning says so."""
+  from jax_resnet import models
+
+  teacher = models.create_model('resnet20', 10)
+  variables = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))))
+  variables = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), variables)
+  path = str(tmp_path / 'teacher.msgpack')
+  metadata = {'model': 'resnet20', 'model_options': {}, 'num_classes': 10}
+  export.write_msgpack(variables, path, {**metadata, 'train_image_shape': [16, 16, 1]})
+  warm_start.load_teacher(path, 10, jnp.float32, (16, 16, 1))
+  assert 'trained on' not in caplog.text
+  warm_start.load_teacher(path, 10, jnp.float32, (8, 8, 1))
+  assert "trained on 16x16x1 images and is fed this run's 8x8x1" in caplog.text

@@ -233,6 +233,12 @@ def _check_progressive_resizing(config) -> None:
     return
   if len(sizes) != 2:
     _fail(config, 'progressive_resizing_sizes', 'is (start_size, end_size), or () for off.')
+  if sizes[0] > sizes[1]:
+    _fail(
+      config,
+      'progressive_resizing_sizes',
+      'must grow: (start_size, end_size) with start_size <= end_size (FFCV ramps it up).',
+    )
   min_size = models.min_image_size(config.model, **build.model_options(config))
   if not all(min_size <= size <= config.image_size for size in sizes):
     _fail(

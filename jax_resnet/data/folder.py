@@ -101,8 +101,21 @@ def _image_files(class_dir: str, data_set_dirs: Sequence[str]) -> list[str]:
       dirnames[:] = []
       continue
     seen.add(real)
-    found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    found += [
+      os.path.join(dirpath, f)
+      for f in files
+      if f.lower().endswith(IMAGE_EXTENSIONS) and _regular(os.path.join(dirpath, f), dirpath)
+    ]
   return found
+
+
+def _regular(path: str, folder: str) -> bool:
+  """Whether ``path`` is a regular file (through symlinks): a FIFO, socket or device named
+  like an image would block the reader, so it is skipped with a warning."""
+  if os.path.isfile(path):
+    return True
+  logging.warning('Skipping %s: not a regular file (a pipe, socket or device?).', path)
+  return False
 
 
 def _check_image(path: str) -> str | None:
@@ -212,8 +225,8 @@ def load(config, workdir, splits, class_names) -> Dataset:
     classes = list(class_names) or read_class_index(workdir)
   if 'eval' in splits:
     found['eval'] = _eval_files(config, classes)
-  if 'train' in splits and workdir and jax.process_index() == 0:
-    write_class_index(workdir, classes)
+  # class_index.json is written by the training run once the checkpoint it resumes (if
+  # any) has accepted these classes (training.prepare), never before.
 
   index, count = jax.process_index(), jax.process_count()
   skipped = {'train': 0, 'eval': 0}
@@ -310,9 +323,13 @@ def _annotated_files(eval_dir: str, annotations: str, classes: Sequence[str]):
 
 
 def write_class_index(workdir: str, classes: Sequence[str]) -> None:
+  """``WORKDIR/class_index.json``, written beside and renamed: never a cut file."""
   tf.io.gfile.makedirs(workdir)
-  with tf.io.gfile.GFile(os.path.join(workdir, CLASS_INDEX_FILE), 'w') as f:
+  path = os.path.join(workdir, CLASS_INDEX_FILE)
+  partial = f'{path}.partial-{os.getpid()}'
+  with tf.io.gfile.GFile(partial, 'w') as f:
     json.dump({name: i for i, name in enumerate(classes)}, f, indent=0)
+  tf.io.gfile.rename(partial, path, overwrite=True)
 
 
 def read_class_index(workdir: str | None) -> list[str]:

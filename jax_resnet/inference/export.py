@@ -15,6 +15,7 @@ eval preprocessing) in each:
 ``read_export`` reads any of them back, bit for bit. Nothing here imports TensorFlow.
 """
 
+import hashlib
 import json
 import os
 
@@ -34,6 +35,7 @@ EXPORT_FORMATS = ('msgpack', 'safetensors', 'torchvision')
 # Bumped when a field changes meaning or goes away; new fields keep the version.
 FORMAT_VERSION = 1
 SIDECAR_SUFFIX = '.json'
+WEIGHTS_DIGEST = 'weights_sha256'  # in the sidecar: which msgpack bytes it describes
 
 
 def export_checkpoint(
@@ -127,12 +129,22 @@ def sidecar_path(path: str) -> str:
 
 
 def write_msgpack(variables: dict, path: str, metadata: dict | None = None) -> None:
-  """``variables`` as one msgpack file (flax serialization), ``metadata`` in ``PATH.json``."""
+  """``variables`` as one msgpack file (flax serialization), ``metadata`` in ``PATH.json``
+  with the SHA-256 of the weights' bytes: an export cut short between the two renames
+  leaves a pair that ``read_export`` refuses, never one it reads as a single export."""
   data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, variables))
+  if metadata is not None:
+    sidecar = {**metadata, WEIGHTS_DIGEST: hashlib.sha256(data).hexdigest()}
+    text = json.dumps(sidecar, indent=2, sort_keys=True).encode()
+    _write_atomically(sidecar_path(path) + '.next', lambda tmp: _write_bytes(tmp, text))
   _write_atomically(path, lambda tmp: _write_bytes(tmp, data))
   if metadata is not None:
-    text = json.dumps(metadata, indent=2, sort_keys=True).encode()
-    _write_atomically(sidecar_path(path), lambda tmp: _write_bytes(tmp, text))
+    try:
+      os.replace(sidecar_path(path) + '.next', sidecar_path(path))
+    except OSError as e:
+      raise OutputError(
+        f'Cannot write the export to {sidecar_path(path)}: {e.strerror or e}.'
+      ) from None
 
 
 def write_safetensors(variables: dict, path: str, metadata: dict) -> None:
@@ -203,7 +215,14 @@ def _read_msgpack(path: str) -> tuple[dict, dict]:
       '--mode=export, which writes both.'
     )
   with open(sidecar) as f:
-    return variables, json.load(f)
+    metadata = json.load(f)
+  digest = metadata.pop(WEIGHTS_DIGEST, None)  # exports before it was kept have none
+  if digest is not None and digest != hashlib.sha256(data).hexdigest():
+    raise DataError(
+      f'{sidecar} describes other weights than {path} (an export cut short between its '
+      'two files): export the checkpoint again.'
+    )
+  return variables, metadata
 
 
 def is_safetensors(path: str) -> bool:

@@ -193,7 +193,7 @@ def _images_under(folder: str) -> list[str]:
     paths += [
       os.path.join(dirpath, name)
       for name in sorted(filenames)
-      if name.lower().endswith(IMAGE_EXTENSIONS)
+      if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(dirpath, name))
     ]
   return paths
 
@@ -213,10 +213,19 @@ def predict_files(
   ``num_images`` (rows written), ``num_skipped`` and ``skipped`` (their paths).
   """
   paths = find_images([inputs] if isinstance(inputs, str) else inputs)
+  target = os.path.realpath(output_csv)
+  if any(os.path.realpath(p) == target for p in paths):
+    raise OutputError(
+      f'--predict_output={output_csv} is one of the input images: choose another path.'
+    )
   batch_size = batch_size or predictor.batch_size
   k = min(top_k, predictor.num_classes)
   num_images, skipped = 0, []
-  with _open_csv(output_csv) as f, concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
+  partial = f'{output_csv}.partial-{os.getpid()}'
+  with (
+    _CompleteOrNothing(output_csv, partial) as f,
+    concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool,
+  ):
     writer = csv.writer(f)
     writer.writerow(
       ['path'] + [f'{name}_{i}' for i in range(1, k + 1) for name in ('class', 'prob')]
@@ -241,10 +250,36 @@ def predict_files(
   }
 
 
-def _open_csv(path: str):
+class _CompleteOrNothing:
+  """The CSV written to ``partial`` beside ``path`` and renamed to ``path`` once complete:
+  a run cut short leaves the earlier predictions as they were (and its ``.partial-PID``
+  file), and of two runs to one path the last to finish wins, never a mix."""
+
+  def __init__(self, path: str, partial: str):
+    self.path, self.partial = path, partial
+
+  def __enter__(self):
+    self.file = _open_csv(self.path, self.partial)
+    return self.file
+
+  def __exit__(self, kind, error, traceback):
+    self.file.close()
+    if kind is None:
+      try:
+        os.replace(self.partial, self.path)
+      except OSError as e:
+        raise OutputError(
+          f'Cannot write the predictions to {self.path}: {e.strerror or e}.'
+        ) from None
+    elif os.path.exists(self.partial):
+      os.remove(self.partial)
+    return False
+
+
+def _open_csv(path: str, partial: str):
   ensure_writable(path, 'the predictions')
   try:
-    return open(path, 'w', newline='')
+    return open(partial, 'w', newline='')
   except OSError as e:
     raise OutputError(f'Cannot write the predictions to {path}: {e.strerror or e}.') from None
 

@@ -21,6 +21,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from jax_resnet import models, trees
+from jax_resnet.errors import DataError
 
 METADATA_KEY = 'jax_resnet'
 NUM_BATCHES_TRACKED = 'num_batches_tracked'
@@ -302,8 +303,15 @@ def save_safetensors(
 
 def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
   """The tensors and the metadata ``save_safetensors`` wrote (None for other files' headers)."""
-  with safetensors.safe_open(path, framework='np') as file:
-    tensors = {key: file.get_tensor(key) for key in file.keys()}
-    header = file.metadata() or {}
+  try:
+    with safetensors.safe_open(path, framework='np') as file:
+      tensors = {key: file.get_tensor(key) for key in file.keys()}
+      header = file.metadata() or {}
+  except (safetensors.SafetensorError, OSError, ValueError) as e:  # cut short, or not one
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise DataError(
+      f'{path} cannot be read as a safetensors file ({reason}); it may be cut short: export '
+      'or download it again.'
+    ) from None
   record = header.get(METADATA_KEY)
   return tensors, None if record is None else json.loads(record)

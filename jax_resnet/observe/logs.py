@@ -77,6 +77,9 @@ def setup_console() -> None:
   if _console is not None:
     return
   _console = os.fdopen(os.dup(sys.stderr.fileno()), 'w', buffering=1)
+  # A console that went away (the parent shell closed, a pipe into head) must not turn
+  # every later log record into a logging error and its traceback.
+  std_logging.raiseExceptions = False
   handler = logging.get_absl_handler().python_handler
   handler.stream = _console
   handler.addFilter(_ConsoleFilter())
@@ -93,15 +96,13 @@ def attach_file(workdir: str | None) -> str:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, LOG_FILE)
       log = open(path, 'a', buffering=1)
+      log.write(_header())  # fails on a full disk: the log goes to the temp folder then
     except OSError:
       path = None
   if path is None:
     fd, path = tempfile.mkstemp(prefix='jax_resnet-', suffix='.log')
     log = os.fdopen(fd, 'a', buffering=1)
-  log.write(
-    f'==== {time.strftime("%Y-%m-%d %H:%M:%S")} {socket.gethostname()} pid {os.getpid()}: '
-    f'{" ".join(sys.argv)}\n'
-  )
+    _write_quietly(log, _header())
   sys.stderr.flush()
   os.dup2(log.fileno(), sys.stderr.fileno())
   file_handler = std_logging.StreamHandler(log)
@@ -110,6 +111,13 @@ def attach_file(workdir: str | None) -> str:
   std_logging.getLogger().addHandler(file_handler)
   _log_path = path
   return path
+
+
+def _header() -> str:
+  return (
+    f'==== {time.strftime("%Y-%m-%d %H:%M:%S")} {socket.gethostname()} pid {os.getpid()}: '
+    f'{" ".join(sys.argv)}\n'
+  )
 
 
 def to_file(error: BaseException) -> None:

@@ -128,8 +128,10 @@ def plot_runs(
   fig.suptitle(title or ', '.join(r['label'] for r in runs))
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=100)
+  partial = f'{out}.partial-{os.getpid()}.png'  # renamed when whole: never a cut image
+  fig.savefig(partial, dpi=100)
   plt.close(fig)
+  os.replace(partial, out)
   return out
 
 

@@ -268,8 +268,10 @@ class RunClock:
 
   def write(self, path: str, **extra) -> dict:
     summary = {**self.summary(), **extra}
-    with open(path, 'w') as f:
+    partial = f'{path}.partial-{os.getpid()}'  # renamed when whole: never a cut file
+    with open(partial, 'w') as f:
       json.dump(summary, f, indent=1)
+    os.replace(partial, path)
     logging.info(
       'Wall time %.1f s: %s.',
       summary['wall_s'],

@@ -43,9 +43,12 @@ def ensure_writable(path: str, what: str, *, directory: bool = False, error=Outp
   try:
     os.makedirs(folder, exist_ok=True)
     probe = os.path.join(folder, f'.write_test-{os.getpid()}')
-    with open(probe, 'w'):
-      pass
-    os.remove(probe)
+    try:
+      with open(probe, 'w') as f:  # some bytes: a full disk still takes an empty file
+        f.write('ok')
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
   except OSError as e:
     raise error(f'Cannot write {what} to {path}: {e.strerror or e}.') from None
 

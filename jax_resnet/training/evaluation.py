@@ -6,8 +6,10 @@ so a second eval set (or another set of weights) is one more entry.
 """
 
 import os
+import time
 from collections.abc import Mapping
 
+import jax
 from absl import logging
 
 from jax_resnet import parallel
@@ -93,12 +95,21 @@ def evaluate_checkpoint(
   eval_fn = make_eval_step(options, mesh)
   batch = eval_batch_size(config.eval_batch_size, mesh)
   metrics = Evaluator(dataset, eval_fn, mesh, batch)(run.state)
-  if os.access(workdir, os.W_OK):
-    writer = metric_writers.create_writer(workdir)
-    writer.write_scalars(run.step, metrics)
-    writer.flush()
-  else:  # a finished run on a read-only mount: report, write nothing there
-    logging.warning('%s is read-only: the metrics are not appended to its metrics.jsonl.', workdir)
+  record = {
+    'time': time.strftime('%Y-%m-%d %H:%M:%S'),
+    'checkpoint': which,
+    'step': run.step,
+    'weights': weights,
+    'data': {k: config[k] for k in sorted(EVAL_DATA_FIELDS) if k != 'eval_batch_size'},
+    **metrics,
+  }
+  path = os.path.join(workdir, metric_writers.EVALS_FILE)
+  if jax.process_index() == 0 and os.access(workdir, os.W_OK):
+    # Apart from metrics.jsonl: an eval of an older checkpoint or of other data changes
+    # neither the run's final evaluation, nor its curves, nor its best checkpoint.
+    metric_writers.append_record(path, record)
+  elif jax.process_index() == 0:  # a finished run on a read-only mount: report only
+    logging.warning('%s is read-only: the result is not kept in %s.', workdir, path)
   logging.info('Evaluated the %s checkpoint (step %d): %s', which, run.step, metrics)
   return {**metrics, 'step': run.step}
 

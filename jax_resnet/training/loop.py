@@ -333,6 +333,14 @@ def _finished(run: PreparedRun) -> dict:
 
 def _log_start(run: PreparedRun, writer) -> None:
   config, info, timeline = run.config, run.dataset.info, run.timeline
+  history = os.path.join(run.workdir, metric_writers.METRICS_FILE)
+  if run.start_step and jax.process_index() == 0 and not os.path.exists(history):
+    logging.warning(
+      '%s is missing although the run resumes at step %d: its history restarts here (the '
+      'checkpoints are intact).',
+      history,
+      run.start_step,
+    )
   if run.start_step == 0:
     writer.write_hparams(
       {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}

@@ -34,7 +34,7 @@ from jax_resnet.training.timeline import Timeline
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 _CONVOLUTION = re.compile(r'stablehlo\.convolution.*->\s*tensor<[^>]*x(\w+)>')
-_TINY = 4  # the per-device batch the activation estimate traces at, scaled up after
+_TINY = 8  # the per-device batch the activation estimate traces at, scaled up after
 _MLIR_TYPES = {'float32': 'f32', 'bfloat16': 'bf16', 'float16': 'f16'}
 
 
@@ -221,8 +221,8 @@ class _Programs:
 
 def activation_bytes(model, image_shape, per_device_batch: int) -> int:
   """The activations the backward pass keeps at ``per_device_batch`` images: the VJP's
-  residuals, traced (not run) at two small batches; they grow linearly with the batch, and
-  the difference leaves out what does not (the weights the backward pass reads)."""
+  residuals, traced (not run) at a small batch, less the weights among them (what does not
+  grow with the batch), scaled to the batch."""
   shape = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape.shape)))
 
@@ -239,11 +239,8 @@ def activation_bytes(model, image_shape, per_device_batch: int) -> int:
 
     return jax.vjp(loss, variables['params'])[1]
 
-  saved = [
-    _bytes(jax.eval_shape(residuals, variables, _images(n, image_shape)))
-    for n in (_TINY, 2 * _TINY)
-  ]
-  return int(max(saved[1] - saved[0], 0) / _TINY * per_device_batch)
+  saved = _bytes(jax.eval_shape(residuals, variables, _images(_TINY, image_shape)))
+  return int(max(saved - _bytes(variables['params']), 0) / _TINY * per_device_batch)
 
 
 def _images(n: int, image_shape):

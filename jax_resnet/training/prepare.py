@@ -16,7 +16,8 @@ import optax
 from absl import logging
 
 from jax_resnet.configuration import validation
-from jax_resnet.data.common import shuffle_seed
+from jax_resnet.data import folder
+from jax_resnet.data.common import FOLDER, DatasetInfo, shuffle_seed
 from jax_resnet.data.sources import Dataset, load_dataset
 from jax_resnet.errors import TrainingError
 from jax_resnet.runs.checkpointing import Checkpoints
@@ -68,7 +69,9 @@ def prepare_run(
     config, model, info.image_shape, timeline, mesh
   )
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-  state, start_step = _resume(checkpoints, config, state, resume_from)
+  state, start_step = _resume(checkpoints, config, state, resume_from, info)
+  if config.dataset == FOLDER and jax.process_index() == 0:
+    folder.write_class_index(workdir, info.class_names)  # the classes the run trains
   if start_step == 0 and config.init_from:
     source = warm_start.load_source(config.init_from, config.model)
     state = warm_start.apply(state, source, info.class_names)
@@ -81,7 +84,7 @@ def prepare_run(
   teacher = None
   if config.distill_from:
     teacher = warm_start.load_teacher(
-      config.distill_from, info.num_classes, build.compute_dtype(config)
+      config.distill_from, info.num_classes, build.compute_dtype(config), info.image_shape
     )
   return PreparedRun(
     config,
@@ -98,12 +101,14 @@ def prepare_run(
   )
 
 
-def _resume(checkpoints: Checkpoints, config, state, resume_from: str):
+def _resume(checkpoints: Checkpoints, config, state, resume_from: str, info: DatasetInfo):
   """(state, step) to start from: the newest restorable checkpoint (or the best one,
   when asked), else step 0 in a workdir that never held a checkpoint."""
 
   def resumable(meta):
     validation.check_resumable(meta['config'], config)
+    if 'data' in meta:
+      check_same_data(DatasetInfo.from_json(meta['data']), info)
     return state
 
   if resume_from == 'best' and checkpoints.latest.all_steps():
@@ -129,6 +134,31 @@ def _resume(checkpoints: Checkpoints, config, state, resume_from: str):
     meta['batch_in_epoch'],
   )
   return restored, start_step
+
+
+def check_same_data(saved: DatasetInfo, now: DatasetInfo) -> None:
+  """Refuses data whose classes are not the checkpoint's (renamed, added or removed class
+  folders would relabel every example after the change); a changed number of training
+  examples is one warning."""
+  if tuple(saved.class_names) != tuple(now.class_names):
+    raise TrainingError(
+      f"The data's classes are not the checkpoint's: it was trained on "
+      f'{_classes(saved.class_names)}, the data now has {_classes(now.class_names)}. '
+      'Resuming would give the examples other labels: restore the class folders, or train '
+      'in a new --workdir (--config.init_from=THIS_WORKDIR fine-tunes on the new classes).'
+    )
+  if saved.num_train != now.num_train:
+    logging.warning(
+      'The training set had %d examples when the checkpoint was written and has %d now: '
+      'the epochs from here on have the new size.',
+      saved.num_train,
+      now.num_train,
+    )
+
+
+def _classes(names, shown: int = 6) -> str:
+  listed = ', '.join(names[:shown]) + (', ...' if len(names) > shown else '')
+  return f'{len(names)} classes ({listed})'
 
 
 def _nothing_restorable(checkpoints: Checkpoints, resumable) -> str:

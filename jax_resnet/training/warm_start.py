@@ -195,9 +195,11 @@ def _only_classes_differ(fresh, given, keys) -> bool:
   )
 
 
-def load_teacher(distill_from: str, num_classes: int, dtype):
+def load_teacher(distill_from: str, num_classes: int, dtype, image_shape=None):
   """The knowledge-distillation teacher ``distill_from`` names (a run or an export),
-  computing in the student's ``dtype``, as a ``step_functions.Teacher``."""
+  computing in the student's ``dtype``, as a ``step_functions.Teacher``. A teacher trained
+  on other images than ``image_shape`` (the student's) is said in one warning: it sees the
+  student's."""
   from jax_resnet import models
   from jax_resnet.training import build
   from jax_resnet.training.step_functions import Teacher
@@ -206,17 +208,25 @@ def load_teacher(distill_from: str, num_classes: int, dtype):
   if workdir is not None:
     run = saved_run.load_run(workdir, which)
     name, options, variables = run.config.model, build.model_options(run.config), run.variables
-    teacher_classes = run.info.num_classes
+    teacher_classes, teacher_shape = run.info.num_classes, tuple(run.info.image_shape)
   elif not os.path.isfile(distill_from):
     load_source(distill_from, '', 'distill_from')  # names what is missing
   else:
     variables, metadata = export.read_export(distill_from)
     name, options = metadata['model'], metadata['model_options']
     teacher_classes = metadata['num_classes']
+    teacher_shape = tuple(metadata.get('train_image_shape') or metadata.get('image_shape') or ())
   if teacher_classes != num_classes:
     raise ConfigError(
       f'config.distill_from={distill_from!r}: the teacher has {teacher_classes} '
       f'classes, this run {num_classes}; distillation needs the same classes.'
+    )
+  if image_shape is not None and teacher_shape and teacher_shape != tuple(image_shape):
+    logging.warning(
+      "The distillation teacher %s was trained on %s images and is fed this run's %s.",
+      distill_from,
+      'x'.join(map(str, teacher_shape)),
+      'x'.join(map(str, image_shape)),
     )
   model = models.create_model(name, num_classes, dtype=dtype, **options)
   variables = jax.device_put(jax.tree.map(np.asarray, variables))
