@@ -18,6 +18,9 @@ declare -A settings=(
   [cutmix]="--config.cutmix_alpha=1.0"
   [randaugment]="--config.randaugment_layers=2 --config.randaugment_magnitude=9"
   [trivialaugment]="--config.trivial_augment=true"
+  [autoaugment]="--config.autoaugment_policy=svhn"  # digits: the policy learned on SVHN's
+  # The default's batch of 128 as 4 micro-batches of 32 (BatchNorm statistics per 32).
+  [grad_accum4]="--config.grad_accum_steps=4"
   [random_erasing]="--config.random_erasing_prob=0.25"
   [stochastic_depth]="--config.stochastic_depth_rate=0.1"
   [sam]="--config.sam_rho=0.05"
@@ -31,7 +34,7 @@ declare -A settings=(
   [distill]="--config.distill_from=$runs/teacher_resnet56"
   [all]="--config.ema_decay=0.99 --config.mixup_alpha=0.2 --config.cutmix_alpha=1.0 --config.randaugment_layers=2 --config.random_erasing_prob=0.25 --config.stochastic_depth_rate=0.1 --config.sam_rho=0.05"
 )
-order=(baseline ema ema_no_warmup mixup cutmix randaugment trivialaugment random_erasing stochastic_depth sam bce bce_lr4 lars lamb distill all)
+order=(baseline ema ema_no_warmup mixup cutmix randaugment trivialaugment autoaugment grad_accum4 random_erasing stochastic_depth sam bce bce_lr4 lars lamb distill all)
 [ $# -gt 0 ] && order=("$@")
 [ -f "$runs/teacher_resnet56/metrics.jsonl" ] ||
   python main.py --workdir="$runs/teacher_resnet56" --config.model=resnet56 > /dev/null 2>&1

@@ -1,6 +1,6 @@
 """ResNet-50 with custom (narrow) widths on CIFAR-10: `resnet26_small_cifar10`'s recipe
 (the CIFAR-10 study under 5 M parameters; its ResNet-50: 95.59% after 300 epochs) with
-the 50-layer model (4.2-4.8 M parameters, see jax_resnet/models/registry.py).
+the 50-layer model (the study's 4,815,794 parameters, see jax_resnet/models/registry.py).
 """
 
 from configs import resnet26_small_cifar10

@@ -7,6 +7,7 @@
   jax-resnet --workdir=DIR --mode=predict --predict_input=FILE|DIR|GLOB [...]
       [--predict_output=predictions.csv] [--top_k=5] [--predict_flip]
   jax-resnet --mode=predict --predict_from=EXPORT --predict_input=... [...]
+  jax-resnet --workdir=DIR --mode=average --average_last=K [--export_format=...]
   jax-resnet --config=... --mode=check [--check_devices=8] [--check_platforms=cuda,tpu]
 
 ``jax-resnet``, ``python -m jax_resnet`` and ``python main.py`` (in a checkout) are the
@@ -49,9 +50,17 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
   'mode',
   'train',
-  ['train', 'eval', 'export', 'predict', 'check'],
+  ['train', 'eval', 'export', 'predict', 'check', 'average'],
   'What to do. check: will the config run on --check_devices devices of each of '
-  '--check_platforms? Answered here, without them, before an allocation.',
+  '--check_platforms? Answered here, without them, before an allocation. average: the '
+  'mean of the last --average_last checkpoints, written as an export.',
+)
+flags.DEFINE_integer(
+  'average_last',
+  None,
+  'For average: how many of the newest kept checkpoints to average (at most '
+  'config.keep_checkpoints).',
+  lower_bound=1,
 )
 flags.DEFINE_integer(
   'check_devices', 8, 'For check: the devices to check the config for.', lower_bound=1
@@ -265,9 +274,16 @@ def _run_mode():
     return _check()
   from jax_resnet.inference import export
 
-  path = FLAGS.export_path or os.path.join(
-    FLAGS.workdir, 'export', EXPORT_NAMES[FLAGS.export_format]
-  )
+  name = EXPORT_NAMES[FLAGS.export_format]
+  if FLAGS.mode == 'average':
+    name = f'average_last{FLAGS.average_last}_{name}'
+    path = FLAGS.export_path or os.path.join(FLAGS.workdir, 'export', name)
+    export.average_checkpoints(
+      FLAGS.workdir, path, FLAGS.average_last, FLAGS.export_format, FLAGS.weights
+    )
+    _say(f'exported the mean of the last {FLAGS.average_last} checkpoints to {path}')
+    return None
+  path = FLAGS.export_path or os.path.join(FLAGS.workdir, 'export', name)
   export.export_checkpoint(
     FLAGS.workdir, path, _which(FLAGS.checkpoint or 'latest'), FLAGS.export_format, FLAGS.weights
   )
@@ -387,6 +403,10 @@ def _flags_problem() -> str | None:
       '--workdir is required: the run directory (--mode=predict can read an export with '
       '--predict_from=FILE instead).'
     )
+  if (FLAGS.mode == 'average') != (FLAGS.average_last is not None):
+    return '--average_last=K goes with --mode=average (the mean of the last K checkpoints).'
+  if FLAGS.mode == 'average' and FLAGS.checkpoint is not None:
+    return '--mode=average averages the last --average_last checkpoints: drop --checkpoint.'
   if FLAGS.checkpoint is not None and not (
     FLAGS.checkpoint in ('best', 'latest') or FLAGS.checkpoint.isdigit()
   ):

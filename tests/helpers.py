@@ -154,10 +154,16 @@ def folder_config(config, tmp_path):
 # torchvision is not installed: its ResNet layout, written out from its definition
 # (torchvision/models/resnet.py), independently of jax_resnet.models.torchvision_layout.
 # torchvision's ResNets: blocks per layer, and whether the block is a Bottleneck.
+# torchvision's ResNets: (blocks per layer, bottleneck, groups, width_per_group).
 TORCHVISION_RESNETS = {
-  'resnet18': ((2, 2, 2, 2), False),
-  'resnet34': ((3, 4, 6, 3), False),
-  'resnet50': ((3, 4, 6, 3), True),
+  'resnet18': ((2, 2, 2, 2), False, 1, 64),
+  'resnet34': ((3, 4, 6, 3), False, 1, 64),
+  'resnet50': ((3, 4, 6, 3), True, 1, 64),
+  'resnext50_32x4d': ((3, 4, 6, 3), True, 32, 4),
+  'resnext101_32x8d': ((3, 4, 23, 3), True, 32, 8),
+  'resnext101_64x4d': ((3, 4, 23, 3), True, 64, 4),
+  'wide_resnet50_2': ((3, 4, 6, 3), True, 1, 128),
+  'wide_resnet101_2': ((3, 4, 23, 3), True, 1, 128),
 }
 PLANES = (64, 128, 256, 512)
 
@@ -174,15 +180,16 @@ def _batch_norm_shapes(name: str, channels: int) -> dict:
 
 def torchvision_state_dict_shapes(model_name: str, num_classes: int = 1000) -> dict:
   """torchvision's ``model.state_dict()`` key -> shape, in its registration order."""
-  layers, bottleneck = TORCHVISION_RESNETS[model_name]
+  layers, bottleneck, groups, width_per_group = TORCHVISION_RESNETS[model_name]
   expansion = 4 if bottleneck else 1
   shapes = {'conv1.weight': (64, 3, 7, 7), **_batch_norm_shapes('bn1', 64)}
   inplanes = 64
   for layer, (num_blocks, planes) in enumerate(zip(layers, PLANES), start=1):
+    width = int(planes * (width_per_group / 64.0)) * groups  # torchvision's Bottleneck
     for j in range(num_blocks):
       block = f'layer{layer}.{j}'
-      if bottleneck:  # conv1x1, conv3x3 (strided, v1.5), conv1x1 expanding by 4
-        convs = [(planes, inplanes, 1), (planes, planes, 3), (planes * 4, planes, 1)]
+      if bottleneck:  # conv1x1, grouped conv3x3 (strided, v1.5), conv1x1 to planes * 4
+        convs = [(width, inplanes, 1), (width, width // groups, 3), (planes * 4, width, 1)]
       else:
         convs = [(planes, inplanes, 3), (planes, planes, 3)]
       for k, (out_channels, in_channels, size) in enumerate(convs, start=1):

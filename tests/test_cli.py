@@ -159,7 +159,7 @@ def test_the_three_commands_are_one(tmp_path):
   ]
   for result in helps:
     assert result.returncode == 0, result.stderr[-2000:]
-    assert '--mode: <train|eval|export|predict|check>' in result.stdout
+    assert '--mode: <train|eval|export|predict|check|average>' in result.stdout
     assert 'configuration/defaults.py' in result.stdout  # the default --config, any directory
   flag_lists = [result.stdout[result.stdout.index('\nflags:') :] for result in helps]
   assert flag_lists[0] == flag_lists[1] == flag_lists[2]
@@ -168,7 +168,8 @@ def test_the_three_commands_are_one(tmp_path):
 def test_a_finished_run_exports_and_evaluates_from_another_directory_without_config(
   digits_run, tmp_path
 ):
-  """Its config is in its checkpoint: no --config, and no checkout to run in."""
+  """Its config is in its checkpoint: no --config, and no checkout to run in. The export
+  is --mode=average's, the mean of the last two checkpoints."""
   import shutil
   import sys
 
@@ -176,13 +177,16 @@ def test_a_finished_run_exports_and_evaluates_from_another_directory_without_con
 
   module = [sys.executable, '-m', 'jax_resnet']
   exported = run_main(
-    [f'--workdir={digits_run}', '--mode=export', '--export_path=out/model.msgpack'],
+    [f'--workdir={digits_run}', '--mode=average', '--average_last=2']
+    + ['--export_path=out/model.msgpack'],
     command=module,
     cwd=str(tmp_path),
   )
   assert exported.returncode == 0, exported.stderr[-3000:]
+  assert 'exported the mean of the last 2 checkpoints to out/model.msgpack' in exported.stdout
   variables, metadata = export.read_export(str(tmp_path / 'out' / 'model.msgpack'))
   assert metadata['model'] == 'resnet20' and 'params' in variables
+  assert len(metadata['averaged_steps']) == 2
   workdir = shutil.copytree(digits_run, tmp_path / 'run')  # eval appends to metrics.jsonl
   evaluated = run_main(
     [f'--workdir={workdir}', '--mode=eval', '--checkpoint=latest'],
@@ -204,6 +208,8 @@ def test_bad_arguments_are_one_line_each(tmp_path):
   each one line naming the fix (each was a traceback of 16 to 26 lines)."""
   line = _console_error(run_main([f'--workdir={tmp_path}', '--mode=eval', '--checkpoint=lastest']))
   assert '--checkpoint=lastest: must be best, latest or a step number' in line
+  line = _console_error(run_main([f'--workdir={tmp_path}', '--mode=average']))
+  assert '--average_last=K goes with --mode=average' in line
   config = tmp_path / 'no_get_config.py'
   config.write_text('CONFIG = {}\n')
   line = _console_error(run_main([f'--config={config}', f'--workdir={tmp_path}']))

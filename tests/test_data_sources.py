@@ -361,18 +361,25 @@ def test_tiny_imagenet_layout(config, tmp_path):
   np.testing.assert_array_equal(labels, np.where(red, 0, 1))
 
 
-def test_input_threads_are_this_processs_cores_or_the_configs(config):
-  """tf.data's private pool: the process's cores divided by the processes on its host
-  (one here), or config.input_threads; the train and eval pipelines both."""
+def test_input_threads_are_this_processs_cores_or_the_configs(config, monkeypatch):
+  """tf.data's private pool: config.input_threads, or the process's cores divided by the
+  processes on its host; the only process on its host keeps tf.data's shared pool. The
+  train and eval pipelines both."""
+  from jax_resnet import parallel
+
   config.input_threads = 3
   ds = sources.load_dataset(config)
   for split in (ds.train, ds.eval):
     assert split.options().threading.private_threadpool_size == 3
   config.input_threads = 0
   ds = sources.load_dataset(config)
+  assert sources.default_input_threads() == 0
+  assert ds.train.options().threading.private_threadpool_size is None  # tf.data's own
+  monkeypatch.setattr(parallel, 'processes_on_this_host', lambda: 2)
   cores = len(os.sched_getaffinity(0))
-  assert sources.default_input_threads() == cores
-  assert ds.train.options().threading.private_threadpool_size == cores
+  assert sources.default_input_threads() == max(1, cores // 2)
+  ds = sources.load_dataset(config)
+  assert ds.eval.options().threading.private_threadpool_size == max(1, cores // 2)
 
 
 def test_a_fifo_in_a_class_folder_is_skipped_not_read(config, tmp_path, caplog):

@@ -156,6 +156,7 @@ def test_export_reads_back_bit_for_bit_with_complete_metadata(digits_run, tmp_pa
     'remat': False,
     'frozen_batchnorm': False,
     'stochastic_depth_rate': 0.0,
+    'block_dropout_rate': 0.0,
   }
   assert metadata['config'] == json.loads(config.to_json_best_effort())
   if export_format == 'msgpack':
@@ -396,3 +397,30 @@ def test_a_truncated_safetensors_file_is_one_user_error(tmp_path):
   path.write_bytes(data[: len(data) - 1000])  # cut short in the tensor data
   with pytest.raises(UserError, match='cannot be read as a safetensors file'):
     export.read_export(str(path))
+
+
+def test_the_mean_of_the_last_checkpoints_is_exported(digits_run, tmp_path):
+  """--mode=average: parameters and BatchNorm statistics are the mean of the newest K
+  kept checkpoints' (timm's avg_checkpoints.py), the metadata names the steps; asking for
+  more than are kept is one error and writes nothing."""
+  kept = sorted(int(d) for d in os.listdir(os.path.join(digits_run, 'checkpoints')) if d.isdigit())
+  assert len(kept) >= 2
+  path = export.average_checkpoints(
+    digits_run, str(tmp_path / 'mean.safetensors'), 2, 'safetensors'
+  )
+  variables, metadata = export.read_export(path)
+  assert metadata['averaged_steps'] == kept[-2:] and metadata['step'] == kept[-1]
+  first, second = (saved_run.load_run(digits_run, s).variables for s in kept[-2:])
+  expected = jax.tree.map(lambda a, b: (np.float64(a) + np.float64(b)) / 2, first, second)
+  flat_expected = traverse_util.flatten_dict(expected)
+  flat = traverse_util.flatten_dict(variables)
+  assert flat.keys() == flat_expected.keys()
+  for key, got in flat.items():
+    np.testing.assert_allclose(got, flat_expected[key], rtol=1e-6, atol=1e-7, err_msg=str(key))
+  assert not np.allclose(first['params']['head']['kernel'], variables['params']['head']['kernel'])
+
+  too_many = str(tmp_path / 'too_many.msgpack')
+  with pytest.raises(ConfigError) as error:
+    export.average_checkpoints(digits_run, too_many, len(kept) + 1)
+  assert f'keeps {len(kept)} checkpoint(s)' in str(error.value)
+  assert not os.path.exists(too_many)

@@ -127,3 +127,62 @@ def test_lamb_scales_each_layer_by_its_trust_ratio(config):
   np.testing.assert_allclose(everything['conv']['kernel'], layer(w, u), rtol=1e-5)
   u_bn = adam(grads['bn']['scale']) + 0.02 * b
   np.testing.assert_allclose(everything['bn']['scale'], layer(b, u_bn), rtol=1e-5)
+
+
+def _sgd_update(config, params, grads):
+  """One plain SGD step (rate 1, no momentum or decay): the update is -(clipped gradient)."""
+  config.optimizer, config.momentum, config.weight_decay = 'sgd', 0.0, 0.0
+  config.schedule, config.learning_rate = 'constant', 1.0
+  tx = optimizers.create_optimizer(
+    config, schedules.create_learning_rate_fn(config, Timeline(10, 100))
+  )
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return jax.tree.map(lambda u: -np.asarray(u), updates)
+
+
+def _params_and_grads():
+  rng = np.random.RandomState(0)
+  params = {
+    'stem_conv': {'kernel': rng.normal(size=(3, 3, 2, 4))},
+    'stem_bn': {'scale': rng.normal(size=(4,)) * 0.01},
+    'head': {'kernel': rng.normal(size=(4, 3)) * 0.01},
+  }
+  params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 5, jnp.float32), params)
+  return params, grads
+
+
+def test_gradient_clipping_to_a_global_norm(config):
+  params, grads = _params_and_grads()
+  config.grad_clip_norm = 2.0
+  clipped = _sgd_update(config, params, grads)
+  total = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+  assert total > 2.0  # the hand computation below clips
+  for got, g in zip(jax.tree.leaves(clipped), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, np.asarray(g) * 2.0 / total, rtol=1e-5)
+  config.grad_clip_norm = 1e6  # above the norm: unchanged
+  for got, g in zip(jax.tree.leaves(_sgd_update(config, params, grads)), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, g, rtol=1e-6)
+
+
+def test_adaptive_gradient_clipping_per_unit_without_the_head(config):
+  """timm's adaptive_clip_grad by hand: a conv kernel's units are its output channels
+  (HWIO here, OIHW there), a vector is one unit, the weights' norm floored at 1e-3; the
+  head's gradient passes unclipped."""
+  params, grads = _params_and_grads()
+  config.agc_clip = 0.05
+  clipped = _sgd_update(config, params, grads)
+
+  def by_hand(w, g, axes):
+    w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
+    w_norm = np.sqrt(np.sum(w**2, axis=axes, keepdims=True))
+    g_norm = np.sqrt(np.sum(g**2, axis=axes, keepdims=True))
+    max_norm = np.maximum(w_norm, 1e-3) * 0.05
+    return np.where(g_norm > max_norm, g * max_norm / np.maximum(g_norm, 1e-6), g)
+
+  kernel = by_hand(params['stem_conv']['kernel'], grads['stem_conv']['kernel'], (0, 1, 2))
+  np.testing.assert_allclose(clipped['stem_conv']['kernel'], kernel, rtol=1e-5)
+  scale = by_hand(params['stem_bn']['scale'], grads['stem_bn']['scale'], None)
+  np.testing.assert_allclose(clipped['stem_bn']['scale'], scale, rtol=1e-5)
+  assert not np.allclose(kernel, grads['stem_conv']['kernel'])  # it clipped
+  np.testing.assert_allclose(clipped['head']['kernel'], grads['head']['kernel'], rtol=1e-6)

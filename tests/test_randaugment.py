@@ -260,3 +260,45 @@ def test_grayscale_is_tensorflows_rec601_luma():
   got = np.asarray(ra._grayscale(jnp.asarray(image)))
   assert got.shape == (9, 7, 1)
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-4)
+
+
+def test_autoaugment_policies_are_torchvisions_tables():
+  for name, policy in ra.AUTOAUGMENT_POLICIES.items():
+    assert len(policy) == 25 and all(len(sub) == 2 for sub in policy), name
+    for op, probability, level in (op for sub in policy for op in sub):
+      assert op in OPS or op == 'Invert', (name, op)
+      assert 0 <= probability <= 1 and (level is None or 0 <= level <= 9), (name, op)
+  # Spot checks against torchvision's AutoAugmentPolicy tables.
+  assert ra.AUTOAUGMENT_POLICIES['imagenet'][0] == (('Posterize', 0.4, 8), ('Rotate', 0.6, 9))
+  assert ra.AUTOAUGMENT_POLICIES['cifar10'][14] == (('Solarize', 0.5, 2), ('Invert', 0.0, None))
+  assert ra.AUTOAUGMENT_POLICIES['svhn'][24] == (('ShearX', 0.7, 2), ('Invert', 0.1, None))
+
+
+def test_autoaugment_applies_each_op_with_its_probability_and_magnitude(monkeypatch):
+  """Sub-policies with probabilities 1 and 0 make the draws visible: Invert then Posterize
+  at bin 8 (torchvision: 8 - round(8 / 2.25) = 4 bits kept); Rotate at bin 9 is 30 degrees
+  either way; a probability of 0 leaves the image."""
+  b = 16
+  images = jnp.broadcast_to(jnp.asarray(IMAGE), (b, *IMAGE.shape))
+  auto_augment = jax.jit(ra.auto_augment, static_argnums=2)
+  policies = {
+    'sure': ((('Invert', 1.0, None), ('Posterize', 1.0, 8)),),
+    'never': ((('Invert', 0.0, None), ('Rotate', 0.0, 9)),),
+    'rotate': ((('Rotate', 1.0, 9), ('Equalize', 0.0, None)),),
+  }
+  for name, policy in policies.items():
+    monkeypatch.setitem(ra.AUTOAUGMENT_POLICIES, name, policy)
+  sure = np.asarray(auto_augment(_keys(b), images, 'sure'))
+  np.testing.assert_array_equal(sure[0], ra.posterize(255 - IMAGE, 4))
+  assert (sure == sure[0]).all()
+  np.testing.assert_array_equal(np.asarray(auto_augment(_keys(b), images, 'never')), images)
+  rotated = np.asarray(auto_augment(_keys(b), images, 'rotate'))
+  plus, minus = np.asarray(ra.rotate(IMAGE, 30.0)), np.asarray(ra.rotate(IMAGE, -30.0))
+  is_plus = (rotated == plus).all((1, 2, 3))
+  assert (is_plus | (rotated == minus).all((1, 2, 3))).all() and 0 < is_plus.sum() < b
+  # The real policies: per-example draws, the same for the same keys (exact resume).
+  out = np.asarray(auto_augment(_keys(b), images, 'imagenet'))
+  np.testing.assert_array_equal(out, np.asarray(auto_augment(_keys(b), images, 'imagenet')))
+  assert len({o.tobytes() for o in out}) > 4
+  with pytest.raises(ValueError):
+    ra.auto_augment(_keys(b), images, 'mnist')

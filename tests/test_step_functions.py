@@ -367,3 +367,40 @@ def test_distillation_blends_the_losses_in_the_train_step(config, tmp_path):
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)  # the student's own
   for a, b in zip(jax.tree.leaves(teacher.variables), jax.tree.leaves(variables)):
     np.testing.assert_array_equal(np.asarray(a), b)  # the exported statistics, untouched
+
+
+def _max_difference(a, b) -> float:
+  return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_gradient_accumulation_equals_the_full_batch_without_batch_statistics(config):
+  """4 micro-batches of 8 make the same update as the batch of 32 when BatchNorm uses its
+  running statistics (frozen): the mean of the micro-batches' mean gradients is the
+  batch's. With BatchNorm's batch statistics, each micro-batch normalises by its own, so
+  the update differs, and the running statistics move once per micro-batch."""
+  config.schedule = 'constant'
+  config.learning_rate = 0.1
+  config.frozen_batchnorm = True
+  full, full_losses = train_losses(config, steps=2)
+  config.grad_accum_steps = 4
+  accumulated, accumulated_losses = train_losses(config, steps=2)
+  assert int(accumulated.step) == 2  # optimizer steps, not micro-batches
+  assert _max_difference(full.params, accumulated.params) < 1e-5
+  np.testing.assert_allclose(accumulated_losses, full_losses, rtol=1e-5)
+  assert full_losses[1] < full_losses[0]  # the steps moved the weights
+
+  config.frozen_batchnorm = False
+  statistics, _ = train_losses(config, steps=1)
+  config.grad_accum_steps = 1
+  whole, _ = train_losses(config, steps=1)
+  assert _max_difference(whole.params, statistics.params) > 1e-4
+  assert _max_difference(whole.batch_stats, statistics.batch_stats) > 1e-4
+
+
+def test_micro_batches_split_each_share_of_the_batch_in_place():
+  """Example i goes to micro-batch i % k, so a device's contiguous share of the batch
+  holds its share of every micro-batch; the logits come back in batch order."""
+  x = jnp.arange(12)
+  micro = step_functions._micro_batches(x, 3)
+  np.testing.assert_array_equal(micro, [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]])
+  np.testing.assert_array_equal(jnp.moveaxis(micro, 0, 1).reshape(-1), x)

@@ -20,7 +20,10 @@ from helpers import TORCHVISION_RESNETS, random_variables, torchvision_state_dic
 from jax_resnet import models
 from jax_resnet.models import torchvision_layout as tw
 
-SUPPORTED = 'resnet18, resnet34, resnet50, resnet101, resnet152'
+SUPPORTED = (
+  'resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, '
+  'resnext101_64x4d, wide_resnet50_2, wide_resnet101_2'
+)
 
 
 def _flat(variables):
@@ -36,7 +39,9 @@ def _assert_bit_identical(actual, expected):
     assert np.array_equal(got.view(np.uint32), value.view(np.uint32)), path
 
 
-@pytest.mark.parametrize('model_name', ['resnet18', 'resnet34', 'resnet50'])
+@pytest.mark.parametrize(
+  'model_name', ['resnet18', 'resnet34', 'resnet50', 'resnext50_32x4d', 'wide_resnet50_2']
+)
 def test_keys_and_shapes_are_torchvisions(model_name):
   state_dict = tw.to_torchvision(random_variables(model_name), model_name)
   expected = torchvision_state_dict_shapes(model_name)
@@ -63,6 +68,26 @@ def test_counts_match_torchvisions_published_ones():
     assert sum('num_batches_tracked' not in k for k in state_dict) == without_counters
     assert len(learnable) == parameters
     assert sum(v.size for v in learnable) == total
+
+
+def test_wide_and_grouped_models_have_torchvisions_parameter_counts():
+  """torchvision's published counts (its model docs' num_params), and the file's model is
+  told apart from resnet50's, whose keys it shares."""
+  for model_name, total in {
+    'wide_resnet50_2': 68_883_240,
+    'wide_resnet101_2': 126_886_696,
+    'resnext50_32x4d': 25_028_904,
+    'resnext101_32x8d': 88_791_336,
+    'resnext101_64x4d': 83_455_272,
+  }.items():
+    shapes = torchvision_state_dict_shapes(model_name)
+    learnable = [s for k, s in shapes.items() if 'running_' not in k and 'num_batches' not in k]
+    assert sum(int(np.prod(s)) for s in learnable) == total
+    if model_name.startswith(('resnext101', 'wide_resnet101')):
+      continue  # their 50-layer twins check the layout (and tests/test_models.py the counts)
+    state_dict = tw.to_torchvision(random_variables(model_name), model_name)
+    assert {k: v.shape for k, v in state_dict.items()} == shapes
+    assert tw.matching_model(state_dict) == model_name
 
 
 def test_layouts_transpose_convs_and_head():
@@ -118,6 +143,7 @@ def _conv(x, weight, stride: int, padding: int):
     (stride, stride),
     [(padding, padding)] * 2,
     dimension_numbers=('NCHW', 'OIHW', 'NCHW'),
+    feature_group_count=x.shape[1] // weight.shape[1],  # ResNeXt's grouped conv2
     precision=jax.lax.Precision.HIGHEST,
   )
 
@@ -145,7 +171,7 @@ def _bottleneck(x, sd, block: str, stride: int):
 
 
 def torchvision_forward(state_dict, x, model_name: str):
-  layers, bottleneck = TORCHVISION_RESNETS[model_name]
+  layers, bottleneck, _, _ = TORCHVISION_RESNETS[model_name]
   residual_branch = _bottleneck if bottleneck else _basic_block
   sd = state_dict
   x = jax.nn.relu(_batch_norm(_conv(x, sd['conv1.weight'], 2, 3), sd, 'bn1'))
@@ -163,7 +189,7 @@ def torchvision_forward(state_dict, x, model_name: str):
   return jnp.dot(x, sd['fc.weight'].T, precision=jax.lax.Precision.HIGHEST) + sd['fc.bias']
 
 
-@pytest.mark.parametrize('model_name', ['resnet18', 'resnet50'])
+@pytest.mark.parametrize('model_name', ['resnet18', 'resnet50', 'resnext50_32x4d'])
 def test_torchvision_forward_gives_the_same_logits(model_name):
   variables = random_variables(model_name, num_classes=10, seed=2)
   state_dict = tw.to_torchvision(variables, model_name)

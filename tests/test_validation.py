@@ -26,10 +26,20 @@ CASES = [
   ('onecycle_pct_start', 1.0, r'config.onecycle_pct_start=1.0: must be in \(0, 1\)'),
   ('onecycle_div_factor', 0.0, 'config.onecycle_div_factor=0.0: must be positive'),
   ('final_learning_rate_fraction', 2.0, r'must be in \[0, 1\]'),
+  ('grad_accum_steps', 0, 'config.grad_accum_steps=0: must be positive'),
+  ('grad_accum_steps', 3, 'config.grad_accum_steps=3: must divide batch_size=128'),
+  ('grad_clip_norm', -1.0, 'config.grad_clip_norm=-1.0: must be zero or positive'),
+  ('agc_clip', -0.01, 'config.agc_clip=-0.01: must be zero or positive'),
+  ('block_dropout_rate', 1.0, r'config.block_dropout_rate=1.0: must be in \[0, 1\)'),
+  (
+    'autoaugment_policy',
+    'mnist',
+    "config.autoaugment_policy='mnist': unknown policy. Valid: imagenet",
+  ),
 ]
 
 
-@pytest.mark.parametrize('field,value,message', CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize('field,value,message', CASES, ids=[f'{c[0]}={c[1]}' for c in CASES])
 def test_each_bad_value_is_named(field, value, message):
   from configs import default
 
@@ -217,3 +227,19 @@ def test_a_config_saved_with_the_old_names_and_off_values_reads_as_today(config)
   assert 'progressive_resizing' not in merged
   config.progressive_resizing_sizes, config.progressive_resizing_epochs = (8, 16), (0, 2)
   validation.check_resumable(saved, config)  # no difference left to refuse
+
+
+def test_accumulation_and_augmentation_combinations(config):
+  """Micro-batches split evenly over the devices; fp16 loss scaling is not accumulated;
+  AutoAugment is an alternative to RandAugment."""
+  config.batch_size, config.grad_accum_steps = 32, 8
+  validation.validate(config, device_count=4)  # 8 micro-batches of 4: one example a device
+  with pytest.raises(ConfigError, match='micro-batches of a multiple of the device count 8'):
+    validation.validate(config, device_count=8)
+  config.half_precision, config.half_precision_dtype = True, 'float16'
+  with pytest.raises(ConfigError, match='grad_accum_steps=8: is not combined with float16'):
+    validation.validate(config)
+  config.half_precision, config.grad_accum_steps = False, 1
+  config.autoaugment_policy, config.randaugment_layers = 'cifar10', 2
+  with pytest.raises(ConfigError, match='autoaugment_policy.*set randaugment_layers=0'):
+    validation.validate(config)

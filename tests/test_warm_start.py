@@ -212,6 +212,37 @@ def test_another_model_is_one_error_listing_keys(run_variables):
   assert 'keys differ' in message
 
 
+def test_a_grayscale_run_starts_an_rgb_one_through_an_adapted_stem(run_variables, info_logs):
+  """The digits run (one channel) into an RGB model: the stem kernel is repeated over
+  three channels and scaled by 1/3 (timm's adapt_input_conv), so an RGB image whose
+  channels are equal gives the logits the gray image gave; back to one channel sums it.
+  Another difference of the same model names the shapes, not the model."""
+  config = digits_config()
+  rgb = warm_start.apply(
+    fresh_state(config, image_shape=(12, 12, 3)),
+    warm_start.Source(run_variables, 'the digits run', model='resnet20'),
+  )
+  assert 'params/stem_conv/kernel adapted from 1 input channels to 3' in info_logs.text
+  model = train_setup(config, 10, (12, 12, 1)).model
+  gray = fixed_batch(4, 12)['image'][..., :1].astype(np.float32) / 255
+  expected = model.apply(run_variables, gray, train=False)
+  variables = {'params': rgb.params, 'batch_stats': rgb.batch_stats}
+  got = model.apply(variables, np.repeat(gray, 3, axis=-1), train=False)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  kernel = run_variables['params']['stem_conv']['kernel']
+  back = warm_start.adapt_input_channels(warm_start.adapt_input_channels(kernel, 3), 1)
+  np.testing.assert_allclose(back, kernel, rtol=1e-6)
+
+  config.model_options.stem = 'imagenet'  # resnet20 still, another stem: named by its shapes
+  with pytest.raises(ConfigError) as error:
+    warm_start.apply(
+      fresh_state(config, image_shape=(12, 12, 3)),
+      warm_start.Source(run_variables, 'the digits run', model='resnet20'),
+      model_name='resnet20',
+    )
+  assert 'stem_conv/kernel' in str(error.value) and 'Both are resnet20' in str(error.value)
+
+
 def _train(config, num_steps=3, num_classes=10):
   """``num_steps`` train steps on one fixed batch: (params and BN statistics before, after)."""
   state = fresh_state(config, num_classes, (8, 8, 3))

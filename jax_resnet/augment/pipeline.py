@@ -41,6 +41,7 @@ class AugmentOptions:
   randaugment_magnitude_std: float = 0.0
   randaugment_bins: int = 31
   trivial_augment: bool = False
+  autoaugment_policy: str = ''
   random_erasing_prob: float = 0.0
 
   @property
@@ -79,6 +80,9 @@ def augment_batch(key, images, labels, options: AugmentOptions):
   elif options.trivial_augment:
     keys = image_ops.example_keys(jax.random.fold_in(key, RANDAUGMENT_TAG), ids, 0)
     images = randaugment.trivial_augment(keys, images)
+  elif options.autoaugment_policy:
+    keys = image_ops.example_keys(jax.random.fold_in(key, RANDAUGMENT_TAG), ids, 0)
+    images = randaugment.auto_augment(keys, images, options.autoaugment_policy)
   x = image_ops.normalize(images, options.mean, options.std, jnp.float32)
   if options.cutout_size:
     x = image_ops.cutout(cutout_key, x, options.cutout_size)

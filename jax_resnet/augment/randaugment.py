@@ -372,3 +372,130 @@ def trivial_augment(keys, images, *, num_magnitude_bins: int = 31, fill: int = F
   """
   one = lambda key, image: _trivial_augment_one(key, image, num_magnitude_bins - 1, fill)
   return jax.vmap(one)(keys, images)
+
+
+# AutoAugment (Cubuk et al. 2019) as torchvision's ``AutoAugment``: each policy is 25
+# sub-policies of two (op, probability, magnitude bin of 10, or None for ops without
+# one); torchvision's tables, op for op.
+_AUTOAUGMENT_BINS = 10
+AUTOAUGMENT_POLICIES = {
+  'imagenet': (
+    (('Posterize', 0.4, 8), ('Rotate', 0.6, 9)),
+    (('Solarize', 0.6, 5), ('AutoContrast', 0.6, None)),
+    (('Equalize', 0.8, None), ('Equalize', 0.6, None)),
+    (('Posterize', 0.6, 7), ('Posterize', 0.6, 6)),
+    (('Equalize', 0.4, None), ('Solarize', 0.2, 4)),
+    (('Equalize', 0.4, None), ('Rotate', 0.8, 8)),
+    (('Solarize', 0.6, 3), ('Equalize', 0.6, None)),
+    (('Posterize', 0.8, 5), ('Equalize', 1.0, None)),
+    (('Rotate', 0.2, 3), ('Solarize', 0.6, 8)),
+    (('Equalize', 0.6, None), ('Posterize', 0.4, 6)),
+    (('Rotate', 0.8, 8), ('Color', 0.4, 0)),
+    (('Rotate', 0.4, 9), ('Equalize', 0.6, None)),
+    (('Equalize', 0.0, None), ('Equalize', 0.8, None)),
+    (('Invert', 0.6, None), ('Equalize', 1.0, None)),
+    (('Color', 0.6, 4), ('Contrast', 1.0, 8)),
+    (('Rotate', 0.8, 8), ('Color', 1.0, 2)),
+    (('Color', 0.8, 8), ('Solarize', 0.8, 7)),
+    (('Sharpness', 0.4, 7), ('Invert', 0.6, None)),
+    (('ShearX', 0.6, 5), ('Equalize', 1.0, None)),
+    (('Color', 0.4, 0), ('Equalize', 0.6, None)),
+    (('Equalize', 0.4, None), ('Solarize', 0.2, 4)),
+    (('Solarize', 0.6, 5), ('AutoContrast', 0.6, None)),
+    (('Invert', 0.6, None), ('Equalize', 1.0, None)),
+    (('Color', 0.6, 4), ('Contrast', 1.0, 8)),
+    (('Equalize', 0.8, None), ('Equalize', 0.6, None)),
+  ),
+  'cifar10': (
+    (('Invert', 0.1, None), ('Contrast', 0.2, 6)),
+    (('Rotate', 0.7, 2), ('TranslateX', 0.3, 9)),
+    (('Sharpness', 0.8, 1), ('Sharpness', 0.9, 3)),
+    (('ShearY', 0.5, 8), ('TranslateY', 0.7, 9)),
+    (('AutoContrast', 0.5, None), ('Equalize', 0.9, None)),
+    (('ShearY', 0.2, 7), ('Posterize', 0.3, 7)),
+    (('Color', 0.4, 3), ('Brightness', 0.6, 7)),
+    (('Sharpness', 0.3, 9), ('Brightness', 0.7, 9)),
+    (('Equalize', 0.6, None), ('Equalize', 0.5, None)),
+    (('Contrast', 0.6, 7), ('Sharpness', 0.6, 5)),
+    (('Color', 0.7, 7), ('TranslateX', 0.5, 8)),
+    (('Equalize', 0.3, None), ('AutoContrast', 0.4, None)),
+    (('TranslateY', 0.4, 3), ('Sharpness', 0.2, 6)),
+    (('Brightness', 0.9, 6), ('Color', 0.2, 8)),
+    (('Solarize', 0.5, 2), ('Invert', 0.0, None)),
+    (('Equalize', 0.2, None), ('AutoContrast', 0.6, None)),
+    (('Equalize', 0.2, None), ('Equalize', 0.6, None)),
+    (('Color', 0.9, 9), ('Equalize', 0.6, None)),
+    (('AutoContrast', 0.8, None), ('Solarize', 0.2, 8)),
+    (('Brightness', 0.1, 3), ('Color', 0.7, 0)),
+    (('Solarize', 0.4, 5), ('AutoContrast', 0.9, None)),
+    (('TranslateY', 0.9, 9), ('TranslateY', 0.7, 9)),
+    (('AutoContrast', 0.9, None), ('Solarize', 0.8, 3)),
+    (('Equalize', 0.8, None), ('Invert', 0.1, None)),
+    (('TranslateY', 0.7, 9), ('AutoContrast', 0.9, None)),
+  ),
+  'svhn': (
+    (('ShearX', 0.9, 4), ('Invert', 0.2, None)),
+    (('ShearY', 0.9, 8), ('Invert', 0.7, None)),
+    (('Equalize', 0.6, None), ('Solarize', 0.6, 6)),
+    (('Invert', 0.9, None), ('Equalize', 0.6, None)),
+    (('Equalize', 0.6, None), ('Rotate', 0.9, 3)),
+    (('ShearX', 0.9, 4), ('AutoContrast', 0.8, None)),
+    (('ShearY', 0.9, 8), ('Invert', 0.4, None)),
+    (('ShearY', 0.9, 5), ('Solarize', 0.2, 6)),
+    (('Invert', 0.9, None), ('AutoContrast', 0.8, None)),
+    (('Equalize', 0.6, None), ('Rotate', 0.9, 3)),
+    (('ShearX', 0.9, 4), ('Solarize', 0.3, 3)),
+    (('ShearY', 0.8, 8), ('Invert', 0.7, None)),
+    (('Equalize', 0.9, None), ('TranslateY', 0.6, 6)),
+    (('Invert', 0.9, None), ('Equalize', 0.6, None)),
+    (('Contrast', 0.3, 3), ('Rotate', 0.8, 4)),
+    (('Invert', 0.8, None), ('TranslateY', 0.0, 2)),
+    (('ShearY', 0.7, 6), ('Solarize', 0.4, 8)),
+    (('Invert', 0.6, None), ('Rotate', 0.8, 4)),
+    (('ShearY', 0.3, 7), ('TranslateX', 0.9, 3)),
+    (('ShearX', 0.1, 6), ('Invert', 0.6, None)),
+    (('Solarize', 0.7, 2), ('TranslateY', 0.6, 7)),
+    (('ShearY', 0.8, 4), ('Invert', 0.8, None)),
+    (('ShearX', 0.7, 9), ('TranslateY', 0.8, 3)),
+    (('ShearY', 0.8, 5), ('AutoContrast', 0.7, None)),
+    (('ShearX', 0.7, 2), ('Invert', 0.1, None)),
+  ),
+}
+# AutoAugment's op beyond RandAugment's 14: 255 - x. Its index follows OP_NAMES's.
+INVERT = NUM_OPS
+
+
+def _policy_table(policy: str):
+  """([P, 2] op indices, [P, 2] probabilities, [P, 2] magnitude bins) of a policy."""
+  index = {name: i for i, name in enumerate(OP_NAMES)} | {'Invert': INVERT}
+  subs = AUTOAUGMENT_POLICIES[policy]
+  ops = jnp.array([[index[op] for op, _, _ in sub] for sub in subs], jnp.int32)
+  probs = jnp.array([[p for _, p, _ in sub] for sub in subs], jnp.float32)
+  bins = jnp.array([[m or 0 for _, _, m in sub] for sub in subs], jnp.float32)
+  return ops, probs, bins
+
+
+def _auto_augment_one(key, image, policy: str, fill):
+  ops, probs, bins = _policy_table(policy)
+  max_values = _max_values(rand_augment_max(*image.shape[:2]))
+  policy_key, prob_key, sign_key = jax.random.split(key, 3)
+  chosen = jax.random.randint(policy_key, (), 0, ops.shape[0])
+  draws = jax.random.uniform(prob_key, (2,))
+  sign_keys = jax.random.split(sign_key, 2)
+  for i in range(2):  # torchvision: op i applies when its draw <= its probability
+    op = ops[chosen, i]
+    plain = jnp.where(op == INVERT, 0, op)  # Invert: the identity, then 255 - x
+    strength = max_values[plain] * bins[chosen, i] / (_AUTOAUGMENT_BINS - 1)
+    out = apply_op(image, plain, _signed_value(sign_keys[i], plain, strength), fill)
+    out = jnp.where(op == INVERT, 255 - image, out)
+    image = jnp.where(draws[i] <= probs[chosen, i], out, image)
+  return image
+
+
+def auto_augment(keys, images, policy: str, *, fill: int = FILL):
+  """AutoAugment on a uint8 NHWC batch: per example, one of ``policy``'s 25 sub-policies,
+  each of its two ops applied with its probability at its magnitude (signed ops negated
+  with probability 1/2), as torchvision's ``AutoAugment(AutoAugmentPolicy(policy))``."""
+  if policy not in AUTOAUGMENT_POLICIES:
+    raise ValueError(f'Unknown AutoAugment policy {policy!r}: {", ".join(AUTOAUGMENT_POLICIES)}.')
+  return jax.vmap(lambda key, image: _auto_augment_one(key, image, policy, fill))(keys, images)

@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.zero_init_residual = True  # each block's last BN scale starts at 0 (Goyal et al.)
   config.remat = False  # recompute block activations in the backward pass: less memory
   config.stochastic_depth_rate = 0.0  # drop rate of the last block's branch (linear in depth)
+  config.block_dropout_rate = 0.0  # dropout between a basic block's convolutions (WRN)
 
   # Weights in and fine-tuning (see jax_resnet/training/warm_start.py).
   config.init_from = ''  # WORKDIR[:latest|:STEP], an export, or torchvision .safetensors
@@ -86,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.randaugment_magnitude_std = 0.0  # timm's per-op magnitude noise (mstd)
   config.randaugment_bins = 31  # 31: torchvision's scale; 11: timm's (m out of 10)
   config.trivial_augment = False  # TrivialAugment-Wide instead (one op, any strength)
+  config.autoaugment_policy = ''  # AutoAugment instead: 'imagenet', 'cifar10' or 'svhn'
   config.random_erasing_prob = 0.0  # timm's random erasing (noise rectangle), per image
   config.mixup_alpha = 0.0  # Mixup's Beta(alpha, alpha); 0 off
   config.cutmix_alpha = 0.0  # CutMix's Beta(alpha, alpha); 0 off
@@ -108,6 +110,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0  # weight moved from the true class to all classes evenly
   config.lars_trust_coefficient = 0.001  # lars: the layer-wise trust ratio's coefficient
   config.sam_rho = 0.0  # sharpness-aware minimisation's neighbourhood radius; 0 off
+  # Gradient clipping before the optimizer (timm's --clip-grad): to this global norm, and
+  # unit-wise to agc_clip times each unit's weight norm (AGC, timm's --clip-mode agc: 0.01
+  # usual), the head excepted. 0: off.
+  config.grad_clip_norm = 0.0
+  config.agc_clip = 0.0
+  # Micro-batches per optimizer step (gradient accumulation): batch_size stays the global
+  # batch of one step, computed as k micro-batches of batch_size / k inside the jitted
+  # step; BatchNorm normalises each micro-batch by its own statistics. Safe to change on
+  # resume.
+  config.grad_accum_steps = 1
   config.loss = 'softmax'  # softmax cross-entropy, or 'bce' (binary, timm's RSB recipes)
   config.ema_decay = 0.0  # weight EMA, evaluated beside the raw weights; 0 off (0.9999 usual)
   config.ema_warmup = True  # decay min(ema_decay, (1+t)/(10+t)) (TF's rule); False: constant

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from jax_resnet import loss_functions, models, parallel
+from jax_resnet.augment import randaugment
 from jax_resnet.configuration import defaults
 from jax_resnet.data import common as data_common
 from jax_resnet.errors import ConfigError, TrainingError
@@ -38,6 +39,7 @@ RESUME_SAFE_FIELDS = frozenset(
     'eval_split',
     'shuffle_buffer',
     'steps_per_dispatch',
+    'grad_accum_steps',
     'data_on_device',
     'cache',
     'remat',
@@ -59,6 +61,7 @@ POSITIVE = (
   'learning_rate',
   'keep_checkpoints',
   'steps_per_dispatch',
+  'grad_accum_steps',
 )
 NON_NEGATIVE = (
   'input_threads',
@@ -70,6 +73,8 @@ NON_NEGATIVE = (
   'weight_decay',
   'dropout_rate',
   'eval_every_epochs',
+  'grad_clip_norm',
+  'agc_clip',
 )
 
 
@@ -108,8 +113,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
   for field in NON_NEGATIVE:
     if config[field] < 0:
       _fail(config, field, 'must be zero or positive.')
-  if not 0 <= config.dropout_rate < 1:
-    _fail(config, 'dropout_rate', 'must be in [0, 1).')
+  for field in ('dropout_rate', 'block_dropout_rate'):
+    if not 0 <= config[field] < 1:
+      _fail(config, field, 'must be in [0, 1).')
   if not 0 <= config.label_smoothing < 1:
     _fail(config, 'label_smoothing', 'must be in [0, 1).')
   for field in ('momentum', 'adam_b1', 'adam_b2'):
@@ -120,9 +126,26 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
   _check_fine_tuning(config)
   _check_digits_classes(config)
   _check_recipe(config)
+  _check_accumulation(config)
   if device_count is not None:
     # Eval batches are rounded up to a multiple instead (training.evaluation).
     parallel.check_divisible(config.batch_size, device_count, 'batch_size')
+    if config.batch_size % (device_count * config.grad_accum_steps):
+      _fail(
+        config,
+        'batch_size',
+        f'must split into grad_accum_steps={config.grad_accum_steps} micro-batches of a '
+        f'multiple of the device count {device_count}: a multiple of '
+        f'{device_count * config.grad_accum_steps}.',
+      )
+
+
+def _check_accumulation(config) -> None:
+  k = config.grad_accum_steps
+  if config.batch_size % k:
+    _fail(config, 'grad_accum_steps', f'must divide batch_size={config.batch_size}.')
+  if k > 1 and config.half_precision and config.half_precision_dtype == 'float16':
+    _fail(config, 'grad_accum_steps', 'is not combined with float16 loss scaling; use bfloat16.')
 
 
 def _check_sizes(config) -> None:
@@ -215,6 +238,15 @@ def _check_recipe(config) -> None:
     )
   if config.randaugment_layers and config.trivial_augment:
     _fail(config, 'trivial_augment', "is RandAugment's alternative: set randaugment_layers=0.")
+  if config.autoaugment_policy:
+    _choice(config, 'autoaugment_policy', tuple(randaugment.AUTOAUGMENT_POLICIES), 'policy')
+    if config.randaugment_layers or config.trivial_augment:
+      _fail(
+        config,
+        'autoaugment_policy',
+        'is an alternative to RandAugment and TrivialAugment: set randaugment_layers=0 '
+        'and trivial_augment=False.',
+      )
   if config.sam_rho and config.half_precision and config.half_precision_dtype == 'float16':
     _fail(config, 'sam_rho', 'is not combined with float16 loss scaling; use bfloat16.')
   if config.distill_from and not config.distill_temperature > 0:

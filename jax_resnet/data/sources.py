@@ -61,17 +61,24 @@ def load_dataset(
 
 def default_input_threads() -> int:
   """This process's cores (its affinity, as SLURM or taskset set it) divided by the
-  processes on its host, at least one."""
+  processes on its host, at least one; 0 (tf.data's shared pool, every core) for the only
+  process on its host, where a private pool only made the default job slower."""
   import os
 
   from jax_resnet import parallel
 
+  processes = parallel.processes_on_this_host()
+  if processes == 1:
+    return 0
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return max(1, cores // parallel.processes_on_this_host())
+  return max(1, cores // processes)
 
 
 def with_threads(dataset: Dataset, threads: int) -> Dataset:
-  """``dataset`` whose pipelines run on a private pool of ``threads`` threads."""
+  """``dataset`` whose pipelines run on a private pool of ``threads`` threads (0: as it
+  is, on tf.data's shared pool)."""
+  if not threads:
+    return dataset
   options = tf.data.Options()
   options.threading.private_threadpool_size = int(threads)
   sized = lambda ds: None if ds is None else ds.with_options(options)

@@ -12,7 +12,8 @@ eval preprocessing) in each:
 - ``torchvision``: safetensors in torchvision's ResNet ``state_dict`` layout (ImageNet-family
   models only), the same header: ``resnet50(num_classes=N).load_state_dict(load_file(PATH))``.
 
-``read_export`` reads any of them back, bit for bit. Nothing here imports TensorFlow.
+``read_export`` reads any of them back, bit for bit; ``average_checkpoints`` writes the mean
+of a run's last checkpoints the same ways. Nothing here imports TensorFlow.
 """
 
 import hashlib
@@ -28,6 +29,7 @@ from jax_resnet import trees
 from jax_resnet.errors import ConfigError, DataError, NotFoundError, OutputError
 from jax_resnet.models import torchvision_layout as tw
 from jax_resnet.runs import saved_run
+from jax_resnet.runs.checkpointing import Checkpoints
 from jax_resnet.runs.workdirs import ensure_writable
 from jax_resnet.training import build
 
@@ -48,15 +50,55 @@ def export_checkpoint(
   """Writes the ``which`` checkpoint's params, batch statistics and inference metadata to
   ``path`` in ``export_format``; returns ``path``. The workdir is only read. ``weights``
   'ema' exports the run's weight average (config.ema_decay)."""
+  _check_format(export_format)
+  # Before the checkpoint is read: a wrong path fails in a second, not after the restore.
+  ensure_writable(path, 'the export')
+  run = saved_run.load_run(workdir, which, weights=weights)
+  _write_export(run, jax.tree.map(np.asarray, run.variables), path, export_format, weights)
+  logging.info('Exported step %d to %s (%s).', run.step, path, export_format)
+  return path
+
+
+def average_checkpoints(
+  workdir: str, path: str, last: int, export_format: str = 'msgpack', weights: str = 'raw'
+) -> str:
+  """Writes the mean of the run's newest ``last`` kept checkpoints' weights as an export
+  (timm's avg_checkpoints.py: a cheap gain at the end of a run); BatchNorm statistics are
+  averaged too. The metadata is the newest checkpoint's, plus ``averaged_steps``."""
+  _check_format(export_format)
+  checkpoints = Checkpoints(workdir, read_only=True)
+  try:
+    steps = sorted(checkpoints.latest.all_steps())
+  finally:
+    checkpoints.close()
+  if not 0 < last <= len(steps):
+    raise ConfigError(
+      f'--average_last={last}: {workdir} keeps {len(steps)} checkpoint(s) (steps {steps}); '
+      'average at most that many (a run keeps --config.keep_checkpoints of them).'
+    )
+  ensure_writable(path, 'the export')
+  chosen = steps[-last:]
+  total = None
+  for step in chosen:  # a running sum: one checkpoint in memory at a time
+    run = saved_run.load_run(workdir, step, weights=weights)
+    as_float64 = jax.tree.map(lambda x: np.asarray(x, np.float64), run.variables)
+    total = as_float64 if total is None else jax.tree.map(np.add, total, as_float64)
+  mean = jax.tree.map(lambda x: (x / last).astype(np.float32), total)
+  _write_export(run, mean, path, export_format, weights, averaged_steps=chosen)
+  logging.info('Exported the mean of steps %s to %s (%s).', chosen, path, export_format)
+  return path
+
+
+def _check_format(export_format: str) -> None:
   if export_format not in EXPORT_FORMATS:
     raise ConfigError(
       f'Unknown export format {export_format!r}. Valid: {", ".join(EXPORT_FORMATS)}.'
     )
-  # Before the checkpoint is read: a wrong path fails in a second, not after the restore.
-  ensure_writable(path, 'the export')
-  run = saved_run.load_run(workdir, which, weights=weights)
-  metadata = {**inference_metadata(run, export_format), 'weights': weights}
-  variables = jax.tree.map(np.asarray, run.variables)
+
+
+def _write_export(run, variables: dict, path: str, export_format: str, weights: str, **extra):
+  """``variables`` (numpy) with ``run``'s inference metadata, in ``export_format``."""
+  metadata = {**inference_metadata(run, export_format), 'weights': weights, **extra}
   if export_format == 'torchvision':
     check_torchvision_layout(metadata)
     if run.info.image_shape[-1] != 3:
@@ -68,8 +110,6 @@ def export_checkpoint(
       )
   if jax.process_index() == 0:
     WRITERS[export_format](variables, path, metadata)
-  logging.info('Exported step %d to %s (%s).', run.step, path, export_format)
-  return path
 
 
 def inference_metadata(run: saved_run.SavedRun, export_format: str | None = None) -> dict:

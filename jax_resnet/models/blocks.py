@@ -1,5 +1,7 @@
 """The parts ResNets are built of: basic and bottleneck blocks (post- and pre-activation),
 their shortcuts, squeeze-and-excitation, stochastic depth (drop path) and ResNet-D's stem.
+Bottlenecks widen and group their 3x3 convolution as torchvision's for Wide ResNets and
+ResNeXts; basic blocks may drop out between their convolutions, as Wide ResNets do.
 
 Each block takes its convolution and normalisation as partials from ``ResNet``, so the
 compute dtype, kernel init and BatchNorm settings are decided once, there.
@@ -40,6 +42,11 @@ class _Block(nn.Module):
   se_ratio: float = 0.0  # squeeze-and-excitation on the branch's output; 0: none
   drop_path_rate: float = 0.0  # probability of dropping the residual branch per example
   deterministic: bool = True  # no branch dropping (evaluation)
+  # Bottlenecks: the 3x3 convolution's groups (ResNeXt's cardinality) and width per group
+  # per 64 filters (torchvision's width_per_group: 128 in wide_resnet*_2).
+  groups: int = 1
+  base_width: int = 64
+  dropout_rate: float = 0.0  # basic blocks: dropout between the convolutions (WRN)
 
 
 class BasicBlock(_Block):
@@ -50,7 +57,7 @@ class BasicBlock(_Block):
   @nn.compact
   def __call__(self, x):
     y = self.conv(self.filters, (3, 3), self.strides, padding=pad(3))(x)
-    y = nn.relu(self.norm()(y))
+    y = _between_convs(self, nn.relu(self.norm()(y)))
     y = self.conv(self.filters, (3, 3), padding=pad(3))(y)
     y = self.norm(scale_init=_last_scale_init(self.zero_init_last, self.residual))(y)
     y = _branch_output(self, y)
@@ -60,14 +67,16 @@ class BasicBlock(_Block):
 
 
 class Bottleneck(_Block):
-  """1x1 reduce, 3x3 (strided, as torchvision's v1.5), 1x1 expand by 4."""
+  """1x1 reduce, 3x3 (strided, as torchvision's v1.5; grouped in ResNeXts), 1x1 expand to
+  4 x filters."""
 
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
-    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
-    y = self.conv(self.filters, (3, 3), self.strides, padding=pad(3))(y)
+    width = bottleneck_width(self.filters, self.groups, self.base_width)
+    y = nn.relu(self.norm()(self.conv(width, (1, 1))(x)))
+    y = self.conv(width, (3, 3), self.strides, padding=pad(3), feature_group_count=self.groups)(y)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters * 4, (1, 1))(y)
     y = self.norm(scale_init=_last_scale_init(self.zero_init_last, self.residual))(y)
@@ -90,7 +99,7 @@ class PreActBasicBlock(_Block):
   def __call__(self, x):
     pre = nn.relu(self.norm()(x))
     y = self.conv(self.filters, (3, 3), self.strides, padding=pad(3))(pre)
-    y = nn.relu(self.norm()(y))
+    y = _between_convs(self, nn.relu(self.norm()(y)))
     y = _branch_output(self, self.conv(self.filters, (3, 3), padding=pad(3))(y))
     return y + _preact_shortcut(x, pre, y.shape[-1], self.strides, self.conv, self.shortcut)
 
@@ -103,12 +112,26 @@ class PreActBottleneck(_Block):
   @nn.compact
   def __call__(self, x):
     pre = nn.relu(self.norm()(x))
-    y = self.conv(self.filters, (1, 1))(pre)
+    width = bottleneck_width(self.filters, self.groups, self.base_width)
+    y = self.conv(width, (1, 1))(pre)
     y = nn.relu(self.norm()(y))
-    y = self.conv(self.filters, (3, 3), self.strides, padding=pad(3))(y)
+    y = self.conv(width, (3, 3), self.strides, padding=pad(3), feature_group_count=self.groups)(y)
     y = nn.relu(self.norm()(y))
     y = _branch_output(self, self.conv(self.filters * 4, (1, 1))(y))
     return y + _preact_shortcut(x, pre, y.shape[-1], self.strides, self.conv, self.shortcut)
+
+
+def bottleneck_width(filters: int, groups: int, base_width: int) -> int:
+  """torchvision's ``int(planes * base_width / 64) * groups``: the bottleneck's inner width
+  (filters for ResNet-50, 2 x filters for wide_resnet50_2 and resnext50_32x4d)."""
+  return int(filters * base_width / 64) * groups
+
+
+def _between_convs(block, y):
+  """Dropout between a basic block's convolutions (Zagoruyko & Komodakis's WRN)."""
+  if block.dropout_rate > 0:
+    y = nn.Dropout(block.dropout_rate, deterministic=block.deterministic)(y)
+  return y
 
 
 def _last_scale_init(zero_init_last: bool, residual: bool):

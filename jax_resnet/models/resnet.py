@@ -2,7 +2,8 @@
 pre-activation (He et al. 2016) and "plain" twins without skip connections, plus the
 additions today's best ResNet results use: squeeze-and-excitation (SE-ResNet, Hu et al.
 2018), ResNet-D (He et al. 2019: deep stem, average-pool shortcut), stochastic depth
-(Huang et al. 2016) and small custom-width CIFAR ResNets.
+(Huang et al. 2016), small custom-width CIFAR ResNets, and the wider and grouped
+bottlenecks of Wide ResNets and ResNeXts (Zagoruyko & Komodakis 2016, Xie et al. 2017).
 
 All models take NHWC images and are called as ``model.apply(variables, x, train=...)``.
 Parameters are always float32; ``dtype`` sets the compute precision (bf16 for mixed
@@ -35,7 +36,11 @@ KERNEL_INITS = {
 STEMS = ('imagenet', 'cifar', 'deep')
 
 
-def _check_options(residual: bool, se_ratio: float, stochastic_depth_rate: float):
+def _check_options(
+  residual: bool, se_ratio: float, stochastic_depth_rate: float, block_dropout_rate: float
+):
+  if not 0 <= block_dropout_rate < 1:
+    raise ValueError(f'block_dropout_rate must be in [0, 1), got {block_dropout_rate}.')
   if se_ratio < 0:
     raise ValueError(f'se_ratio must be zero (off) or positive, got {se_ratio}.')
   if not 0 <= stochastic_depth_rate < 1:
@@ -80,9 +85,17 @@ class ResNet(nn.Module):
   # Groups of the batch, each normalised by its own statistics in training (one per device
   # for per-device BatchNorm, config.bn_sync=False); 1: the whole batch's (synchronised).
   bn_groups: int = 1
+  # Bottlenecks' 3x3 convolution: groups and width per group (see blocks.bottleneck_width).
+  groups: int = 1
+  base_width: int = 64
+  # Dropout between each basic block's convolutions (Wide ResNets); 'dropout' PRNG stream.
+  block_dropout_rate: float = 0.0
+  stem_width: int = 0  # the stem's output channels; 0: the first stage's width
 
   def __post_init__(self):
-    _check_options(self.residual, self.se_ratio, self.stochastic_depth_rate)
+    _check_options(
+      self.residual, self.se_ratio, self.stochastic_depth_rate, self.block_dropout_rate
+    )
     super().__post_init__()
 
   @nn.compact
@@ -107,14 +120,15 @@ class ResNet(nn.Module):
       param_dtype=jnp.float32,
     )
     x = x.astype(self.dtype)
+    stem_width = self.stem_width or self.widths[0]
     if self.stem == 'imagenet':
-      x = conv(self.widths[0], (7, 7), (2, 2), padding=pad(7), name='stem_conv')(x)
+      x = conv(stem_width, (7, 7), (2, 2), padding=pad(7), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
       x = cpu_conv.max_pool(x, (3, 3), strides=(2, 2), padding=pad(3))
     elif self.stem == 'deep':
-      x = deep_stem(x, self.widths[0], conv, norm)
+      x = deep_stem(x, stem_width, conv, norm)
     else:
-      x = conv(self.widths[0], (3, 3), padding=pad(3), name='stem_conv')(x)
+      x = conv(stem_width, (3, 3), padding=pad(3), name='stem_conv')(x)
       if not self.preact:  # a pre-activation block normalises its own input
         x = nn.relu(norm(name='stem_bn')(x))
     block_cls = nn.remat(self.block_cls) if self.remat else self.block_cls
@@ -132,6 +146,9 @@ class ResNet(nn.Module):
           se_ratio=self.se_ratio,
           drop_path_rate=next(rates),
           deterministic=not train,
+          groups=self.groups,
+          base_width=self.base_width,
+          dropout_rate=self.block_dropout_rate,
           name=f'stage{i + 1}_block{j + 1}',
         )(x)
     if self.preact:

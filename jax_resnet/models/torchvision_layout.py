@@ -22,6 +22,7 @@ from flax import traverse_util
 
 from jax_resnet import models, trees
 from jax_resnet.errors import DataError
+from jax_resnet.models.blocks import bottleneck_width
 
 METADATA_KEY = 'jax_resnet'
 NUM_BATCHES_TRACKED = 'num_batches_tracked'
@@ -91,16 +92,21 @@ def _batch_norm(torch_name: str, flax_module: tuple[str, ...], channels: int):
   return entries + [_Entry(f'{torch_name}.{NUM_BATCHES_TRACKED}', None, ())]
 
 
-def _block(torch_name: str, flax_name: str, block_cls, in_channels: int, width: int, strides):
-  """torchvision's BasicBlock/Bottleneck: conv{k}/bn{k}, then downsample.{0,1} if reshaped."""
+def _block(torch_name: str, flax_name: str, arch: dict, in_channels: int, width: int, strides):
+  """torchvision's BasicBlock/Bottleneck: conv{k}/bn{k}, then downsample.{0,1} if reshaped;
+  a bottleneck's 3x3 conv (conv2) as wide and grouped as the architecture says."""
+  block_cls, groups = arch['block_cls'], arch.get('groups', 1)
   kernel_sizes = (3, 3) if block_cls.expansion == 1 else (1, 3, 1)
   out_channels = width * block_cls.expansion
-  widths = [width] * (len(kernel_sizes) - 1) + [out_channels]
+  if block_cls.expansion == 1:
+    widths, conv_groups = (width, out_channels), (1, 1)
+  else:
+    inner = bottleneck_width(width, groups, arch.get('base_width', 64))
+    widths, conv_groups = (inner, inner, out_channels), (1, groups, 1)
   entries, channels = [], in_channels
   for k, (size, conv_width) in enumerate(zip(kernel_sizes, widths)):
-    entries += _conv(
-      f'{torch_name}.conv{k + 1}', (flax_name, f'Conv_{k}'), conv_width, channels, size
-    )
+    name = f'{torch_name}.conv{k + 1}'
+    entries += _conv(name, (flax_name, f'Conv_{k}'), conv_width, channels // conv_groups[k], size)
     entries += _batch_norm(f'{torch_name}.bn{k + 1}', (flax_name, f'BatchNorm_{k}'), conv_width)
     channels = conv_width
   if strides != 1 or in_channels != out_channels:
@@ -122,7 +128,7 @@ def _layout(model_name: str, in_channels: int, num_classes: int | None) -> list[
     for j in range(num_blocks):
       strides = 2 if i > 0 and j == 0 else 1
       names = f'layer{i + 1}.{j}', f'stage{i + 1}_block{j + 1}'
-      entries += _block(*names, block_cls, channels, width, strides)
+      entries += _block(*names, arch, channels, width, strides)
       channels = width * block_cls.expansion
   if num_classes is not None:
     shapes = (num_classes, channels), (num_classes,)
@@ -170,20 +176,37 @@ def _mismatch_error(subject: str, differences: list[str], fix: str) -> ValueErro
   return ValueError(f'{subject}: {count}:\n  {shown}{more}\n{fix}')
 
 
-def _matching_model(keys: Iterable[str], key_of) -> str | None:
-  """The supported model whose keys (head and counters aside) are exactly ``keys``."""
+def _matching_model(keys: Iterable[str], key_of, shapes: Mapping[str, tuple] = None) -> str | None:
+  """The supported model whose keys (head and counters aside) are exactly ``keys``; with
+  ``shapes`` (torchvision's, by key), the one whose shapes are these too where several
+  share the keys (resnet50, wide_resnet50_2 and resnext50_32x4d do)."""
   backbone_keys = {key for key in keys if not _is_head_or_counter(key)}
+  same_keys = []
   for name in SUPPORTED_MODELS:
-    if backbone_keys == {key_of(e) for e in _layout(name, _RGB, None) if e.flax_path}:
-      return name
-  return None
+    layout = [e for e in _layout(name, _RGB, None) if e.flax_path]
+    if backbone_keys == {key_of(e) for e in layout}:
+      if shapes is None or _same_shapes(layout, shapes):
+        return name
+      same_keys.append(name)
+  return same_keys[0] if same_keys else None
+
+
+def _same_shapes(layout: list[_Entry], shapes: Mapping[str, tuple]) -> bool:
+  for e in layout:
+    found, expected = tuple(shapes[e.torch_key]), e.torch_shape
+    if e.torch_key == 'conv1.weight':  # the stem's input channels are the file's own
+      found, expected = found[:1] + found[2:], expected[:1] + expected[2:]
+    if found != expected:
+      return False
+  return True
 
 
 def matching_model(state_dict: Mapping[str, Any]) -> str | None:
-  """The supported model whose state_dict keys ``state_dict`` has (its head and
+  """The supported model whose state_dict keys and shapes ``state_dict`` has (its head and
   ``num_batches_tracked`` counters aside), or None: which model a file of torchvision's or
   timm's weights holds, before it is converted."""
-  return _matching_model(state_dict, lambda e: e.torch_key)
+  shapes = {key: np.shape(value) for key, value in state_dict.items()}
+  return _matching_model(shapes, lambda e: e.torch_key, shapes)
 
 
 def _is_head_or_counter(key: str) -> bool:
@@ -199,11 +222,11 @@ def _shared_prefix(keys: list[str]) -> str:
   return ''
 
 
-def _state_dict_fix(keys: list[str], model_name: str) -> str:
-  prefix = _shared_prefix(keys)
+def _state_dict_fix(shapes: dict[str, tuple], model_name: str) -> str:
+  prefix = _shared_prefix(list(shapes))
   if prefix:
     return f'Every key starts with {prefix!r}: strip that prefix from the keys first.'
-  guess = _matching_model(keys, lambda e: e.torch_key)
+  guess = _matching_model(shapes, lambda e: e.torch_key, shapes)
   if guess and guess != model_name:
     return f'These are {guess} weights: convert them as {guess!r} (and train that model).'
   return (
@@ -279,7 +302,7 @@ def from_torchvision(
   counters = {e.torch_key for e in layout if not e.flax_path}
   differences = trees.differences(expected, {k: s for k, s in shapes.items() if k not in counters})
   if differences:
-    fix = _state_dict_fix(list(shapes), model_name)
+    fix = _state_dict_fix(shapes, model_name)
     raise _mismatch_error(f'The state_dict is not that of {model_name}', differences, fix)
   if num_classes is not None and num_classes != found_classes:
     raise HeadMismatchError(expected=num_classes, found=found_classes)

@@ -33,7 +33,7 @@ def create_optimizer(
   improvement of ``config.plateau_rtol``, down to ``config.plateau_min_scale`` times the
   peak; ``config.plateau_cooldown`` epochs pass after a reduction before counting again.
   """
-  tx = _fine_tuning(_base_optimizer(config, learning_rate_fn), config)
+  tx = _clipped(_fine_tuning(_base_optimizer(config, learning_rate_fn), config), config)
   if isinstance(learning_rate_fn, PlateauSchedule):
     tx = optax.chain(
       tx,
@@ -88,6 +88,34 @@ def _fine_tuning(tx, config: ml_collections.ConfigDict):
     FROZEN: optax.set_to_zero(),
   }
   return optax.multi_transform(transforms, labels)
+
+
+def _clipped(tx, config: ml_collections.ConfigDict):
+  """``tx`` after gradient clipping (timm's ``--clip-grad``), when the config asks for it:
+  to a global norm (``grad_clip_norm``), then adaptively (``agc_clip``, Brock et al. 2021:
+  each output unit's gradient at most agc_clip times its weights' norm, the head left out
+  as timm's train.py leaves it). Frozen parameters' gradients are zeroed first, so they
+  count in no norm. Without clipping, ``tx`` as it is (the same optimizer state)."""
+  clips = []
+  if config.grad_clip_norm:
+    clips.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.agc_clip:
+    not_head = lambda params: {
+      k: jax.tree.map(lambda _, k=k: k != HEAD, v) for k, v in params.items()
+    }
+    clips.append(optax.masked(optax.adaptive_grad_clip(config.agc_clip), not_head))
+  if not clips:
+    return tx
+  frozen = frozen_groups(config.freeze)
+  if frozen:
+    trained = lambda params: {
+      name: jax.tree.map(lambda _, n=name: parameter_group(n, frozen) != FROZEN, sub)
+      for name, sub in params.items()
+    }
+    clips.insert(
+      0, optax.masked(optax.set_to_zero(), lambda p: jax.tree.map(lambda t: not t, trained(p)))
+    )
+  return optax.chain(*clips, tx)
 
 
 def plateau_scale(opt_state):

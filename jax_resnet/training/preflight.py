@@ -205,16 +205,22 @@ class _Programs:
     ema = _bytes(state.ema) if state.ema is not None else 0
     per_device = self.config.batch_size // devices
     images = per_device * int(np.prod(self.image_shape)) * self.config.steps_per_dispatch
-    activations = activation_bytes(self.model, self.image_shape, per_device)
-    total = params + optimizer + ema + images + activations
+    # Accumulation keeps one micro-batch's activations at a time (and the gradient sum).
+    micro_batch = per_device // self.config.grad_accum_steps
+    activations = activation_bytes(self.model, self.image_shape, micro_batch)
+    accumulated = _bytes(state.params) if self.config.grad_accum_steps > 1 else 0
+    total = params + optimizer + ema + images + activations + accumulated
     return [
       Finding(
         True,
         f'memory per device (estimate): {_gib(total)} = parameters and statistics '
         f'{_gib(params)} + optimizer state {_gib(optimizer)} + weight average {_gib(ema)} '
         f'+ uint8 batch {_gib(images)} + activations kept for the backward pass '
-        f'{_gib(activations)}, at {per_device} images per device '
-        f'(config.batch_size={self.config.batch_size} over {devices})',
+        f'{_gib(activations)}'
+        + (f' + the gradient sum {_gib(accumulated)}' if accumulated else '')
+        + f', at {per_device} images per device (config.batch_size='
+        f'{self.config.batch_size} over {devices}'
+        + (f', in micro-batches of {micro_batch})' if accumulated else ')'),
       )
     ]
 

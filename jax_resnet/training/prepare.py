@@ -74,7 +74,7 @@ def prepare_run(
     folder.write_class_index(workdir, info.class_names)  # the classes the run trains
   if start_step == 0 and config.init_from:
     source = warm_start.load_source(config.init_from, config.model)
-    state = warm_start.apply(state, source, info.class_names)
+    state = warm_start.apply(state, source, info.class_names, config.model)
   options = build.step_options(config, info.num_classes, info.mean, info.std)
   eval_fn = make_eval_step(options, mesh)
   batch = eval_batch_size(config.eval_batch_size, mesh)

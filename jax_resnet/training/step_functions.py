@@ -38,6 +38,7 @@ class StepOptions:
   distill_temperature: float = 4.0
   eval_image_size: int = 0  # evaluate at this size; 0: as given
   eval_flip: bool = False
+  grad_accum_steps: int = 1  # micro-batches per optimizer step
 
 
 def top_k_correct(logits, labels, k: int):
@@ -106,31 +107,18 @@ def _keep_finite(new: TrainState, old: TrainState, is_finite, dynamic_scale) -> 
   )
 
 
-def train_step(
-  state: TrainState,
-  batch,
-  *,
-  learning_rate_fn: Callable,
-  options: StepOptions,
-  teacher: Teacher | None = None,
-):
-  """One optimizer step on a global batch of uint8 images; returns (state, TrainMetrics).
-
-  With ``options.sam_rho`` the update uses ``sam_gradients``; the BatchNorm statistics
-  are those of the first pass.
-  """
-  step_rng = jax.random.fold_in(state.rng, state.step)
-  _, dropout_rng = jax.random.split(step_rng)
-  images, targets = augment_batch(step_rng, batch['image'], batch['label'], options.augment)
-  teacher_logits = None if teacher is None else teacher(images)
+def _loss_fn(state: TrainState, batch_stats, inputs, rng, options: StepOptions):
+  """The training loss of ``inputs`` (images, targets, teacher logits or None) as a
+  function of the parameters: ``params -> (mean loss, (logits, new batch_stats))``."""
+  images, targets, teacher_logits = inputs
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-      {'params': params, 'batch_stats': state.batch_stats},
+      {'params': params, 'batch_stats': batch_stats},
       images,
       train=True,
       mutable=['batch_stats'],
-      rngs={'dropout': dropout_rng},
+      rngs={'dropout': rng},
     )
     loss = loss_functions.training_loss(
       logits,
@@ -142,14 +130,83 @@ def train_step(
     )
     return loss.mean(), (logits, updates['batch_stats'])
 
-  if state.dynamic_scale is None:
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (logits, batch_stats)), grads = value_and_grad(state.params)
-    if options.sam_rho:
-      grads = sam_gradients(value_and_grad, state.params, grads, options.sam_rho)
-  else:  # fp16: scale the loss up, and skip the update when the gradients overflow
+  return loss_fn
+
+
+def _gradients(state: TrainState, batch_stats, inputs, rng, options: StepOptions):
+  """(loss, logits, new batch_stats, gradients) of one pass; with ``options.sam_rho`` the
+  gradients are ``sam_gradients`` (the statistics the first pass's)."""
+  value_and_grad = jax.value_and_grad(
+    _loss_fn(state, batch_stats, inputs, rng, options), has_aux=True
+  )
+  (loss, (logits, new_stats)), grads = value_and_grad(state.params)
+  if options.sam_rho:
+    grads = sam_gradients(value_and_grad, state.params, grads, options.sam_rho)
+  return loss, logits, new_stats, grads
+
+
+def _micro_batches(x, k: int):
+  """``x``'s leading (batch) axis as k micro-batches on a new leading axis, example i in
+  micro-batch i % k: each device's share of the batch splits in place, no data moves."""
+  return jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+
+
+def _accumulated_gradients(state: TrainState, inputs, rng, options: StepOptions, unroll: bool):
+  """``_gradients`` over ``options.grad_accum_steps`` micro-batches in a scan (one
+  micro-batch's activations alive at a time): the mean loss and gradient, the logits in
+  batch order, the statistics updated by each micro-batch in turn (as timm's)."""
+  k = options.grad_accum_steps
+
+  def body(carry, micro):
+    batch_stats, grad_sum, loss_sum = carry
+    index, micro_inputs = micro
+    micro_rng = jax.random.fold_in(rng, index)
+    loss, logits, batch_stats, grads = _gradients(
+      state, batch_stats, micro_inputs, micro_rng, options
+    )
+    return (batch_stats, jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), logits
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  micro = (jnp.arange(k), jax.tree.map(lambda x: _micro_batches(x, k), inputs))
+  (batch_stats, grad_sum, loss_sum), logits = jax.lax.scan(
+    body, (state.batch_stats, zeros, jnp.float32(0)), micro, unroll=unroll
+  )
+  logits = jnp.moveaxis(logits, 0, 1).reshape(-1, logits.shape[-1])
+  return loss_sum / k, logits, batch_stats, jax.tree.map(lambda g: g / k, grad_sum)
+
+
+def train_step(
+  state: TrainState,
+  batch,
+  *,
+  learning_rate_fn: Callable,
+  options: StepOptions,
+  teacher: Teacher | None = None,
+  unroll_micro_batches: bool = False,
+):
+  """One optimizer step on a global batch of uint8 images; returns (state, TrainMetrics).
+
+  With ``options.sam_rho`` the update uses ``sam_gradients``; the BatchNorm statistics
+  are those of the first pass. With ``options.grad_accum_steps`` k > 1 the gradient is
+  the mean of k micro-batches' (``_accumulated_gradients``), unrolled when
+  ``unroll_micro_batches`` (XLA:CPU, see ``make_train_step``).
+  """
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  _, dropout_rng = jax.random.split(step_rng)
+  images, targets = augment_batch(step_rng, batch['image'], batch['label'], options.augment)
+  inputs = (images, targets, None if teacher is None else teacher(images))
+  if state.dynamic_scale is not None:  # fp16: scale the loss up, skip overflowed updates
+    loss_fn = _loss_fn(state, state.batch_stats, inputs, dropout_rng, options)
     dynamic_scale, is_finite, (loss, (logits, batch_stats)), grads = (
       state.dynamic_scale.value_and_grad(loss_fn, has_aux=True)(state.params)
+    )
+  elif options.grad_accum_steps > 1:
+    loss, logits, batch_stats, grads = _accumulated_gradients(
+      state, inputs, dropout_rng, options, unroll_micro_batches
+    )
+  else:
+    loss, logits, batch_stats, grads = _gradients(
+      state, state.batch_stats, inputs, dropout_rng, options
     )
   # The loss goes to the optimizer too: reduce-on-plateau reads it.
   new_state = optimizers.apply_gradients(state, grads, loss, batch_stats=batch_stats)
@@ -229,17 +286,23 @@ def make_train_step(
   whose steps are shorter than the launch overhead. The state is donated and kept
   replicated.
 
-  The k steps are unrolled on CPU by default (``unroll=None``): inside a while loop,
+  The k steps (and gradient accumulation's micro-batches) are unrolled on CPU by default
+  (``unroll=None``): inside a while loop,
   XLA:CPU leaves the backward convolutions in layouts it does not canonicalise and runs
   them tens of times slower (benchmarks/RESULTS.md, "Multi-step dispatch"). Elsewhere
   the loop stays rolled, which keeps the compile time independent of k.
   """
-  step_kwargs = dict(learning_rate_fn=learning_rate_fn, options=options, teacher=teacher)
+  if unroll is None:
+    unroll = _platform(mesh) == 'cpu'
+  step_kwargs = dict(
+    learning_rate_fn=learning_rate_fn,
+    options=options,
+    teacher=teacher,
+    unroll_micro_batches=unroll,
+  )
   if steps_per_dispatch == 1:
     fn = functools.partial(train_step, **step_kwargs)
   else:
-    if unroll is None:
-      unroll = _platform(mesh) == 'cpu'
     fn = functools.partial(multi_train_step, unroll=unroll, **step_kwargs)
   replicated = parallel.replicated(mesh)
   return jax.jit(

@@ -107,16 +107,28 @@ def _flat(collections: dict) -> dict:
   return trees.flatten({c: collections.get(c, {}) for c in trees.WEIGHT_COLLECTIONS})
 
 
-def apply(state, source: Source, class_names=()):
-  """``state`` with ``source``'s parameters and BatchNorm statistics, and its weight EMA
-  (``config.ema_decay``) starting from them too. The head stays fresh when the source has
-  none (timm's ``num_classes=0``), when its class count differs, or when both sides name
-  their classes and the names differ (the rows would mean other classes). Logs what was
-  loaded and initialised."""
+def apply(state, source: Source, class_names=(), model_name: str = ''):
+  """``state`` (of ``model_name``) with ``source``'s parameters and BatchNorm statistics,
+  and its weight EMA (``config.ema_decay``) starting from them too. The head stays fresh
+  when the source has none (timm's ``num_classes=0``), when its class count differs, or
+  when both sides name their classes and the names differ (the rows would mean other
+  classes). A stem for other input channels is adapted (``adapt_input_channels``). Logs
+  what was loaded, adapted and initialised."""
   fresh = _flat({c: getattr(state, c) for c in trees.WEIGHT_COLLECTIONS})
   given = _flat(source.variables)
+  for key in STEM_KERNELS:
+    if key in fresh and key in given and _only_input_channels_differ(fresh[key], given[key]):
+      have, want = np.shape(given[key])[2], fresh[key].shape[2]
+      given[key] = adapt_input_channels(given[key], want)
+      logging.info(
+        'init_from: %s adapted from %d input channels to %d (%s, as timm).',
+        key,
+        have,
+        want,
+        'summed' if want == 1 else 'repeated and scaled',
+      )
   reinitialised, why = _head_to_reinitialise(fresh, given, source.class_names, class_names)
-  _check_fits(fresh, given, reinitialised, source)
+  _check_fits(fresh, given, reinitialised, source, model_name)
   loaded = _loaded(fresh, given, reinitialised)
   replaced = trees.unflatten({**fresh, **loaded})
   if state.ema is not None:
@@ -156,7 +168,7 @@ def _head_to_reinitialise(fresh, given, source_classes, class_names) -> tuple[li
   return [], ''  # the same head, or a difference that is not a class change: checked next
 
 
-def _check_fits(fresh, given, reinitialised, source: Source) -> None:
+def _check_fits(fresh, given, reinitialised, source: Source, model_name: str) -> None:
   """One ConfigError listing the first differing keys, unless everything but
   ``reinitialised`` has the same keys and shapes on both sides."""
   expected = {k: fresh[k].shape for k in sorted(fresh) if k not in reinitialised}
@@ -165,7 +177,12 @@ def _check_fits(fresh, given, reinitialised, source: Source) -> None:
   if not differences:
     return
   fix = 'Use the same --config.model and --config.model_options as the run that wrote them.'
-  if source.model:
+  if source.model and source.model == model_name:
+    fix = (
+      f'Both are {model_name}: use the model_options the weights were trained with (the '
+      'shapes above are what differs).'
+    )
+  elif source.model:
     fix = (
       f'They are {source.model} weights: use --config.model={source.model}, with the '
       'model_options they were trained with.'
@@ -185,6 +202,28 @@ def _loaded(target: dict, given: dict, reinitialised) -> dict:
     for k, v in target.items()
     if k not in reinitialised
   }
+
+
+# The convolutions that read the image: the 7x7 or 3x3 stem, ResNet-D's first stem conv.
+STEM_KERNELS = ('params/stem_conv/kernel', 'params/stem_conv1/kernel')
+
+
+def _only_input_channels_differ(fresh, given) -> bool:
+  have, want = np.shape(given), fresh.shape
+  return len(have) == 4 and have[:2] + have[3:] == want[:2] + want[3:] and have[2] != want[2]
+
+
+def adapt_input_channels(kernel, channels: int) -> np.ndarray:
+  """An HWIO stem kernel for ``channels`` input channels, as timm's ``adapt_input_conv``:
+  to one channel, the sum over the kernel's channels (a gray image then gives what an RGB
+  image of equal channels gave); to more, the channels repeated and scaled by
+  old / new channels (an RGB image of equal channels gives what the gray image gave)."""
+  kernel = np.asarray(kernel, np.float32)
+  if channels == 1:
+    return kernel.sum(axis=2, keepdims=True)
+  have = kernel.shape[2]
+  repeats = -(-channels // have)
+  return np.tile(kernel, (1, 1, repeats, 1))[:, :, :channels] * (have / channels)
 
 
 def _only_classes_differ(fresh, given, keys) -> bool:
