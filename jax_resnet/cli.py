@@ -8,6 +8,8 @@
       [--predict_output=predictions.csv] [--top_k=5] [--predict_flip]
   jax-resnet --mode=predict --predict_from=EXPORT --predict_input=... [...]
   jax-resnet --workdir=DIR --mode=average --average_last=K [--export_format=...]
+  jax-resnet --workdir=DIR --mode=embed --predict_input=... [--embed_output=embeddings.npy]
+  jax-resnet --workdir=DIR --mode=knn --knn_train=DIR --knn_eval=DIR [--knn_k=20]
   jax-resnet --config=... --mode=check [--check_devices=8] [--check_platforms=cuda,tpu]
 
 ``jax-resnet``, ``python -m jax_resnet`` and ``python main.py`` (in a checkout) are the
@@ -50,10 +52,21 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
   'mode',
   'train',
-  ['train', 'eval', 'export', 'predict', 'check', 'average'],
+  ['train', 'eval', 'export', 'predict', 'check', 'average', 'embed', 'knn'],
   'What to do. check: will the config run on --check_devices devices of each of '
   '--check_platforms? Answered here, without them, before an allocation. average: the '
   'mean of the last --average_last checkpoints, written as an export.',
+)
+flags.DEFINE_string(
+  'embed_output',
+  'embeddings.npy',
+  "For embed: the .npy of the images' pooled features (N x D); the paths, in the same "
+  'order, go to the same name with .csv.',
+)
+flags.DEFINE_string('knn_train', None, 'For knn: a folder of class folders to vote with.')
+flags.DEFINE_string('knn_eval', None, 'For knn: a folder of class folders to classify.')
+flags.DEFINE_integer(
+  'knn_k', 20, 'For knn: neighbours per vote (cosine similarity).', lower_bound=1
 )
 flags.DEFINE_integer(
   'average_last',
@@ -122,8 +135,8 @@ flags.DEFINE_bool(
 )
 flags.register_validator(
   'predict_input',
-  lambda inputs: bool(inputs) or FLAGS.mode != 'predict',
-  '--mode=predict needs --predict_input: image files, folders or glob patterns.',
+  lambda inputs: bool(inputs) or FLAGS.mode not in ('predict', 'embed'),
+  '--mode=predict and --mode=embed need --predict_input: image files, folders or glob patterns.',
 )
 flags.DEFINE_enum(
   'resume_from',
@@ -270,6 +283,8 @@ def _run_mode():
     )
   if FLAGS.mode == 'predict':
     return _predict()
+  if FLAGS.mode in ('embed', 'knn'):
+    return _embed_or_knn()
   if FLAGS.mode == 'check':
     return _check()
   from jax_resnet.inference import export
@@ -291,17 +306,44 @@ def _run_mode():
   return None
 
 
+def _predictor():
+  """--predict_from's export, or --workdir's checkpoint (only read)."""
+  from jax_resnet.inference import predict
+
+  if FLAGS.predict_from:
+    return predict.Predictor.from_export(FLAGS.predict_from)
+  return predict.Predictor.from_workdir(
+    FLAGS.workdir, _which(FLAGS.checkpoint or 'best'), weights=FLAGS.weights
+  )
+
+
+def _embed_or_knn():
+  """--mode=embed: the embeddings of --predict_input into --embed_output; --mode=knn:
+  the kNN top-1 of --knn_eval's class folders against --knn_train's."""
+  from jax_resnet.inference import embed
+
+  predictor = _predictor()
+  if FLAGS.mode == 'embed':
+    summary = embed.embed_files(predictor, FLAGS.predict_input, FLAGS.embed_output)
+    _say(
+      f'embedded {summary["num_images"]} images into {summary["output_npy"]} '
+      f'{tuple(summary["shape"])}, their paths in {summary["paths_csv"]}'
+    )
+    return None
+  result = embed.knn_evaluate(predictor, FLAGS.knn_train, FLAGS.knn_eval, FLAGS.knn_k)
+  _say(
+    f'knn_top1 {result["knn_top1"]:.4f} (k {result["k"]}, cosine; {result["num_eval"]} '
+    f'images against {result["num_train"]})'
+  )
+  return None
+
+
 def _predict():
   """The CSV of the top-k classes of every --predict_input image, from --predict_from's
   export or --workdir's checkpoint; the workdir is only read."""
   from jax_resnet.inference import predict
 
-  if FLAGS.predict_from:
-    predictor = predict.Predictor.from_export(FLAGS.predict_from)
-  else:
-    predictor = predict.Predictor.from_workdir(
-      FLAGS.workdir, _which(FLAGS.checkpoint or 'best'), weights=FLAGS.weights
-    )
+  predictor = _predictor()
   summary = predict.predict_files(
     predictor, FLAGS.predict_input, FLAGS.predict_output, FLAGS.top_k, flip=FLAGS.predict_flip
   )
@@ -390,9 +432,11 @@ def _asks_for_help(argv) -> bool:
 def _flags_problem() -> str | None:
   """What is wrong with the flags together, in one line, or None. Checked after parsing
   (absl's validators would prefix every flag's value), so --help imports nothing."""
+  if FLAGS.mode == 'knn' and not (FLAGS.knn_train and FLAGS.knn_eval):
+    return '--mode=knn needs --knn_train=DIR and --knn_eval=DIR (folders of class folders).'
   if FLAGS.predict_from is not None:
-    if FLAGS.mode != 'predict':
-      return '--predict_from is for --mode=predict (eval and export read --workdir).'
+    if FLAGS.mode not in ('predict', 'embed', 'knn'):
+      return '--predict_from is for --mode=predict, embed or knn (eval and export read --workdir).'
     if FLAGS.checkpoint is not None or FLAGS.weights != 'raw':
       return (
         '--predict_from predicts with the weights the export holds: drop --checkpoint and '

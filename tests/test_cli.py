@@ -159,7 +159,7 @@ def test_the_three_commands_are_one(tmp_path):
   ]
   for result in helps:
     assert result.returncode == 0, result.stderr[-2000:]
-    assert '--mode: <train|eval|export|predict|check|average>' in result.stdout
+    assert '--mode: <train|eval|export|predict|check|average|embed|knn>' in result.stdout
     assert 'configuration/defaults.py' in result.stdout  # the default --config, any directory
   flag_lists = [result.stdout[result.stdout.index('\nflags:') :] for result in helps]
   assert flag_lists[0] == flag_lists[1] == flag_lists[2]

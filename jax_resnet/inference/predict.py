@@ -29,7 +29,7 @@ DEFAULT_BATCH_SIZE = 256
 # What a folder is searched for; files named explicitly or by a glob are tried whatever
 # their extension.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-_DECODE_THREADS = 8
+DECODE_THREADS = 8
 
 
 class Predictor:
@@ -48,12 +48,11 @@ class Predictor:
     self.batch_size = batch_size
     model = models.create_model(metadata['model'], self.num_classes, **metadata['model_options'])
     self._variables = jax.device_put(jax.tree.map(np.asarray, variables))
+    normalisation = dict(mean=tuple(metadata['mean']), std=tuple(metadata['std']))
     self._forward = jax.jit(
-      functools.partial(
-        _probabilities, model.apply, mean=tuple(metadata['mean']), std=tuple(metadata['std'])
-      ),
-      static_argnames='flip',
+      functools.partial(_probabilities, model.apply, **normalisation), static_argnames='flip'
     )
+    self._features = jax.jit(functools.partial(_features, model.apply, **normalisation))
 
   @classmethod
   def from_workdir(
@@ -106,14 +105,26 @@ class Predictor:
     self, batch: np.ndarray, batch_size: int | None = None, flip: bool = False
   ) -> np.ndarray:
     """Probabilities of images ``prepare`` has made ready: uint8 [N, *image_shape]."""
-    batch_size = batch_size or self.batch_size
-    dispatched = []  # every chunk is queued before the first result is awaited
-    for start in range(0, len(batch), batch_size):
-      chunk = batch[start : start + batch_size]
-      # Few shapes, few compilations: a short last chunk is padded to a power of two.
-      padded = _pad_to(chunk, min(batch_size, _next_power_of_two(len(chunk))))
-      dispatched.append((self._forward(self._variables, padded, flip=flip), len(chunk)))
-    return np.concatenate([np.asarray(output)[:count] for output, count in dispatched])
+    forward = functools.partial(self._forward, self._variables, flip=flip)
+    return _in_chunks(forward, batch, batch_size or self.batch_size)
+
+  def embed(self, images, batch_size: int | None = None) -> np.ndarray:
+    """float32 [N, embedding_size]: the pooled features the head reads (timm's
+    ``num_classes=0`` output), of a list of uint8 images or an NHWC array."""
+    prepared = [self.prepare(image) for image in _as_image_list(images)]
+    if not prepared:
+      return np.zeros((0, self.embedding_size), np.float32)
+    return self.embed_prepared(np.stack(prepared), batch_size)
+
+  def embed_prepared(self, batch: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """Embeddings of images ``prepare`` has made ready."""
+    features = functools.partial(self._features, self._variables)
+    return _in_chunks(features, batch, batch_size or self.batch_size)
+
+  @property
+  def embedding_size(self) -> int:
+    """The width of ``embed``'s rows (64 for ResNet-20, 2,048 for ResNet-50)."""
+    return int(np.shape(self._variables['params']['head']['kernel'])[0])
 
   def top_k(
     self, images, k: int = 5, batch_size: int | None = None, flip: bool = False
@@ -140,6 +151,23 @@ def _probabilities(apply_fn, variables, images, mean, std, flip: bool):
     mirrored = jax.nn.softmax(apply_fn(variables, x[:, :, ::-1], train=False))
     probabilities = (probabilities + mirrored) / 2
   return probabilities
+
+
+def _features(apply_fn, variables, images, mean, std):
+  x = image_ops.normalize(images, mean, std)
+  return apply_fn(variables, x, train=False, features=True)
+
+
+def _in_chunks(fn, batch: np.ndarray, batch_size: int) -> np.ndarray:
+  """``fn`` over ``batch`` in chunks of ``batch_size``, every chunk queued before the
+  first result is awaited; a short last chunk is padded to a power of two (few shapes,
+  few compilations)."""
+  dispatched = []
+  for start in range(0, len(batch), batch_size):
+    chunk = batch[start : start + batch_size]
+    padded = _pad_to(chunk, min(batch_size, _next_power_of_two(len(chunk))))
+    dispatched.append((fn(padded), len(chunk)))
+  return np.concatenate([np.asarray(output)[:count] for output, count in dispatched])
 
 
 def _as_image_list(images) -> list:
@@ -172,7 +200,7 @@ def find_images(inputs: Iterable[str]) -> list[str]:
     files = []
     for match in matches:
       if os.path.isdir(match):
-        files += _images_under(match)
+        files += images_under(match)
       elif os.path.isfile(match):
         files.append(match)
     if not files:
@@ -186,7 +214,7 @@ def find_images(inputs: Iterable[str]) -> list[str]:
   return list(dict.fromkeys(found))
 
 
-def _images_under(folder: str) -> list[str]:
+def images_under(folder: str) -> list[str]:
   paths = []
   for dirpath, dirnames, filenames in os.walk(folder):
     dirnames.sort()
@@ -224,7 +252,7 @@ def predict_files(
   partial = f'{output_csv}.partial-{os.getpid()}'
   with (
     _CompleteOrNothing(output_csv, partial) as f,
-    concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool,
+    concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool,
   ):
     writer = csv.writer(f)
     writer.writerow(
@@ -233,7 +261,7 @@ def predict_files(
     for start in range(0, len(paths), batch_size):
       chunk = paths[start : start + batch_size]
       # Decoded and prepared in threads: Pillow and numpy release the GIL.
-      prepared = dict(zip(chunk, pool.map(functools.partial(_prepare_file, predictor), chunk)))
+      prepared = dict(zip(chunk, pool.map(functools.partial(prepare_file, predictor), chunk)))
       skipped += [path for path, image in prepared.items() if image is None]
       decoded = {path: image for path, image in prepared.items() if image is not None}
       rows = _top_k_rows(predictor, decoded, k, batch_size, flip)
@@ -295,7 +323,7 @@ def _top_k_rows(predictor: Predictor, prepared: dict, k: int, batch_size: int, f
   ]
 
 
-def _prepare_file(predictor: Predictor, path: str) -> np.ndarray | None:
+def prepare_file(predictor: Predictor, path: str) -> np.ndarray | None:
   """The model-ready image of ``path``; None (with a warning naming it) if it cannot be read."""
   try:
     image = read_image(path)

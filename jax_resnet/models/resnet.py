@@ -99,7 +99,8 @@ class ResNet(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, features: bool = False):
+    """Logits; with ``features``, the pooled features the head would read (embeddings)."""
     conv = functools.partial(
       nn.Conv,
       use_bias=False,
@@ -154,6 +155,8 @@ class ResNet(nn.Module):
     if self.preact:
       x = nn.relu(norm(name='final_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
+    if features:
+      return x.astype(jnp.float32)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
     return x.astype(jnp.float32)
