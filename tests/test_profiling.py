@@ -88,7 +88,10 @@ def test_training_profiles_steps_and_writes_its_wall_time_by_part(config, tmp_pa
   profile = workdir / 'profile'
   assert list(profile.glob('plugins/profile/*/*.xplane.pb'))
   table = (profile / profiling.TOP_OPS_FILE).read_text()
-  assert 'convolution' in table, table
+  # The step's convolutions rank among its top ops, as XLA convolutions or as the matrix
+  # products models/cpu_conv.py writes some of them as (which of the two comes first varies
+  # from run to run on a loaded CPU).
+  assert 'convolution' in table or '[dot ' in table, table
 
   timing = json.loads((workdir / loop.TIMING_FILE).read_text())
   parts = [f'{p}_s' for p in profiling.RunClock.PARTS]
