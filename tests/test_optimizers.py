@@ -186,3 +186,19 @@ def test_adaptive_gradient_clipping_per_unit_without_the_head(config):
   np.testing.assert_allclose(clipped['stem_bn']['scale'], scale, rtol=1e-5)
   assert not np.allclose(kernel, grads['stem_conv']['kernel'])  # it clipped
   np.testing.assert_allclose(clipped['head']['kernel'], grads['head']['kernel'], rtol=1e-6)
+
+
+def test_frozen_gradients_count_in_no_clipping_norm(config):
+  """With config.freeze, the frozen groups' gradients are zeroed before the global norm
+  is taken: the trained ones are clipped by their own norm, the frozen ones move not at all."""
+  params, grads = _params_and_grads()
+  config.grad_clip_norm, config.freeze = 2.0, 'stem'
+  clipped = _sgd_update(config, params, grads)
+  trained = np.sqrt(np.sum(np.square(grads['head']['kernel'])))  # stem_conv, stem_bn frozen
+  assert trained > 2.0
+  np.testing.assert_allclose(
+    clipped['head']['kernel'], grads['head']['kernel'] * 2.0 / trained, rtol=1e-5
+  )
+  for group in ('stem_conv', 'stem_bn'):
+    for leaf in jax.tree.leaves(clipped[group]):
+      np.testing.assert_array_equal(leaf, 0.0)

@@ -78,10 +78,7 @@ def _fine_tuning(tx, config: ml_collections.ConfigDict):
   multiplier = config.head_learning_rate_multiplier
   if not frozen and multiplier == 1.0:
     return tx
-  labels = lambda params: {
-    name: jax.tree.map(lambda _, n=name: parameter_group(n, frozen), sub)
-    for name, sub in params.items()
-  }
+  labels = lambda params: _group_labels(params, frozen)
   transforms = {
     BODY: tx,
     HEAD: optax.chain(tx, optax.scale(multiplier)) if multiplier != 1.0 else tx,
@@ -108,14 +105,19 @@ def _clipped(tx, config: ml_collections.ConfigDict):
     return tx
   frozen = frozen_groups(config.freeze)
   if frozen:
-    trained = lambda params: {
-      name: jax.tree.map(lambda _, n=name: parameter_group(n, frozen) != FROZEN, sub)
-      for name, sub in params.items()
-    }
-    clips.insert(
-      0, optax.masked(optax.set_to_zero(), lambda p: jax.tree.map(lambda t: not t, trained(p)))
+    is_frozen = lambda params: jax.tree.map(
+      lambda group: group == FROZEN, _group_labels(params, frozen)
     )
+    clips.insert(0, optax.masked(optax.set_to_zero(), is_frozen))
   return optax.chain(*clips, tx)
+
+
+def _group_labels(params, frozen: tuple[str, ...]):
+  """``params``' tree with each leaf replaced by its ``parameter_group``."""
+  return {
+    name: jax.tree.map(lambda _, n=name: parameter_group(n, frozen), sub)
+    for name, sub in params.items()
+  }
 
 
 def plateau_scale(opt_state):
