@@ -2,7 +2,7 @@
 
   jax-resnet --config=configs/default.py --workdir=DIR [--config.FIELD=VALUE ...]
   jax-resnet --workdir=DIR --mode=eval [--checkpoint=best|latest|STEP]
-  jax-resnet --workdir=DIR --mode=export [--export_format=msgpack|safetensors|torchvision]
+  jax-resnet --workdir=DIR --mode=export [--export_format=msgpack|safetensors|torchvision|onnx]
       [--export_path=FILE]
   jax-resnet --workdir=DIR --mode=predict --predict_input=FILE|DIR|GLOB [...]
       [--predict_output=predictions.csv] [--top_k=5] [--predict_flip]
@@ -92,10 +92,11 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
   'export_format',
   'msgpack',
-  ['msgpack', 'safetensors', 'torchvision'],
-  'For export: msgpack (metadata beside it in FILE.json), safetensors (Flax variable names) '
-  "or torchvision (torchvision's ResNet state_dict; resnet18 ... resnet152). Each carries "
-  'the model, classes and preprocessing that inference needs.',
+  ['msgpack', 'safetensors', 'torchvision', 'onnx'],
+  'For export: msgpack (metadata beside it in FILE.json), safetensors (Flax variable names), '
+  "torchvision (torchvision's ResNet state_dict; resnet18 ... resnet152) or onnx (the "
+  'inference function, for onnxruntime and other runtimes; needs jax_resnet[onnx]). Each '
+  'carries the model, classes and preprocessing that inference needs.',
 )
 # A string checked against saved_run.WEIGHTS after parsing (_flags_problem), not an enum: an
 # enum's values are needed here, at import, and importing runs (jax, orbax) would add
@@ -109,8 +110,8 @@ flags.DEFINE_string(
 flags.DEFINE_string(
   'export_path',
   None,
-  'For export: output file (default: WORKDIR/export/variables.msgpack, model.safetensors '
-  'or model_torchvision.safetensors).',
+  'For export: output file (default: WORKDIR/export/variables.msgpack, model.safetensors, '
+  'model_torchvision.safetensors or model.onnx).',
 )
 flags.DEFINE_string(
   'predict_from',
@@ -186,6 +187,7 @@ EXPORT_NAMES = {
   'msgpack': 'variables.msgpack',
   'safetensors': 'model.safetensors',
   'torchvision': 'model_torchvision.safetensors',
+  'onnx': 'model.onnx',
 }
 
 

@@ -221,7 +221,7 @@ def test_torchvision_format_of_a_cifar_model_is_one_user_error(digits_run, tmp_p
     export.export_checkpoint(workdir, str(path), 'latest', 'torchvision')
   assert not path.exists()
   with pytest.raises(ConfigError, match='Unknown export format'):
-    export.export_checkpoint(workdir, str(path), 'latest', 'onnx')
+    export.export_checkpoint(workdir, str(path), 'latest', 'tflite')
 
 
 @pytest.mark.parametrize('export_format', export.EXPORT_FORMATS)
@@ -424,3 +424,28 @@ def test_the_mean_of_the_last_checkpoints_is_exported(digits_run, tmp_path):
     export.average_checkpoints(digits_run, too_many, len(kept) + 1)
   assert f'keeps {len(kept)} checkpoint(s)' in str(error.value)
   assert not os.path.exists(too_many)
+
+
+def test_onnx_export_predicts_as_the_msgpack_export(digits_run, tmp_path):
+  """The digits run as ONNX, run by onnxruntime through ``Predictor.from_export``: the
+  msgpack export's probabilities (within 1e-4), flip averages and embeddings, and the same
+  metadata; ``read_export`` (warm starts, teachers) refuses it in one line."""
+  from jax_resnet.data import digits
+  from jax_resnet.inference import onnx_graph
+
+  onnx_path = export.export_checkpoint(digits_run, str(tmp_path / 'd.onnx'), 'best', 'onnx')
+  msgpack_path = export.export_checkpoint(digits_run, str(tmp_path / 'd.msgpack'), 'best')
+  from_onnx, from_msgpack = Predictor.from_export(onnx_path), Predictor.from_export(msgpack_path)
+  assert type(from_onnx).__name__ == 'OnnxPredictor'
+  assert {**from_onnx.metadata, 'export_format': 'msgpack'} == from_msgpack.metadata
+  _, _, images, _, _ = digits.arrays(digits_config(image_size=8))
+  images = list(images[:100])
+  for flip in (False, True):
+    expected = from_msgpack(images, flip=flip)
+    np.testing.assert_allclose(from_onnx(images, batch_size=64, flip=flip), expected, atol=1e-4)
+  expected = from_msgpack.embed(images)
+  assert from_onnx.embedding_size == expected.shape[1] == 64
+  np.testing.assert_allclose(from_onnx.embed(images), expected, atol=1e-4 * np.abs(expected).max())
+  with pytest.raises(DataError, match='is an ONNX export'):
+    export.read_export(onnx_path)
+  assert onnx_graph.METADATA_KEY in from_onnx._session.get_modelmeta().custom_metadata_map

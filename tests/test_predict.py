@@ -154,12 +154,14 @@ def test_main_predicts_from_a_workdir_and_from_an_export(
   with --predict_from (no --workdir): the same CSV, at the run's eval accuracy, without
   importing TensorFlow."""
   path = export.export_checkpoint(digits_run, str(tmp_path / 'digits.msgpack'), 'best')
+  onnx_path = export.export_checkpoint(digits_run, str(tmp_path / 'digits.onnx'), 'best', 'onnx')
   step = export.read_export(path)[1]['step']
   num_images = len(digits_test_split[1])
   rows = {}
   for source, flag in (
     ('workdir', f'--workdir={digits_run}'),
     ('export', f'--predict_from={path}'),
+    ('onnx', f'--predict_from={onnx_path}'),  # onnxruntime, through the same CSV writer
   ):
     output = tmp_path / f'{source}.csv'
     args = ['--mode=predict', flag, f'--predict_input={digit_pngs}', f'--predict_output={output}']
@@ -171,6 +173,9 @@ def test_main_predicts_from_a_workdir_and_from_an_export(
     check_csv(rows[source], num_images, TOP_K, [str(d) for d in range(10)])
     assert csv_accuracy(rows[source]) == pytest.approx(eval_top1(digits_run, step), abs=ONE_IMAGE)
   assert rows['export'] == rows['workdir']
+  for onnx_row, row in zip(rows['onnx'], rows['workdir'], strict=True):
+    assert (onnx_row['path'], onnx_row['class_1']) == (row['path'], row['class_1'])
+    assert float(onnx_row['prob_1']) == pytest.approx(float(row['prob_1']), abs=1e-4)
   # The log of a predict from a writable workdir is the workdir's (it went to a temp file).
   with open(os.path.join(digits_run, 'jax_resnet.log')) as f:
     assert f'--predict_output={tmp_path / "workdir.csv"}' in f.read()

@@ -1,7 +1,7 @@
 """Export mode: a checkpoint's weights, with what inference needs to use them, as one file
 other code loads.
 
-Three formats, one metadata record (``inference_metadata``: the model, its classes and the
+Four formats, one metadata record (``inference_metadata``: the model, its classes and the
 eval preprocessing) in each:
 
 - ``msgpack``: flax serialization of ``{'params', 'batch_stats'}``; the metadata goes to a
@@ -11,9 +11,13 @@ eval preprocessing) in each:
   ``params/stage1_block1/Conv_0/kernel``, the metadata as JSON in the header.
 - ``torchvision``: safetensors in torchvision's ResNet ``state_dict`` layout (ImageNet-family
   models only), the same header: ``resnet50(num_classes=N).load_state_dict(load_file(PATH))``.
+- ``onnx``: the inference function itself (uint8 NHWC images in; logits, probabilities and
+  embeddings out; dynamic batch), for runtimes without JAX or PyTorch (``onnx_graph``); the
+  metadata in its ``metadata_props``. ``Predictor.from_export`` runs it with onnxruntime.
 
-``read_export`` reads any of them back, bit for bit; ``average_checkpoints`` writes the mean
-of a run's last checkpoints the same ways. Nothing here imports TensorFlow.
+``read_export`` reads the first three back, bit for bit (an ONNX export is a graph, for
+serving, not weights to train on); ``average_checkpoints`` writes the mean of a run's last
+checkpoints the same ways. Nothing here imports TensorFlow.
 """
 
 import hashlib
@@ -27,13 +31,14 @@ from absl import logging
 
 from jax_resnet import trees
 from jax_resnet.errors import ConfigError, DataError, NotFoundError, OutputError
+from jax_resnet.inference import onnx_graph
 from jax_resnet.models import torchvision_layout as tw
 from jax_resnet.runs import saved_run
 from jax_resnet.runs.checkpointing import Checkpoints
 from jax_resnet.runs.workdirs import ensure_writable
 from jax_resnet.training import build
 
-EXPORT_FORMATS = ('msgpack', 'safetensors', 'torchvision')
+EXPORT_FORMATS = ('msgpack', 'safetensors', 'torchvision', 'onnx')
 # Bumped when a field changes meaning or goes away; new fields keep the version.
 FORMAT_VERSION = 1
 SIDECAR_SUFFIX = '.json'
@@ -203,10 +208,17 @@ def write_torchvision(variables: dict, path: str, metadata: dict) -> None:
   _write_atomically(path, lambda tmp: tw.save_safetensors(tmp, tensors, metadata))
 
 
+def write_onnx(variables: dict, path: str, metadata: dict) -> None:
+  """The inference function as an ONNX model, ``metadata`` in its ``metadata_props``."""
+  data = onnx_graph.to_onnx(variables, metadata).SerializeToString()
+  _write_atomically(path, lambda tmp: _write_bytes(tmp, data))
+
+
 WRITERS = {
   'msgpack': write_msgpack,
   'safetensors': write_safetensors,
   'torchvision': write_torchvision,
+  'onnx': write_onnx,
 }
 
 
@@ -220,6 +232,12 @@ def read_export(path: str) -> tuple[dict, dict]:
     raise NotFoundError(f'No export at {path}.')
   if is_safetensors(path):
     return _read_safetensors(path)
+  if is_onnx(path):
+    raise DataError(
+      f'{path} is an ONNX export: a graph for serving (--predict_from, Predictor.from_export '
+      'or onnxruntime), not weights to train on. Warm starts and teachers take a workdir or '
+      'a msgpack, safetensors or torchvision export.'
+    )
   return _read_msgpack(path)
 
 
@@ -272,6 +290,16 @@ def is_safetensors(path: str) -> bool:
   if len(head) < 9 or head[8:9] != b'{':
     return False
   return int.from_bytes(head[:8], 'little') <= os.path.getsize(path) - 8
+
+
+def is_onnx(path: str) -> bool:
+  """An ONNX model is a protobuf whose first field is ``ir_version`` (tag byte 0x08); a
+  msgpack export is a map (0x80-0x8f, 0xde or 0xdf), a safetensors file starts with its
+  header's length."""
+  if is_safetensors(path):
+    return False
+  with open(path, 'rb') as f:
+    return f.read(1) == b'\x08'
 
 
 def _write_bytes(path: str, data: bytes) -> None:

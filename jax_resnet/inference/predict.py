@@ -10,6 +10,7 @@ import concurrent.futures
 import csv
 import functools
 import glob
+import json
 import os
 from collections.abc import Iterable, Sequence
 
@@ -19,8 +20,8 @@ from absl import logging
 
 from jax_resnet import models
 from jax_resnet.augment import image_ops
-from jax_resnet.errors import NotFoundError, OutputError
-from jax_resnet.inference import export
+from jax_resnet.errors import DataError, NotFoundError, OutputError
+from jax_resnet.inference import export, onnx_graph
 from jax_resnet.inference.image_prep import center_crop, read_image, resize_bilinear, to_channels
 from jax_resnet.runs import saved_run
 from jax_resnet.runs.workdirs import ensure_writable
@@ -37,6 +38,17 @@ class Predictor:
 
   def __init__(self, variables: dict, metadata: dict, batch_size: int = DEFAULT_BATCH_SIZE):
     """``variables``/``metadata`` as ``export.read_export`` returns them."""
+    self._describe(metadata, batch_size)
+    model = models.create_model(metadata['model'], self.num_classes, **metadata['model_options'])
+    self._variables = jax.device_put(jax.tree.map(np.asarray, variables))
+    normalisation = dict(mean=tuple(metadata['mean']), std=tuple(metadata['std']))
+    self._forward = jax.jit(
+      functools.partial(_probabilities, model.apply, **normalisation), static_argnames='flip'
+    )
+    self._features = jax.jit(functools.partial(_features, model.apply, **normalisation))
+
+  def _describe(self, metadata: dict, batch_size: int) -> None:
+    """What every predictor knows from the metadata: classes, shapes, preprocessing."""
     self.metadata = metadata
     self.num_classes = int(metadata['num_classes'])
     self.image_shape = tuple(metadata['image_shape'])  # eval's size: what the model takes
@@ -46,13 +58,6 @@ class Predictor:
       str(i) for i in range(self.num_classes)
     )
     self.batch_size = batch_size
-    model = models.create_model(metadata['model'], self.num_classes, **metadata['model_options'])
-    self._variables = jax.device_put(jax.tree.map(np.asarray, variables))
-    normalisation = dict(mean=tuple(metadata['mean']), std=tuple(metadata['std']))
-    self._forward = jax.jit(
-      functools.partial(_probabilities, model.apply, **normalisation), static_argnames='flip'
-    )
-    self._features = jax.jit(functools.partial(_features, model.apply, **normalisation))
 
   @classmethod
   def from_workdir(
@@ -69,7 +74,10 @@ class Predictor:
 
   @classmethod
   def from_export(cls, path: str, batch_size: int = DEFAULT_BATCH_SIZE) -> 'Predictor':
-    """A file ``export.export_checkpoint`` wrote, in any of its formats."""
+    """A file ``export.export_checkpoint`` wrote, in any of its formats (an ONNX export
+    runs with onnxruntime: ``OnnxPredictor``)."""
+    if os.path.isfile(path) and export.is_onnx(path):
+      return OnnxPredictor(path, batch_size)
     return cls(*export.read_export(path), batch_size)
 
   def prepare(self, image: np.ndarray) -> np.ndarray:
@@ -140,6 +148,44 @@ class Predictor:
       [(self.class_names[i], float(row[i])) for i in best]
       for row, best in zip(probabilities, order)
     ]
+
+
+class OnnxPredictor(Predictor):
+  """A ``Predictor`` of an ONNX export (``--export_format=onnx``), run by onnxruntime on the
+  CPU: the same preprocessing (from the model's ``metadata_props``), probabilities, flip
+  and embeddings, with no JAX in the forward pass."""
+
+  def __init__(self, path: str, batch_size: int = DEFAULT_BATCH_SIZE):
+    self._session = onnx_graph.onnxruntime_session(path)
+    props = self._session.get_modelmeta().custom_metadata_map
+    if onnx_graph.METADATA_KEY not in props:
+      raise DataError(
+        f'{path} is an ONNX model without the {onnx_graph.METADATA_KEY!r} metadata of a '
+        'jax_resnet export; its classes and preprocessing are unknown.'
+      )
+    self._describe(json.loads(props[onnx_graph.METADATA_KEY]), batch_size)
+
+  def _run(self, batch: np.ndarray, output: str) -> np.ndarray:
+    return self._session.run([output], {onnx_graph.INPUT_NAME: batch})[0]
+
+  def predict_prepared(self, batch, batch_size=None, flip=False) -> np.ndarray:
+    def forward(chunk):
+      probabilities = self._run(chunk, 'probabilities')
+      if flip:
+        mirrored = self._run(np.ascontiguousarray(chunk[:, :, ::-1]), 'probabilities')
+        probabilities = (probabilities + mirrored) / 2
+      return probabilities
+
+    return _in_chunks(forward, batch, batch_size or self.batch_size)
+
+  def embed_prepared(self, batch, batch_size=None) -> np.ndarray:
+    forward = functools.partial(self._run, output='embeddings')
+    return _in_chunks(forward, batch, batch_size or self.batch_size)
+
+  @property
+  def embedding_size(self) -> int:
+    (embeddings,) = [o for o in self._session.get_outputs() if o.name == 'embeddings']
+    return int(embeddings.shape[-1])
 
 
 def _probabilities(apply_fn, variables, images, mean, std, flip: bool):

@@ -216,7 +216,9 @@ def _avg_pool_down(x, strides):
 
 def _pad_shortcut(x, filters, strides):
   """Parameter-free option A of He et al. 2015: subsample and zero-pad channels."""
-  x = x[:, ::strides, ::strides, :]
+  # lax.slice, not x[:, ::s, ::s]: jnp writes that as a gather when the batch is symbolic
+  # (onnx_graph traces so), and a strided slice is what it means on every backend.
+  x = jax.lax.slice(x, (0,) * x.ndim, x.shape, (1, strides, strides, 1))
   extra = filters - x.shape[-1]
   return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
 
