@@ -68,14 +68,20 @@ def test_start_over_moves_the_history_aside_and_deletes_nothing(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n')
   (tmp_path / 'events.out.tfevents.1.host').write_text('x')
   (tmp_path / 'jax_resnet.log').write_text('kept')
+  # A new run is a new tracker run too: W&B would drop steps that go back to 0.
+  for name in ('wandb_run_id', 'mlflow_run_id', 'evals.jsonl'):
+    (tmp_path / name).write_text('x')
   assert workdirs.has_history(str(tmp_path))
   moved = workdirs.move_history_aside(str(tmp_path))
   assert moved == str(tmp_path / 'previous-0')
   assert sorted(os.listdir(moved)) == [
     'checkpoints',
     'checkpoints_best',
+    'evals.jsonl',
     'events.out.tfevents.1.host',
     'metrics.jsonl',
+    'mlflow_run_id',
+    'wandb_run_id',
   ]
   assert (tmp_path / 'previous-0' / 'checkpoints' / '22').is_dir()
   assert not workdirs.has_history(str(tmp_path))

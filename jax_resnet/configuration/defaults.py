@@ -168,6 +168,14 @@ def get_config() -> ml_collections.ConfigDict:
   # plugin) and a table of the top operations in the log and WORKDIR/profile/top_ops.txt.
   config.profile_steps = 0  # steps to trace; 0 off
   config.profile_first_step = 10  # the first traced step (after compilation and warm-up)
+
+  # Experiment trackers beside TensorBoard and metrics.jsonl (observe/trackers.py), each an
+  # optional extra; '' off. Weights & Biases honours WANDB_MODE (offline: synced later).
+  config.wandb_project = ''  # pip install 'jax_resnet[wandb]'
+  config.wandb_entity = ''  # '': W&B's default entity
+  config.wandb_run_name = ''  # '': W&B's generated name
+  config.mlflow_tracking_uri = ''  # e.g. http://host:5000 or file:///path (pip: [mlflow])
+  config.mlflow_experiment = 'jax_resnet'
   return config
 
 

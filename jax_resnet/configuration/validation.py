@@ -46,6 +46,11 @@ RESUME_SAFE_FIELDS = frozenset(
     'bn_sync',
     'profile_steps',
     'profile_first_step',
+    'wandb_project',
+    'wandb_entity',
+    'wandb_run_name',
+    'mlflow_tracking_uri',
+    'mlflow_experiment',
     # Applied only at step 0: a run with its own checkpoint resumes that, whatever it was
     # initialised from.
     'init_from',

@@ -17,23 +17,8 @@ METRICS_FILE = 'metrics.jsonl'  # the training history: train and eval metrics b
 EVALS_FILE = 'evals.jsonl'  # --mode=eval's results, apart from the training history
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per write to ``path``: {"step": ..., name: value, ...}.
-
-  A last line cut short by a crash mid-write is moved to ``PATH.partial-N`` first (with a
-  warning), so the next record starts on a line of its own and the history stays JSONL.
-  """
-
-  def __init__(self, path: str):
-    self._path = path
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    repair_partial_line(path)
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    record = {'step': int(step)}
-    record.update({k: _to_float(v) for k, v in scalars.items()})
-    with open(self._path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+class ScalarsOnlyWriter(metric_writers.MetricWriter):
+  """A writer of scalars alone: clu's other kinds of record are ignored."""
 
   def write_images(self, step, images):
     pass
@@ -61,6 +46,25 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def close(self):
     pass
+
+
+class JsonlWriter(ScalarsOnlyWriter):
+  """Appends one JSON object per write to ``path``: {"step": ..., name: value, ...}.
+
+  A last line cut short by a crash mid-write is moved to ``PATH.partial-N`` first (with a
+  warning), so the next record starts on a line of its own and the history stays JSONL.
+  """
+
+  def __init__(self, path: str):
+    self._path = path
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    repair_partial_line(path)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    record = {'step': int(step)}
+    record.update({k: _to_float(v) for k, v in scalars.items()})
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
 
 
 def repair_partial_line(path: str) -> str | None:
@@ -99,14 +103,16 @@ def _to_float(value) -> float:
   return float(np.asarray(value))
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + metrics.jsonl on process 0; logging only elsewhere."""
+def create_writer(workdir: str, trackers=()) -> metric_writers.MetricWriter:
+  """TensorBoard + metrics.jsonl (+ ``trackers``: observe/trackers.py) on process 0;
+  logging only elsewhere."""
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(workdir, just_logging=True)
   return metric_writers.MultiWriter(
     [
       metric_writers.create_default_writer(workdir, asynchronous=False),
       JsonlWriter(os.path.join(workdir, METRICS_FILE)),
+      *trackers,
     ]
   )
 

@@ -27,6 +27,12 @@ HISTORY = (
   'curves.png',
   'class_index.json',
   'export',
+  'evals.jsonl',
+  'timing.json',
+  # Experiment trackers (observe/trackers.py): a new run is a new tracker run.
+  'wandb_run_id',
+  'mlflow_run_id',
+  'wandb',
 )
 HISTORY_PREFIXES = ('events.out.tfevents.', 'verified_')
 

@@ -23,8 +23,9 @@ from jax_resnet.configuration.typed_options import from_config
 from jax_resnet.data import batching
 from jax_resnet.data.common import InputOptions
 from jax_resnet.errors import TrainingError
+from jax_resnet.inference import export
 from jax_resnet.models import model_summary
-from jax_resnet.observe import metric_writers, plot, profiling, progress
+from jax_resnet.observe import metric_writers, plot, profiling, progress, trackers
 from jax_resnet.runs import workdirs
 from jax_resnet.training import build, preemption
 from jax_resnet.training.dispatch import (
@@ -38,6 +39,8 @@ from jax_resnet.training.prepare import PreparedRun, prepare_run
 from jax_resnet.training.timeline import Every
 
 TIMING_FILE = 'timing.json'  # the latest run's wall time by part (profiling.RunClock)
+# The best checkpoint's export that a finished run gives trackers that keep files (MLflow).
+TRACKED_EXPORT = os.path.join('export', 'best_model.safetensors')
 
 
 def train_and_evaluate(
@@ -103,14 +106,17 @@ def _loop(run: PreparedRun, stop: preemption.StopRequest, clock: profiling.RunCl
     return _stopped_before_start(run, stop)
   parts = _LoopParts.start(run, clock)
   state, step, eval_metrics = run.state, run.start_step, {}
+  outcome = 'failed'  # what the trackers are told at the end
   try:
     while step < run.timeline.total_steps:
       state, step = _dispatch(run, parts, state, step, clock)
       actions = parts.events.at(step, stop.requested(step, parts.events.log))
       eval_metrics = _handle(actions, run, parts, state, step, clock) or eval_metrics
       if actions.stop:
+        outcome = 'stopped'
         return _stopped(run, stop, step, clock)
-    _finish(run, parts, clock)
+    _finish(run, parts, clock, eval_metrics)
+    outcome = 'finished'
   except OSError as e:
     raise TrainingError(
       f'Writing to {run.workdir} failed by step {step}: {e}. The earlier '
@@ -121,15 +127,19 @@ def _loop(run: PreparedRun, stop: preemption.StopRequest, clock: profiling.RunCl
     with clock.part('logging'):
       parts.bar.close()
       parts.writer.flush()
+      for tracker in parts.trackers:
+        tracker.close(outcome)
   return eval_metrics
 
 
 class _LoopParts(typing.NamedTuple):
-  """What the loop works with, built when it starts: the metric writer, the batch
-  iterator (positioned at the start step), the events, the stepper, the profiler window,
-  the progress bar and the train metrics since the last log."""
+  """What the loop works with, built when it starts: the metric writer (with the
+  experiment trackers in it), the batch iterator (positioned at the start step), the
+  events, the stepper, the profiler window, the progress bar and the train metrics since
+  the last log."""
 
   writer: object
+  trackers: list
   batches: object
   events: Events
   run_steps: Stepper
@@ -142,7 +152,8 @@ class _LoopParts(typing.NamedTuple):
   def start(cls, run: PreparedRun, clock: profiling.RunClock) -> '_LoopParts':
     config, timeline, info = run.config, run.timeline, run.dataset.info
     with clock.part('logging'):
-      writer = metric_writers.create_writer(run.workdir)
+      tracking = trackers.start(config, run.workdir)
+      writer = metric_writers.create_writer(run.workdir, tracking)
       _log_start(run, writer)
     with clock.part('input_wait'):
       batches = batching.global_train_batches(
@@ -177,7 +188,9 @@ class _LoopParts(typing.NamedTuple):
       config.checkpoint_every_steps,
       config.checkpoint_every_epochs,
     )
-    return cls(writer, batches, events, run_steps, profiler, bar, _TrainTotals(), RunAhead())
+    return cls(
+      writer, tracking, batches, events, run_steps, profiler, bar, _TrainTotals(), RunAhead()
+    )
 
 
 def _dispatch(run: PreparedRun, parts: _LoopParts, state, step: int, clock):
@@ -293,13 +306,29 @@ def _stopped(run: PreparedRun, stop: preemption.StopRequest, step: int, clock) -
   return {'stopped_at_step': step}
 
 
-def _finish(run: PreparedRun, parts: _LoopParts, clock) -> None:
+def _finish(run: PreparedRun, parts: _LoopParts, clock, eval_metrics: dict) -> None:
   with clock.part('checkpoint'):
     run.checkpoints.wait()
   with clock.part('logging'):
     parts.writer.flush()
     if jax.process_index() == 0:
-      plot.save_curves(run.workdir)
+      curves = plot.save_curves(run.workdir)
+      if parts.trackers:
+        files = [curves] + ([_tracked_export(run)] if run.config.mlflow_tracking_uri else [])
+        for tracker in parts.trackers:
+          tracker.finish(eval_metrics, files)
+
+
+def _tracked_export(run: PreparedRun) -> str | None:
+  """The best checkpoint (the latest when none was kept) as a safetensors export in
+  WORKDIR/export, for trackers that keep the model with the run; None if it fails."""
+  path = os.path.join(run.workdir, TRACKED_EXPORT)
+  which = 'best' if run.checkpoints.best_step() is not None else 'latest'
+  try:
+    return export.export_checkpoint(run.workdir, path, which, 'safetensors')
+  except Exception as e:  # the run is trained and saved; its tracker copy is a nicety
+    logging.warning('Could not export %s for the trackers: %s', path, e)
+    return None
 
 
 def _stopped_before_start(run: PreparedRun, stop: preemption.StopRequest) -> dict:
