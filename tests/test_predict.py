@@ -344,8 +344,9 @@ def _readme_python(marker: str) -> str:
 
 
 def test_readme_snippets_reach_the_eval_accuracy(digits_run, digits_test_split, tmp_path):
-  """Both README snippets, as printed there, on the digits test split: the predictor on
-  the 8x8 originals, the raw export on images at the model's input size."""
+  """The README snippets, as printed there, on the digits test split: the predictor on
+  the 8x8 originals, the raw export and the ONNX export on images at the model's input
+  size."""
   from jax_resnet.data import digits
 
   images, labels = digits_test_split
@@ -367,6 +368,13 @@ def test_readme_snippets_reach_the_eval_accuracy(digits_run, digits_test_split, 
   exec(code, scope)
   logits = np.asarray(scope['logits'])
   assert np.mean(logits.argmax(axis=1) == test_labels) >= expected - ONE_IMAGE
+
+  # The onnxruntime snippet, on the same images (uint8 at the model's size).
+  path = export.export_checkpoint(digits_run, str(tmp_path / 'model.onnx'), 'best', 'onnx')
+  code = _readme_python('ort.InferenceSession').replace("'model.onnx'", repr(path))
+  scope = {'images': upsampled}
+  exec(code, scope)
+  assert np.mean(scope['probabilities'].argmax(axis=1) == test_labels) >= expected - ONE_IMAGE
 
 
 def test_predictions_are_written_whole_or_not_at_all(predictor, digit_pngs, tmp_path, monkeypatch):
