@@ -24,6 +24,14 @@ def test_train_batches_are_deterministic_and_resume_mid_epoch(config):
     np.testing.assert_array_equal(a['label'], b['label'])
   # A new epoch is a new shuffle.
   assert not np.array_equal(first[0]['label'], first[steps]['label'])
+  # Resumed where the set changed size (Timeline.epoch_origin): that step starts epoch 1.
+  origin = (steps - 2, 1)
+  options = input_options(config)
+  regrown = batching.train_batches(
+    ds, options, 32, steps, start_step=steps - 2, epoch_origin=origin
+  )
+  for a, b in zip(first[steps:], [b for _, b in zip(range(3), regrown)]):
+    np.testing.assert_array_equal(a['image'], b['image'])
 
 
 def test_eval_counts_every_example_exactly_once(config):

@@ -215,6 +215,27 @@ def test_folder_trains_through_main(tmp_path):
   for split in ('train', 'eval'):
     (tmp_path / split / 'zebra').rename(tmp_path / split / 'class_1')
 
+  # Eight more training images (16 -> 24: 2 -> 3 steps per epoch) under the checkpoint
+  # at step 3, which is epoch 1's batch 1: one warning naming both counts, and epoch 2
+  # starts at step 3 with the new size (the cut epoch counts as done), so num_epochs=3
+  # ends at step 6 (not 9), and the checkpoint there is epoch 3's start (not 2's).
+  photo_folder(tmp_path / 'more', per_class=(8,), seed=3, extras=False)
+  for image in (tmp_path / 'more' / 'class_0').iterdir():
+    image.rename(tmp_path / 'train' / 'class_0' / f'more_{image.name}')
+  grown = run_main([*args, '--config.num_epochs=3'])
+  assert grown.returncode == 0, grown.stderr[-3000:]
+  (warning,) = [line for line in grown.stderr.splitlines() if 'examples when' in line]
+  assert 'had 16 examples when the checkpoint at step 3' in warning
+  assert 'has 24 now: epoch 2 starts at that step' in warning
+  with open(workdir / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert max(r['step'] for r in records) == 6
+  with open(workdir / 'checkpoints' / '6' / 'meta' / 'metadata') as f:
+    meta = json.load(f)
+  assert (meta['epoch'], meta['batch_in_epoch'], meta['epoch_origin']) == (3, 0, [3, 2])
+  resumed = run_main([*args, '--config.num_epochs=3'])  # the origin is kept: finished
+  assert resumed.returncode == 0 and 'is finished (step 6 of 6)' in resumed.stderr
+
   # The README's evaluation on a folder of your own, the run's images gone: the classes
   # come from the run, not a train_dir, and the folder may hold a subset of them.
   shutil.rmtree(tmp_path / 'train')
@@ -236,7 +257,8 @@ def test_folder_trains_through_main(tmp_path):
     assert [json.loads(line) for line in f] == records
   with open(workdir / 'evals.jsonl') as f:  # eval mode's own record, naming the data
     (record,) = [json.loads(line) for line in f]
-  assert record['step'] == 3 and record['data']['eval_dir'] == str(mine)
+  best = [int(name) for name in os.listdir(workdir / 'checkpoints_best') if name.isdigit()]
+  assert [record['step']] == best and record['data']['eval_dir'] == str(mine)
   top1 = record['eval_top1']
   assert float(reported['eval_top1']) == pytest.approx(top1, abs=1e-4)
   assert round(top1 * 5, 4) == round(top1 * 5)  # a fraction of the 5 images of `mine`

@@ -24,6 +24,19 @@ def test_conversions():
   assert timeline.epoch_and_batch(23) == (2, 3)
 
 
+def test_epochs_count_from_the_origin(config):
+  """A run resumed at step 34 (as epoch 4) after its set grew to 7 steps per epoch."""
+  config.batch_size, config.num_epochs = 32, 6
+  timeline = Timeline.from_config(config, num_train=7 * 32, epoch_origin=(34, 4))
+  assert timeline.total_steps == 34 + 2 * 7 and timeline.num_epochs == 6
+  assert timeline.epoch_and_batch(34) == (4, 0) and timeline.epoch_and_batch(43) == (5, 2)
+  each_epoch = timeline.every(epochs=1)
+  assert [s for s in range(34, 49) if each_epoch(s)] == [34, 41, 48]
+  assert each_epoch.steps_to_next(36) == [5]
+  config.num_epochs = 4  # already reached: nothing left to train
+  assert Timeline.from_config(config, 7 * 32, (34, 4)).total_steps == 34
+
+
 def test_every_steps_or_epochs():
   timeline = Timeline(steps_per_epoch=10, total_steps=50)
   assert timeline.every() == Every(()) and not any(Every(())(s) for s in range(1, 51))

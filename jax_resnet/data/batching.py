@@ -19,7 +19,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jax_resnet import parallel
-from jax_resnet.data.common import FOLDER, DatasetInfo, InputOptions, shuffle_seed
+from jax_resnet.data.common import (
+  FOLDER,
+  DatasetInfo,
+  InputOptions,
+  epoch_and_batch,
+  shuffle_seed,
+)
 from jax_resnet.data.sources import Dataset, load_dataset
 from jax_resnet.data.tf_cpu import tf
 from jax_resnet.errors import ConfigError
@@ -44,15 +50,17 @@ def train_batches(
   local_batch: int,
   steps_per_epoch: int,
   start_step: int = 0,
+  epoch_origin: tuple[int, int] = (0, 0),
 ) -> Iterator[dict]:
-  """Process-local train batches from ``start_step`` on, epoch after epoch.
+  """Process-local train batches from ``start_step`` on, epoch after epoch (epochs
+  counted from ``epoch_origin``: ``common.epoch_and_batch``).
 
   Each epoch is reshuffled with a seed derived from (options.seed, epoch). On resume,
   the examples before ``start_step`` are skipped before any read, decode or augmentation.
   The next epoch's pipeline starts ``NEXT_EPOCH_LEAD`` batches before this one ends, so
   its shuffle buffer is full when it is needed; the batches do not depend on when.
   """
-  epoch, skip = divmod(start_step, steps_per_epoch)
+  epoch, skip = epoch_and_batch(start_step, steps_per_epoch, epoch_origin)
   start = lambda e, s: _started(
     _epoch_batches(dataset, options, local_batch, steps_per_epoch, e, s)
   )
@@ -173,7 +181,12 @@ def load_arrays(config: ml_collections.ConfigDict, workdir: str | None = None):
 
 
 def global_train_batches(
-  dataset: Dataset, options: InputOptions, mesh, steps_per_epoch: int, start_step: int
+  dataset: Dataset,
+  options: InputOptions,
+  mesh,
+  steps_per_epoch: int,
+  start_step: int,
+  epoch_origin: tuple[int, int] = (0, 0),
 ):
   """Global train batches on the device from ``start_step`` on: made there from the whole
   set for small in-memory sets with ``options.data_on_device``, else from tf.data."""
@@ -184,8 +197,10 @@ def global_train_batches(
     if dataset.replicated_train:  # on_device wants this process's share
       share = slice(jax.process_index(), None, jax.process_count())
       images, labels = images[share], labels[share]
-    return on_device.device_batches(images, labels, mesh, options, steps_per_epoch, start_step)
+    return on_device.device_batches(
+      images, labels, mesh, options, steps_per_epoch, start_step, epoch_origin
+    )
   local_batch = parallel.local_batch_size(options.batch_size, mesh)
   return parallel.prefetch_to_device(
-    train_batches(dataset, options, local_batch, steps_per_epoch, start_step), mesh
+    train_batches(dataset, options, local_batch, steps_per_epoch, start_step, epoch_origin), mesh
   )

@@ -90,6 +90,18 @@ def channel_stats(mean, std, channels: int):
   return (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
 
 
+def epoch_and_batch(
+  step: int, steps_per_epoch: int, epoch_origin: tuple[int, int] = (0, 0)
+) -> tuple[int, int]:
+  """(epoch, batch within it) of the step about to run after ``step`` steps, in epochs of
+  ``steps_per_epoch`` counted from ``epoch_origin``, the (step, epoch) where the training
+  set's present size took effect: (0, 0) unless a run resumed after examples were added
+  or removed (``training/prepare.epoch_origin``)."""
+  origin_step, origin_epoch = epoch_origin
+  epochs, batch = divmod(step - origin_step, steps_per_epoch)
+  return origin_epoch + epochs, batch
+
+
 def shuffle_seed(seed: int, epoch: int) -> int:
   """The tf.data shuffle seed of an epoch: a new order every epoch, fixed by the seed."""
   return seed * 1_000_003 + epoch

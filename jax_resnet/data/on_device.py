@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_resnet import parallel
 from jax_resnet.augment import image_ops
-from jax_resnet.data.common import InputOptions
+from jax_resnet.data.common import InputOptions, epoch_and_batch
 
 CROP_TAG, FLIP_TAG = 0, 1
 
@@ -101,9 +101,11 @@ class DeviceData:
     ids = jax.make_array_from_process_local_data(parallel.batch_sharded(self.mesh), ids)
     return self._step(self.images, self.labels, ids, np.int32(epoch))
 
-  def batches(self, steps_per_epoch: int, start_step: int = 0) -> Iterator[dict]:
+  def batches(
+    self, steps_per_epoch: int, start_step: int = 0, epoch_origin: tuple[int, int] = (0, 0)
+  ) -> Iterator[dict]:
     """Global batches from ``start_step`` on, epoch after epoch (dispatched async)."""
-    epoch, step = divmod(start_step, steps_per_epoch)
+    epoch, step = epoch_and_batch(start_step, steps_per_epoch, epoch_origin)
     while True:
       permutation = epoch_permutation(self.seed, epoch, self.num_local)
       for s in range(step, steps_per_epoch):
@@ -118,9 +120,11 @@ def device_batches(
   options: InputOptions,
   steps_per_epoch: int,
   start_step: int = 0,
+  epoch_origin: tuple[int, int] = (0, 0),
 ) -> Iterator[dict]:
   """Global train batches made on the device from process-local uint8 arrays."""
-  return DeviceData(images, labels, mesh, options).batches(steps_per_epoch, start_step)
+  data = DeviceData(images, labels, mesh, options)
+  return data.batches(steps_per_epoch, start_step, epoch_origin)
 
 
 def _make_batch(images, labels, ids, epoch, *, mesh, seed, num_max, pad, flip):

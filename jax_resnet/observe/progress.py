@@ -18,6 +18,7 @@ ETA every N steps or seconds: it has no in-place terminal bar, no images/s and n
 """
 
 import logging as std_logging
+import math
 import os
 import shutil
 import sys
@@ -59,9 +60,11 @@ class Progress:
     min_interval: float = 0.2,
     log_fn: Callable[..., None] = logging.info,
     clock: Callable[[], float] = time.time,
+    epoch_origin: tuple[int, int] = (0, 0),
   ):
     self.total_steps = total_steps
     self.steps_per_epoch = max(1, steps_per_epoch)
+    self.epoch_origin = epoch_origin  # Timeline.epoch_origin: where epochs count from
     self.batch_size = batch_size
     self.stream = stream or sys.stderr
     if is_tty is None:
@@ -99,6 +102,11 @@ class Progress:
     steps = self._step - self._start_step
     return steps * self.batch_size / max(now - self._start_time, 1e-9)
 
+  def epochs(self, step: int) -> float:
+    """Epochs done after ``step`` steps."""
+    origin_step, origin_epoch = self.epoch_origin
+    return origin_epoch + (step - origin_step) / self.steps_per_epoch
+
   def eta(self, images_per_sec: float) -> float:
     return (self.total_steps - self._step) * self.batch_size / max(images_per_sec, 1e-9)
 
@@ -128,7 +136,7 @@ class Progress:
       'step %d/%d  epoch %.2f  loss %.4f  top1 %.4f  lr %.4g  %.0f img/s  ETA %s',
       step,
       self.total_steps,
-      step / self.steps_per_epoch,
+      self.epochs(step),
       metrics.get('train_loss', float('nan')),
       metrics.get('train_top1', float('nan')),
       metrics.get('learning_rate', float('nan')),
@@ -140,8 +148,8 @@ class Progress:
     """The bar's text: epoch, a bar over the epoch, step, img/s, loss, ETA."""
     now = self._clock() if now is None else now
     width = width or shutil.get_terminal_size((100, 20)).columns
-    epoch = max(1, -(-self._step // self.steps_per_epoch))  # the epoch the step is in
-    num_epochs = -(-self.total_steps // self.steps_per_epoch)
+    epoch = max(1, math.ceil(self.epochs(self._step)))  # the epoch the step is in
+    num_epochs = math.ceil(self.epochs(self.total_steps))
     rate = self.images_per_sec(now)
     parts = [
       f'epoch {min(epoch, num_epochs)}/{num_epochs}',

@@ -82,9 +82,10 @@ class Events:
   def dispatch_size(self, step: int, steps_per_dispatch: int) -> int:
     """How many steps the next dispatch runs: at most ``steps_per_dispatch``, ending no
     later than the next multiple of any period (log, eval, checkpoint, epoch) or the end."""
-    periods = self.log.periods + self.evaluate.periods + self.checkpoint.periods
-    periods += self.epoch_end.periods
-    return min([steps_per_dispatch, self.total_steps - step] + [p - step % p for p in periods])
+    until = [steps_per_dispatch, self.total_steps - step]
+    for every in (self.log, self.evaluate, self.checkpoint, self.epoch_end):
+      until += every.steps_to_next(step)
+    return min(until)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +156,7 @@ class Stepper:
 
   def __call__(self, state, batches: list, step: int):
     timeline = self._timeline
-    epochs = timeline.total_steps / timeline.steps_per_epoch
-    size = self._resizing.size_at(timeline.epoch_and_batch(step)[0], epochs)
+    size = self._resizing.size_at(timeline.epoch_and_batch(step)[0], timeline.num_epochs)
     k = len(batches)  # a dispatch cut short by a period end compiles its own length
     args = (state, batches if k > 1 else batches[0])
     if (k, size) not in self._compiled:

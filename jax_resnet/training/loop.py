@@ -162,6 +162,7 @@ class _LoopParts(typing.NamedTuple):
         run.mesh,
         timeline.steps_per_epoch,
         run.start_step,
+        timeline.epoch_origin,
       )
     run_steps = Stepper(
       lambda size: build.step_options(config, info.num_classes, info.mean, info.std, size),
@@ -179,7 +180,11 @@ class _LoopParts(typing.NamedTuple):
       run_steps.hlo_texts,
     )
     bar = progress.Progress(
-      timeline.total_steps, timeline.steps_per_epoch, config.batch_size, run.start_step
+      timeline.total_steps,
+      timeline.steps_per_epoch,
+      config.batch_size,
+      run.start_step,
+      epoch_origin=timeline.epoch_origin,
     )
     events = Events.of(
       timeline,

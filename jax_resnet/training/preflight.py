@@ -141,7 +141,7 @@ class _Programs:
     from jax_resnet.configuration.typed_options import from_config
 
     resizing = from_config(ProgressiveResizing, self.config)
-    epochs = self.timeline.total_steps / self.timeline.steps_per_epoch
+    epochs = self.timeline.num_epochs
     sizes = {resizing.size_at(e, epochs) for e in range(int(np.ceil(epochs)) + 1)}
     return sorted(sizes)
 

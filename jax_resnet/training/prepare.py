@@ -52,6 +52,7 @@ class PreparedRun:
       'step': step,
       'epoch': epoch,
       'batch_in_epoch': batch_in_epoch,
+      'epoch_origin': list(self.timeline.epoch_origin),
       'shuffle_seed': shuffle_seed(self.config.seed, epoch),
       'config': json.loads(self.config.to_json_best_effort()),
       'data': self.dataset.info.to_json(),
@@ -63,13 +64,22 @@ def prepare_run(
 ) -> PreparedRun:
   dataset = load_dataset(config, workdir)
   info = dataset.info
-  timeline = Timeline.from_config(config, info.num_train)
   model = build.model_from_config(config, info.num_classes, mesh.devices.size)
-  state, learning_rate_fn = build.train_state_from_config(
-    config, model, info.image_shape, timeline, mesh
-  )
+  built = {}
+
+  def build_state(epoch_origin: tuple[int, int]):
+    """The fresh train state and schedule of the timeline from ``epoch_origin``."""
+    if built.get('origin') != epoch_origin:
+      timeline = Timeline.from_config(config, info.num_train, epoch_origin)
+      state, learning_rate_fn = build.train_state_from_config(
+        config, model, info.image_shape, timeline, mesh
+      )
+      built.update(origin=epoch_origin, timeline=timeline, state=state, lr=learning_rate_fn)
+    return built['state']
+
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-  state, start_step = _resume(checkpoints, config, state, resume_from, info)
+  state, start_step = _resume(checkpoints, config, build_state, resume_from, info)
+  timeline, learning_rate_fn = built['timeline'], built['lr']
   if config.dataset == FOLDER and jax.process_index() == 0:
     folder.write_class_index(workdir, info.class_names)  # the classes the run trains
   if start_step == 0 and config.init_from:
@@ -101,15 +111,17 @@ def prepare_run(
   )
 
 
-def _resume(checkpoints: Checkpoints, config, state, resume_from: str, info: DatasetInfo):
+def _resume(checkpoints: Checkpoints, config, build_state, resume_from: str, info: DatasetInfo):
   """(state, step) to start from: the newest restorable checkpoint (or the best one,
-  when asked), else step 0 in a workdir that never held a checkpoint."""
+  when asked), else step 0 in a workdir that never held a checkpoint. ``build_state``
+  makes the state to restore into (and its timeline) for an epoch origin."""
 
   def resumable(meta):
     validation.check_resumable(meta['config'], config)
-    if 'data' in meta:
-      check_same_data(DatasetInfo.from_json(meta['data']), info)
-    return state
+    if 'data' not in meta:  # written before runs kept their data description
+      return build_state((0, 0))
+    check_same_data(DatasetInfo.from_json(meta['data']), info)
+    return build_state(epoch_origin(meta, info))
 
   if resume_from == 'best' and checkpoints.latest.all_steps():
     raise TrainingError(
@@ -124,7 +136,7 @@ def _resume(checkpoints: Checkpoints, config, state, resume_from: str, info: Dat
       raise TrainingError(f'No best checkpoint to resume from in {checkpoints.best_directory}.')
     if checkpoints.set_aside() or checkpoints.best_step() is not None:
       raise TrainingError(_nothing_restorable(checkpoints, resumable))
-    return state, 0
+    return build_state((0, 0)), 0
   start_step = int(meta['step'])
   logging.info(
     'Resumed from %s at step %d (epoch %d, batch %d).',
@@ -138,8 +150,7 @@ def _resume(checkpoints: Checkpoints, config, state, resume_from: str, info: Dat
 
 def check_same_data(saved: DatasetInfo, now: DatasetInfo) -> None:
   """Refuses data whose classes are not the checkpoint's (renamed, added or removed class
-  folders would relabel every example after the change); a changed number of training
-  examples is one warning."""
+  folders would relabel every example after the change)."""
   if tuple(saved.class_names) != tuple(now.class_names):
     raise TrainingError(
       f"The data's classes are not the checkpoint's: it was trained on "
@@ -147,13 +158,29 @@ def check_same_data(saved: DatasetInfo, now: DatasetInfo) -> None:
       'Resuming would give the examples other labels: restore the class folders, or train '
       'in a new --workdir (--config.init_from=THIS_WORKDIR fine-tunes on the new classes).'
     )
-  if saved.num_train != now.num_train:
-    logging.warning(
-      'The training set had %d examples when the checkpoint was written and has %d now: '
-      'the epochs from here on have the new size.',
-      saved.num_train,
-      now.num_train,
-    )
+
+
+def epoch_origin(meta: dict, now: DatasetInfo) -> tuple[int, int]:
+  """Where the resumed run's epochs count from (``Timeline.epoch_origin``): the
+  checkpoint's own origin; or, when the training set has changed size since it was
+  written (one warning with both counts), its step, as the start of a new epoch of the
+  new size. The epoch the checkpoint cut short counts as done: its order was a shuffle of
+  the old set, and the new set's epochs must each see every example once."""
+  saved = DatasetInfo.from_json(meta['data'])
+  if saved.num_train == now.num_train:
+    return tuple(int(x) for x in meta.get('epoch_origin', (0, 0)))
+  step, epoch, batch = int(meta['step']), int(meta['epoch']), int(meta['batch_in_epoch'])
+  origin = (step, epoch + (batch > 0))
+  logging.warning(
+    'The training set had %d examples when the checkpoint at step %d was written and has '
+    '%d now: epoch %d starts at that step with the new size, and num_epochs counts on '
+    'from there.',
+    saved.num_train,
+    step,
+    now.num_train,
+    origin[1],
+  )
+  return origin
 
 
 def _classes(names, shown: int = 6) -> str:
