@@ -224,7 +224,9 @@ def main(argv):
   if metrics is None:
     return
   if 'stopped_at_step' in metrics:
-    _say(f'stopped at step {metrics["stopped_at_step"]}; rerun the same command to resume')
+    step = metrics['stopped_at_step']
+    where = 'while starting' if step is None else f'at step {step}'
+    _say(f'stopped {where}; rerun the same command to resume')
     return
   _say('final ' + '  '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items())))
 

@@ -412,3 +412,59 @@ def test_a_fifo_in_a_class_folder_is_skipped_not_read(config, tmp_path, caplog):
   ds = sources.load_dataset(config)
   assert ds.info.num_train == train_n
   assert 'pipe.png: not a regular file' in caplog.text
+
+
+SLOW_VERIFICATION = """
+import atexit, runpy, sys, time
+from jax_resnet.training import preemption
+preemption.catch_early()
+from jax_resnet.data import folder
+checked = []
+def slow_check(path):
+  checked.append(path)
+  if len(checked) == 1:
+    print('verifying', flush=True)
+  time.sleep(0.05)
+folder._check_image = slow_check
+atexit.register(lambda: print(f'checked {len(checked)}', flush=True))
+sys.argv = ['main.py'] + sys.argv[1:]
+runpy.run_path('main.py', run_name='__main__')
+"""
+
+
+def test_a_stop_signal_cuts_the_image_verification_short(tmp_path):
+  """SIGTERM while the start-up verification reads 903 images (each check made slow):
+  the verification stops there, not at its end, and the run exits cleanly with nothing
+  written."""
+  import signal
+  import subprocess
+  import sys
+
+  from helpers import ROOT
+
+  for split, count in (('train', 300), ('eval', 1)):
+    for c in range(3):
+      (tmp_path / split / f'class_{c}').mkdir(parents=True)
+      for i in range(count):
+        (tmp_path / split / f'class_{c}' / f'{i}.png').write_bytes(b'not checked')
+  workdir = tmp_path / 'run'
+  args = [f'--workdir={workdir}', '--config.dataset=folder']
+  args += [f'--config.train_dir={tmp_path}/train', f'--config.eval_dir={tmp_path}/eval']
+  proc = subprocess.Popen(
+    [sys.executable, '-c', SLOW_VERIFICATION, *args],
+    cwd=ROOT,
+    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  assert proc.stdout.readline() == 'verifying\n'
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'Received SIGTERM before the first step, while starting' in err
+  assert 'stopped while starting; rerun the same command to resume' in out
+  checked = int(out.split('checked ')[-1])
+  assert 0 < checked < 903  # cut short: the verification did not run to its end
+  assert not (workdir / 'checkpoints').exists()
+  assert not [name for name in os.listdir(workdir) if name.startswith('verified_')]

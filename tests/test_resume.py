@@ -498,7 +498,7 @@ def test_sigterm_or_ctrl_c_while_starting_up_exits_cleanly(tmp_path, signum):
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   assert f'Received {signal.Signals(signum).name} before the first step' in err
-  assert 'stopped at step 0' in out
+  assert 'stopped while starting' in out
 
 
 def test_best_checkpoint_is_the_highest_eval_top1_and_eval_reports_it(reference, tmp_path):

@@ -145,7 +145,8 @@ def _drop_undecodable(
   modification time, so a resumed run reads again only the files that changed: one
   corrupted in place after the first run is checked again, and named.
   """
-  with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
+  pool = concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1))
+  try:
     stats = list(pool.map(_stat, paths))
     saved = _read_record(record)
     problems = [None] * len(paths)
@@ -160,6 +161,10 @@ def _drop_undecodable(
         todo.append(i)
     for i, why in zip(todo, pool.map(_check_image, [paths[i] for i in todo])):
       problems[i] = why
+  except BaseException:  # a stop signal while starting (or a failure): drop what is queued
+    pool.shutdown(wait=False, cancel_futures=True)
+    raise
+  pool.shutdown()
   if record and todo:
     tf.io.gfile.makedirs(os.path.dirname(record))
     with tf.io.gfile.GFile(record, 'w') as f:

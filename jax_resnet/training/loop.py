@@ -68,12 +68,15 @@ def train_and_evaluate(
       validation.validate(config, mesh.devices.size)
       workdirs.check_workdir(workdir)
     with _lock(workdir):
-      with clock.part('setup'):
-        if start_over and jax.process_index() == 0 and workdirs.has_history(workdir):
-          logging.warning(
-            'Starting over: moved the earlier run to %s.', workdirs.move_history_aside(workdir)
-          )
-        run = prepare_run(config, workdir, mesh, resume_from)
+      try:
+        with clock.part('setup'), stop.starting():
+          if start_over and jax.process_index() == 0 and workdirs.has_history(workdir):
+            with stop.uninterrupted():
+              moved = workdirs.move_history_aside(workdir)
+            logging.warning('Starting over: moved the earlier run to %s.', moved)
+          run = prepare_run(config, workdir, mesh, resume_from)
+      except preemption.StoppedWhileStarting:
+        return _stopped_while_starting(stop)
       try:
         return _loop(run, stop, clock)
       finally:
@@ -334,6 +337,17 @@ def _tracked_export(run: PreparedRun) -> str | None:
   except Exception as e:  # the run is trained and saved; its tracker copy is a nicety
     logging.warning('Could not export %s for the trackers: %s', path, e)
     return None
+
+
+def _stopped_while_starting(stop: preemption.StopRequest) -> dict:
+  """A signal during the data scan, the verification or the restore: they are cut short;
+  the workdir is as it was (its checkpoints untouched)."""
+  logging.warning(
+    'Received %s before the first step, while starting: stopped with nothing new to save. '
+    'Rerun the same command to start or resume.',
+    stop.name,
+  )
+  return {'stopped_at_step': None}
 
 
 def _stopped_before_start(run: PreparedRun, stop: preemption.StopRequest) -> dict:

@@ -2,11 +2,15 @@
 clean exit between two steps, on every process at the same step.
 
 ``catch_early`` runs as main.py's first statement, so a signal that arrives while the
-program is still starting (imports, data, compilation) is remembered, not fatal;
-``StopRequest`` takes the remembered signal over. Modes that do not train give the
-signals back their default behaviour with ``release_early``.
+program is still starting (imports) is remembered, not fatal; ``StopRequest`` takes the
+remembered signal over. While the run starts (``StopRequest.starting``: the data scan and
+image verification, the restore) there is nothing to save yet, so a signal ends the
+start-up at once instead of waiting for it to finish; sections that must not be cut
+(moving a history aside) run ``uninterrupted``. Modes that do not train give the signals
+back their default behaviour with ``release_early``.
 """
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -28,6 +32,12 @@ def release_early() -> None:
     os.kill(os.getpid(), signum)
 
 
+class StoppedWhileStarting(BaseException):  # noqa: N818 (not an error: a stop)
+  """A signal while the run was starting: raised from the handler, so it cuts short
+  whatever start-up work is in progress; a BaseException, so that no ``except Exception``
+  in that work swallows it."""
+
+
 class StopRequest:
   """Remembers a SIGTERM/SIGINT so the loop can checkpoint and exit between steps.
 
@@ -38,6 +48,7 @@ class StopRequest:
   def __init__(self):
     self.signum = _early[-1] if _early else None
     self._previous = {}
+    self._starting = False
 
   def __enter__(self):
     for sig in SIGNALS:
@@ -46,6 +57,32 @@ class StopRequest:
 
   def _handle(self, signum, frame):
     self.signum = signum
+    if self._starting:
+      self._starting = False
+      raise StoppedWhileStarting(signum)
+
+  @contextlib.contextmanager
+  def starting(self):
+    """Inside, a signal (or one received earlier) raises StoppedWhileStarting."""
+    if self.signum is not None:
+      raise StoppedWhileStarting(self.signum)
+    self._starting = True
+    try:
+      yield
+    finally:
+      self._starting = False
+
+  @contextlib.contextmanager
+  def uninterrupted(self):
+    """Inside ``starting``: a signal waits for the end of this section."""
+    starting, self._starting = self._starting, False
+    try:
+      yield
+    finally:
+      self._starting = starting
+    if starting and self.signum is not None:
+      self._starting = False
+      raise StoppedWhileStarting(self.signum)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
