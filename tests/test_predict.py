@@ -418,3 +418,19 @@ def test_only_regular_files_are_read(predictor, digit_pngs, tmp_path):
   summary = predict.predict_files(predictor, [str(folder)], str(tmp_path / 'out.csv'))
   assert summary['num_images'] == len(os.listdir(os.path.join(digit_pngs, '3')))
   assert all('pipe.png' not in row['path'] for row in read_csv(tmp_path / 'out.csv'))
+
+
+def test_two_writers_to_one_path_leave_one_whole_file(tmp_path):
+  """Two predicts to one CSV at once (each process writes its own PATH.partial-PID):
+  whichever finishes last is the file, whole; never a mix of the two."""
+  path = str(tmp_path / 'predictions.csv')
+  first = predict._CompleteOrNothing(path, f'{path}.partial-1')
+  second = predict._CompleteOrNothing(path, f'{path}.partial-2')
+  with first as a, second as b:  # interleaved writes, both files open at once
+    for i in range(100):
+      a.write(f'a,{i}\n')
+      b.write(f'b,{i}\n')
+  # The second finished first (exits run in reverse), then the first replaced it whole.
+  with open(path) as f:
+    assert f.read() == ''.join(f'a,{i}\n' for i in range(100))
+  assert sorted(os.listdir(tmp_path)) == ['predictions.csv']
