@@ -36,6 +36,7 @@ SLOWEST_FIRST = (
   'test_benchmark.py',
   'test_warm_start.py',
   'test_models.py',
+  'test_data_sources.py',
 )
 
 

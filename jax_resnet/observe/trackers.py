@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 from absl import logging
+from flax import traverse_util
 
 from jax_resnet.observe.metric_writers import ScalarsOnlyWriter
 
@@ -228,7 +229,7 @@ class MlflowTracker(Tracker):
     # run may change the safe fields (num_epochs ...).
     params = [
       self.entities.Param(key, str(value)[:MLFLOW_PARAM_LENGTH])
-      for key, value in _flat(self.config.to_dict()).items()
+      for key, value in traverse_util.flatten_dict(self.config.to_dict(), sep='.').items()
     ]
     for start in range(0, len(params), MLFLOW_PARAMS_PER_BATCH):
       self.client.log_batch(self.run_id, params=params[start : start + MLFLOW_PARAMS_PER_BATCH])
@@ -253,14 +254,3 @@ class MlflowTracker(Tracker):
   def _end(self, outcome: str) -> None:
     status = {'finished': 'FINISHED', 'stopped': 'KILLED'}.get(outcome, 'FAILED')
     self.client.set_terminated(self.run_id, status)
-
-
-def _flat(tree: dict, prefix: str = '') -> dict:
-  """A nested config as ``{'a.b': value}``."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
