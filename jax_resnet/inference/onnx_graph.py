@@ -27,7 +27,6 @@ What the translation does beyond one ONNX node per primitive:
 
 import functools
 import json
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +109,7 @@ class _Const:
 
   def __init__(self, value):
     self.value = np.asarray(value)
+    self.name = None  # its initializer's name, once the graph reads it
 
 
 class _Tensor:
@@ -179,8 +179,8 @@ class _Graph:
 
   def tensor(self, value) -> str:
     """The ONNX name of a translated value (a constant becomes an initializer)."""
-    if isinstance(value, _Const):
-      return self.constant(value.value)
+    if isinstance(value, _Const) and value.name is None:  # one initializer however often read
+      value.name = self.constant(value.value)
     return value.name
 
   def materialise(self, value, aval) -> str:
@@ -249,13 +249,13 @@ class _Graph:
     if all(isinstance(a, _Const) for a in args) and not _has_subjaxpr(params):
       outs = eqn.primitive.bind(*(a.value for a in args), **params)
       return [_Const(o) for o in (outs if eqn.primitive.multiple_results else [outs])]
-    translate = getattr(self, f'_p_{name}', None)
     if name in _ELEMENTWISE:
-      return [self._elementwise(_ELEMENTWISE[name], args, eqn)]
+      return [self._elementwise(_ELEMENTWISE[name], args)]
     if name in _IDENTITY:
       return list(args)
     if name in _REDUCTIONS:
       return [self._reduce(_REDUCTIONS[name], args[0], params['axes'], eqn)]
+    translate = getattr(self, f'_p_{name}', None)
     if translate is None:
       raise ConfigError(
         f'ONNX export: the jaxpr primitive {name!r} has no translation here '
@@ -267,7 +267,7 @@ class _Graph:
   def _in(self, value, eqn, i: int) -> str:
     return self.materialise(value, eqn.invars[i].aval)
 
-  def _elementwise(self, op: str, args, eqn) -> _Tensor:
+  def _elementwise(self, op: str, args) -> _Tensor:
     names = [self.tensor(a) for a in args]
     # Pending (unexpanded) operands broadcast against full ones; all pending stays pending.
     pending = all(isinstance(a, _Const) or a.pending for a in args)
@@ -432,7 +432,7 @@ def _has_subjaxpr(params: dict) -> bool:
   )
 
 
-def onnxruntime_session(path_or_bytes) -> Callable:
+def onnxruntime_session(path_or_bytes):
   """An onnxruntime ``InferenceSession`` of an ONNX export (CPU)."""
   try:
     import onnxruntime
